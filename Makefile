@@ -1,0 +1,64 @@
+# Two commands set up everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BUF := npx --yes @bufbuild/buf@1.75.0
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto')
+
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: help venv install generate check-generated run migrate test test-unit lint buf-lint buf-breaking bench clean
+
+help:
+	@echo "make run        serve on 127.0.0.1:50051 with an embedded SQLite database"
+	@echo "make test       create the venv, install, run the whole suite"
+	@echo "make lint       ruff, mypy --strict, buf lint, generated-code drift"
+	@echo "make generate   rebuild generated/ from proto/"
+	@echo "make bench      benchmarks"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv install: $(STAMP)
+
+generate: $(STAMP)
+	$(BIN)/python scripts/generate.py generated
+
+check-generated: $(STAMP)
+	$(BIN)/python scripts/generate.py --check generated
+
+run: $(STAMP)
+	$(BIN)/usersvc serve
+
+migrate: $(STAMP)
+	$(BIN)/usersvc migrate
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+lint: $(STAMP) check-generated buf-lint
+	$(BIN)/ruff check src tests migrations scripts
+	$(BIN)/ruff format --check src tests migrations scripts
+	$(BIN)/mypy
+
+buf-lint:
+	$(BUF) lint
+
+# Compares the contract with main's; run before merging a contract change.
+buf-breaking:
+	$(BUF) breaking --against '.git#branch=main'
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from usersvc.cli import main
+
+raise SystemExit(main())

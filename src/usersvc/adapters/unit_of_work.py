@@ -1,0 +1,129 @@
+"""Unit of work: one transaction per use case, rolled back unless committed explicitly."""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+from typing import Protocol, Self
+
+from sqlalchemy import exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from usersvc.adapters.db import SQLITE_WRITE, is_sqlite
+from usersvc.adapters.user_repository import UserRepository
+from usersvc.domain.errors import EmailTaken, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class UnitOfWork(Protocol):
+    """What the service layer needs: repositories, commit, rollback-unless-committed."""
+
+    users: UserRepository
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def commit(self) -> None: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    """Makes a unit of work; `write=False` for read-only use cases."""
+
+    def __call__(self, *, write: bool = True) -> UnitOfWork: ...
+
+
+def _is_unique_violation(err: exc.IntegrityError) -> bool:
+    orig = err.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return bool(sqlstate == "23505")
+    return "UNIQUE constraint failed" in str(orig)
+
+
+def translate_db_error(err: BaseException) -> BaseException:
+    """Map driver errors the caller can act on to domain errors; leave the rest alone."""
+    if (
+        isinstance(err, exc.IntegrityError)
+        and _is_unique_violation(err)
+        and "email" in str(err.orig)
+    ):
+        return EmailTaken()
+    if isinstance(err, exc.InterfaceError | exc.OperationalError) or (
+        isinstance(err, exc.DBAPIError) and err.connection_invalidated
+    ):
+        sqlstate = getattr(err.orig, "sqlstate", None) or ""
+        # Class 08 (connection), 57P (shutdown), 53 (insufficient resources) are transient.
+        if not sqlstate or sqlstate.startswith(("08", "57P", "53")):
+            log.warning("database unavailable: %s", type(err.orig).__name__)
+            return StorageUnavailable()
+    if isinstance(err, TimeoutError | OSError | ConnectionError):
+        return StorageUnavailable()
+    return err
+
+
+class SqlUnitOfWork:
+    """A transaction on one pooled connection, with the repositories bound to it."""
+
+    users: UserRepository
+
+    def __init__(self, engine: AsyncEngine, *, write: bool) -> None:
+        self._engine = engine
+        self._write = write
+        self._conn: AsyncConnection | None = None
+        self._committed = False
+
+    async def __aenter__(self) -> Self:
+        try:
+            conn = await self._engine.connect()
+            if self._write and is_sqlite(self._engine):
+                await conn.execution_options(**{SQLITE_WRITE: True})
+            await conn.begin()
+        except Exception as err:
+            raise translate_db_error(err) from err
+        self._conn = conn
+        self.users = UserRepository(conn)
+        return self
+
+    async def commit(self) -> None:
+        assert self._conn is not None
+        try:
+            await self._conn.commit()
+        except Exception as err:
+            raise translate_db_error(err) from err
+        self._committed = True
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if not self._committed:
+                await conn.rollback()
+        finally:
+            await conn.close()
+        if exc_value is not None and not isinstance(exc_value, StorageUnavailable):
+            translated = translate_db_error(exc_value)
+            if translated is not exc_value:
+                raise translated from exc_value
+
+
+class SqlUnitOfWorkFactory:
+    """Makes units of work on one engine; `write=True` for use cases that change data."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, *, write: bool = True) -> SqlUnitOfWork:
+        return SqlUnitOfWork(self.engine, write=write)

@@ -1,0 +1,58 @@
+"""One typed settings object, read from USERSVC_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path(".data")
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; each is documented in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="USERSVC_", extra="ignore", frozen=True)
+
+    environment: Literal["development", "production"] = "development"
+    listen_address: str = "127.0.0.1:50051"
+    # Empty: an embedded SQLite file under data_dir.
+    database_url: str = ""
+    data_dir: Path = DEFAULT_DATA_DIR
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Seconds in-flight calls get to finish after SIGTERM/SIGINT.
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # Seconds health reports NOT_SERVING before the listener closes, so that load balancers
+    # and probes stop sending new calls first.
+    shutdown_drain_seconds: float = Field(default=0.0, ge=0)
+    # Secret that authenticates and encrypts page tokens. Empty in development: generated
+    # once into data_dir. Required in production.
+    secret_key: SecretStr = SecretStr("")
+    db_pool_size: int = Field(default=10, ge=1)
+    # Password hashing (Argon2id); lower bounds follow OWASP.
+    argon2_time_cost: int = Field(default=2, ge=2)
+    argon2_memory_kib: int = Field(default=19456, ge=19456)
+    argon2_parallelism: int = Field(default=1, ge=1)
+    # Hashes computed at once; the rest wait, so logins cannot starve the CPU.
+    hash_concurrency: int = Field(default=4, ge=1)
+    reflection: bool = True
+
+    @model_validator(mode="after")
+    def _production_needs_real_secrets(self) -> Settings:
+        if self.environment == "production":
+            secret = self.secret_key.get_secret_value()
+            if len(secret) < 32 or secret.lower() in {"changeme", "change-me", "secret"}:
+                raise ValueError(
+                    "USERSVC_SECRET_KEY must be set to at least 32 random characters in production"
+                )
+            if not self.database_url:
+                raise ValueError("USERSVC_DATABASE_URL must be set in production")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'usersvc.sqlite3'}"

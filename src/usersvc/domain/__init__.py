@@ -1,0 +1,1 @@
+"""Entities, value objects and errors; imports neither grpc nor sqlalchemy."""

@@ -1,0 +1,105 @@
+"""Domain errors. The error interceptor maps each class to a status code in one table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field of a request: its path and why it is bad."""
+
+    field: str
+    description: str
+    reason: str = "INVALID_FIELD"
+
+
+class DomainError(Exception):
+    """Base of every error the service layer raises on purpose."""
+
+    reason: str = "ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+
+
+class ValidationFailed(DomainError):
+    """One or more request fields are invalid; every violation is listed."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation], *, reason: str | None = None) -> None:
+        fields = ", ".join(v.field for v in violations)
+        super().__init__(f"invalid request: {fields}", reason=reason)
+        self.violations = violations
+
+
+class NotFound(DomainError):
+    reason = "NOT_FOUND"
+
+
+class UserNotFound(NotFound):
+    reason = "USER_NOT_FOUND"
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"user {user_id} not found")
+
+
+class AlreadyExists(DomainError):
+    reason = "ALREADY_EXISTS"
+
+
+class EmailTaken(AlreadyExists):
+    reason = "EMAIL_TAKEN"
+
+    def __init__(self) -> None:
+        super().__init__("a user with this email already exists")
+
+
+class EtagMismatch(DomainError):
+    reason = "ETAG_MISMATCH"
+
+    def __init__(self) -> None:
+        super().__init__("the etag does not match the current version of the resource")
+
+
+class FailedPrecondition(DomainError):
+    reason = "FAILED_PRECONDITION"
+
+
+class ConcurrencyConflict(DomainError):
+    """A transaction kept conflicting with others after bounded retries."""
+
+    reason = "CONCURRENT_MODIFICATION"
+
+
+class Unauthenticated(DomainError):
+    reason = "UNAUTHENTICATED"
+
+    def __init__(self, message: str = "missing, invalid or expired credentials") -> None:
+        super().__init__(message)
+
+
+class PermissionDenied(DomainError):
+    reason = "PERMISSION_DENIED"
+
+    def __init__(self, message: str = "the caller is not allowed to do this") -> None:
+        super().__init__(message)
+
+
+class ResourceExhausted(DomainError):
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class StorageUnavailable(DomainError):
+    reason = "STORAGE_UNAVAILABLE"
+
+    def __init__(self, message: str = "the database is unavailable; retry later") -> None:
+        super().__init__(message)

@@ -1,0 +1,58 @@
+"""The User entity and list-query value objects."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class UserState(enum.Enum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A user as stored; password_hash never leaves the service layer."""
+
+    id: uuid.UUID
+    email: str
+    name: str
+    password_hash: str
+    roles: tuple[str, ...]
+    state: UserState
+    create_time: datetime
+    update_time: datetime
+    version: int
+
+    @property
+    def etag(self) -> str:
+        return etag_of(self.version)
+
+
+def etag_of(version: int) -> str:
+    return f'"{version}"'
+
+
+def version_of_etag(etag: str) -> int | None:
+    """The version an etag stands for, or None for a value this server never issued."""
+    if len(etag) < 3 or not (etag[0] == etag[-1] == '"') or not etag[1:-1].isdigit():
+        return None
+    return int(etag[1:-1])
+
+
+@dataclass(frozen=True, slots=True)
+class PageCursor:
+    """Position after the last row of a page: list order is (create_time, id) descending."""
+
+    create_time: datetime
+    id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class UserPage:
+    users: list[User] = field(default_factory=list)
+    next_cursor: PageCursor | None = None
+    total_size: int = 0

@@ -1,0 +1,49 @@
+"""A server interceptor that wraps each unary method's behaviour once and caches the result."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
+
+
+class UnaryWrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Subclasses implement `wrap`; the wrapped handler is built once per method, not per call.
+
+    Caching is safe because every per-call decision happens inside the wrapper, which sees the
+    call's metadata and context. Streaming methods (health Watch, reflection) pass through.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        # Unknown methods are not cached, so callers cannot grow the cache without bound.
+        if handler is None or handler.unary_unary is None:
+            return handler
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            # grpc.aio handlers are coroutine functions; the stubs type them as sync.
+            self.wrap(method, cast(UnaryBehavior, handler.unary_unary)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._handlers[method] = wrapped
+        return wrapped

@@ -1,0 +1,132 @@
+"""Maps domain errors to status codes with rich details; hides everything unexpected.
+
+Every error carries google.rpc.ErrorInfo (reason, domain "usersvc") and RequestInfo; validation
+errors add BadRequest, retryable ones RetryInfo. Packed by grpcio-status into
+grpc-status-details-bin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from usersvc.context import request_id_var
+from usersvc.domain import errors as e
+from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+from usersvc.interceptors.request_id import REQUEST_ID_KEY
+
+log = logging.getLogger(__name__)
+DOMAIN = "usersvc"
+
+# The one table from domain errors to codes; the first matching class wins (most specific first).
+STATUS_OF: tuple[tuple[type[e.DomainError], grpc.StatusCode], ...] = (
+    (e.ValidationFailed, grpc.StatusCode.INVALID_ARGUMENT),
+    (e.NotFound, grpc.StatusCode.NOT_FOUND),
+    (e.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (e.EtagMismatch, grpc.StatusCode.ABORTED),
+    (e.ConcurrencyConflict, grpc.StatusCode.ABORTED),
+    (e.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (e.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+)
+UNAVAILABLE_RETRY_SECONDS = 1.0
+
+
+def code_for(error: e.DomainError) -> grpc.StatusCode:
+    for cls, code in STATUS_OF:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _pack(status: status_pb2.Status, detail: Any) -> None:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    status.details.append(packed)
+
+
+def build_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    *,
+    violations: list[e.FieldViolation] | None = None,
+    retry_after: float | None = None,
+) -> grpc.Status:
+    request_id = request_id_var.get()
+    status = status_pb2.Status(code=code.value[0], message=message)
+    _pack(status, error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    _pack(status, error_details_pb2.RequestInfo(request_id=request_id))
+    if violations:
+        bad_request = error_details_pb2.BadRequest()
+        for v in violations:
+            bad_request.field_violations.add(
+                field=v.field, description=v.description, reason=v.reason
+            )
+        _pack(status, bad_request)
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after * 1e9))
+        _pack(status, error_details_pb2.RetryInfo(retry_delay=delay))
+    grpc_status = rpc_status.to_status(status)
+    # abort() replaces the trailers, so the request id goes in again.
+    return _WithRequestId(grpc_status, request_id)
+
+
+class _WithRequestId(grpc.Status):
+    def __init__(self, status: grpc.Status, request_id: str) -> None:
+        self.code = status.code
+        self.details = status.details
+        self.trailing_metadata = (*status.trailing_metadata, (REQUEST_ID_KEY, request_id))
+
+
+def status_for(error: e.DomainError) -> grpc.Status:
+    code = code_for(error)
+    retry_after: float | None = None
+    if isinstance(error, e.ResourceExhausted):
+        retry_after = error.retry_after_seconds
+    elif isinstance(error, e.StorageUnavailable):
+        retry_after = UNAVAILABLE_RETRY_SECONDS
+    return build_status(
+        code,
+        error.message,
+        error.reason,
+        violations=error.violations if isinstance(error, e.ValidationFailed) else None,
+        retry_after=retry_after,
+    )
+
+
+class ErrorInterceptor(UnaryWrappingInterceptor):
+    """Domain errors -> their status; timeouts -> DEADLINE_EXCEEDED; the rest -> INTERNAL."""
+
+    def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                remaining = context.time_remaining()
+                if remaining is None:
+                    return await behavior(request, context)
+                async with asyncio.timeout(remaining):
+                    return await behavior(request, context)
+            except e.DomainError as err:
+                status = status_for(err)
+            except TimeoutError:
+                status = build_status(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", "DEADLINE_EXCEEDED"
+                )
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", method)
+                status = build_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
+            await context.abort_with_status(status)
+            raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+        return mapped

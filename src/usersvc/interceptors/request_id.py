@@ -1,0 +1,36 @@
+"""Request ids: taken from a sane x-request-id, else a new UUID; echoed in the trailers."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import grpc
+
+from usersvc.context import request_id_var
+from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+
+REQUEST_ID_KEY = "x-request-id"
+_SANE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def pick_request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _SANE.match(value):
+            return value
+    return str(uuid.uuid4())
+
+
+class RequestIdInterceptor(UnaryWrappingInterceptor):
+    def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def with_request_id(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            request_id = pick_request_id(context.invocation_metadata())
+            token = request_id_var.set(request_id)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+            try:
+                return await behavior(request, context)
+            finally:
+                request_id_var.reset(token)
+
+        return with_request_id

@@ -1,0 +1,66 @@
+"""JSON-lines logging: UTC timestamps and the request id on every line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from usersvc.context import request_id_var
+
+# Attributes every LogRecord has; anything else passed through `extra=` is logged as a field.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+# Never written, whatever a caller passes in `extra=`.
+SENSITIVE_KEYS = frozenset(
+    {
+        "password",
+        "new_password",
+        "current_password",
+        "password_hash",
+        "token",
+        "access_token",
+        "refresh_token",
+        "authorization",
+        "secret",
+    }
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = time.gmtime(record.created)
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", created) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", None) or request_id_var.get(),
+        }
+        for key, value in record.__dict__.items():
+            if key in _STANDARD_ATTRS or key == "request_id":
+                continue
+            entry[key] = "[REDACTED]" if key in SENSITIVE_KEYS else value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str) -> None:
+    """Send every log line to stderr as JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # Alembic announces every plugin at INFO; its migration steps are still logged at WARNING+.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -1,0 +1,55 @@
+"""userservice.v1.UserService: maps requests to use cases and results to responses."""
+
+from __future__ import annotations
+
+from userservice.v1 import user_service_pb2 as pb
+from userservice.v1 import user_service_pb2_grpc as pb_grpc
+from usersvc.interceptors.base import Context
+from usersvc.servicers.mapping import user_to_proto
+from usersvc.services.users import UserService
+
+
+class UserServicer(pb_grpc.UserServiceServicer):
+    def __init__(self, users: UserService) -> None:
+        self._users = users
+
+    async def CreateUser(
+        self, request: pb.CreateUserRequest, context: Context
+    ) -> pb.CreateUserResponse:
+        user = await self._users.create_user(
+            email=request.email, name=request.name, password=request.password
+        )
+        return pb.CreateUserResponse(user=user_to_proto(user))
+
+    async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
+        return pb.GetUserResponse(user=user_to_proto(await self._users.get_user(request.id)))
+
+    async def ListUsers(
+        self, request: pb.ListUsersRequest, context: Context
+    ) -> pb.ListUsersResponse:
+        result = await self._users.list_users(
+            page_size=request.page_size, page_token=request.page_token, email=request.email
+        )
+        return pb.ListUsersResponse(
+            users=[user_to_proto(u) for u in result.users],
+            next_page_token=result.next_page_token,
+            total_size=result.total_size,
+        )
+
+    async def UpdateUser(
+        self, request: pb.UpdateUserRequest, context: Context
+    ) -> pb.UpdateUserResponse:
+        user = await self._users.update_user(
+            user_id=request.user.id,
+            paths=list(request.update_mask.paths),
+            email=request.user.email,
+            name=request.user.name,
+            etag=request.user.etag,
+        )
+        return pb.UpdateUserResponse(user=user_to_proto(user))
+
+    async def DeleteUser(
+        self, request: pb.DeleteUserRequest, context: Context
+    ) -> pb.DeleteUserResponse:
+        await self._users.delete_user(user_id=request.id, etag=request.etag)
+        return pb.DeleteUserResponse()

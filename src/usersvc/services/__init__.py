@@ -1,0 +1,1 @@
+"""Use cases: business rules over a unit of work; they raise domain errors."""

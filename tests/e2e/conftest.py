@@ -1,0 +1,94 @@
+"""A real server per backend, real stubs over a real port."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from tests.support import ServerThread, make_settings, sync_engine
+from userservice.v1 import user_service_pb2_grpc
+from usersvc.logs import JsonFormatter
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str) -> Iterator[ServerThread]:
+    with tempfile.TemporaryDirectory() as data_dir:
+        thread = ServerThread(make_settings(database_url, data_dir)).start()
+        yield thread
+        thread.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.address) as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def users(channel: grpc.Channel) -> user_service_pb2_grpc.UserServiceStub:
+    return user_service_pb2_grpc.UserServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def db(database_url: str) -> Iterator[Engine]:
+    engine = sync_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def empty_users(db: Engine) -> None:
+    """Start the test with no users (the database is shared by the session)."""
+    with db.begin() as conn:
+        conn.execute(text("DELETE FROM users"))
+
+
+class CapturedLogs:
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text.splitlines() if line.strip()]
+
+    def wait_for(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """Lines matching `match`, waiting up to `timeout` for the first to appear."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.lines() if match(line)]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def logs() -> Iterator[CapturedLogs]:
+    """Every log line the process writes during the test, formatted as in production."""
+    captured = CapturedLogs()
+    handler = logging.StreamHandler(captured.stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield captured
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)

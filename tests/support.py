@@ -11,7 +11,8 @@ import socket
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +21,24 @@ import psycopg
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from userservice.v1 import auth_service_pb2, auth_service_pb2_grpc
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import Engine, make_url
 
+from usersvc.adapters.jwt_tokens import AccessTokenCodec, KeySet, generate_private_key_file
+from usersvc.bootstrap import build_components
 from usersvc.config import Settings
+from usersvc.operator_tasks import create_admin
 from usersvc.migrate import upgrade
 from usersvc.server import RunningServer, build_server
 
 TEST_SECRET = "test-secret-key-0123456789abcdef0123456789"
+ADMIN_PASSWORD = "admin password for tests 1"
+# One signing key for every test server of the session, so any of them accepts its tokens.
+TEST_KEY_DIR = Path(tempfile.mkdtemp(prefix="usersvc-test-keys-"))
+TEST_SIGNING_KEY = TEST_KEY_DIR / "signing.pem"
+generate_private_key_file(TEST_SIGNING_KEY)
 
 
 def _server_answers(url: str) -> bool:
@@ -132,6 +143,8 @@ def make_settings(database_url: str, data_dir: str, **overrides: Any) -> Setting
         "data_dir": data_dir,
         "secret_key": TEST_SECRET,
         "log_level": "INFO",
+        "jwt_signing_key_file": str(TEST_SIGNING_KEY),
+        "access_token_ttl_seconds": 3600,
     }
     values.update(overrides)
     return Settings(**values)
@@ -233,3 +246,55 @@ def details_of(err: grpc.RpcError) -> ErrorDetails:
         retry_delay_seconds=retry.retry_delay.ToNanoseconds() / 1e9 if found.get("retry") else None,
         trailers={k: v for k, v in (err.trailing_metadata() or ()) if isinstance(v, str)},
     )
+
+
+def ensure_admin(settings: Settings, email: str = "admin@example.com") -> str:
+    """Create (or promote) the admin `email` through the operator task; returns its id."""
+
+    async def run() -> str:
+        components = build_components(settings)
+        try:
+            result = await create_admin(
+                components, email=email, name="Admin", password=ADMIN_PASSWORD
+            )
+            return str(result.user.id)
+        finally:
+            await components.close()
+
+    return asyncio.run(run())
+
+
+class _BearerInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, token: Callable[[], str]) -> None:
+        self._token = token
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {self._token()}")]
+        return continuation(details._replace(metadata=metadata), request)
+
+
+def with_bearer(channel: grpc.Channel, token: str | Callable[[], str]) -> grpc.Channel:
+    """A channel that sends `authorization: Bearer <token>` on every unary call."""
+    get = token if callable(token) else (lambda: token)
+    return grpc.intercept_channel(channel, _BearerInterceptor(get))
+
+
+def login(channel: grpc.Channel, email: str, password: str) -> auth_service_pb2.TokenPair:
+    stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+    response = stub.Login(auth_service_pb2.LoginRequest(email=email, password=password))
+    return response.tokens
+
+
+def mint_token(
+    user_id: uuid.UUID | str, roles: tuple[str, ...] = ("admin",), version: int = 1
+) -> str:
+    """An access token signed with the test key, as any test server would issue it."""
+    codec = AccessTokenCodec(
+        KeySet.load(TEST_SIGNING_KEY, []),
+        issuer="usersvc",
+        audience="usersvc",
+        ttl_seconds=600,
+        leeway=30,
+    )
+    token, _ = codec.issue(subject=uuid.UUID(str(user_id)), roles=roles, version=version)
+    return token

@@ -1,11 +1,15 @@
-"""The `usersvc` command: serve, migrate."""
+"""The `usersvc` command: serve, migrate, dispatch, create-admin, issue-service-token."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
+import re
 import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -13,6 +17,18 @@ from usersvc.config import Settings
 from usersvc.logs import configure_logging
 
 log = logging.getLogger("usersvc")
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "90", "90s", "15m", "24h" or "7d"."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 3600s, 15m, 24h, 7d)")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def _settings() -> Settings:
@@ -21,6 +37,33 @@ def _settings() -> Settings:
     except ValidationError as err:
         print(f"usersvc: invalid settings:\n{err}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def _with_components(settings: Settings, task: Callable[..., Awaitable[T]], **kwargs: object) -> T:
+    """Migrate, build the components, run one task, close them."""
+    from usersvc.bootstrap import build_components
+    from usersvc.migrate import upgrade
+
+    upgrade(settings.effective_database_url)
+
+    async def run() -> T:
+        components = build_components(settings)
+        try:
+            return await task(components, **kwargs)
+        finally:
+            await components.close()
+
+    return asyncio.run(run())
+
+
+def _read_password() -> str:
+    """From a prompt (twice) on a terminal, else one line of standard input; never argv."""
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Password again: "):
+            raise SystemExit("usersvc: the passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -46,6 +89,43 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_create_admin(args: argparse.Namespace) -> int:
+    from usersvc.domain.errors import DomainError
+    from usersvc.operator_tasks import create_admin
+
+    settings = _settings()
+    configure_logging("WARNING")
+    try:
+        password = _read_password()
+        result = _with_components(
+            settings, create_admin, email=args.email, name=args.name, password=password
+        )
+    except DomainError as err:
+        details = "; ".join(f"{v.field}: {v.description}" for v in getattr(err, "violations", []))
+        print(f"usersvc: {err.message}{': ' + details if details else ''}", file=sys.stderr)
+        return 1
+    verb = "created" if result.created else "promoted"
+    print(f"{verb} admin {result.user.email} (id {result.user.id})")
+    return 0
+
+
+def cmd_issue_service_token(args: argparse.Namespace) -> int:
+    from usersvc.domain.errors import DomainError
+    from usersvc.operator_tasks import issue_service_token
+
+    settings = _settings()
+    configure_logging("WARNING")
+    try:
+        token = _with_components(
+            settings, issue_service_token, subject=args.subject, ttl_seconds=args.ttl
+        )
+    except DomainError as err:
+        print(f"usersvc: {err.message}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usersvc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("revision", nargs="?", default="head")
     migrate.set_defaults(func=cmd_migrate)
+    admin = sub.add_parser(
+        "create-admin",
+        help="create the first admin, or promote an existing user (password from a prompt "
+        "or standard input)",
+    )
+    admin.add_argument("--email", required=True)
+    admin.add_argument("--name", required=True)
+    admin.set_defaults(func=cmd_create_admin)
+    token = sub.add_parser(
+        "issue-service-token", help="print a service-role access token for another backend"
+    )
+    token.add_argument("--subject", required=True, help="service name, e.g. billing")
+    token.add_argument("--ttl", type=parse_duration, default=24 * 3600, help="e.g. 24h, 7d")
+    token.set_defaults(func=cmd_issue_service_token)
     return parser
 
 

@@ -39,6 +39,38 @@ class Settings(BaseSettings):
     hash_concurrency: int = Field(default=4, ge=1)
     reflection: bool = True
 
+    # Tokens. The signing key is a PEM EC P-256 private key; verification keys (comma-separated
+    # PEM files, public or private) stay valid for tokens signed before a key rotation.
+    # Empty signing key in development: one is generated into data_dir. Required in production.
+    jwt_signing_key_file: Path | None = None
+    jwt_verification_key_files: str = ""
+    jwt_issuer: str = "usersvc"
+    jwt_audience: str = "usersvc"
+    jwt_leeway_seconds: float = Field(default=30.0, ge=0, le=30)
+    access_token_ttl_seconds: int = Field(default=900, ge=30)
+    refresh_token_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+    # How long a user's token version and state are cached: revocation takes effect within it.
+    token_cache_seconds: float = Field(default=2.0, ge=0, le=5)
+    # Login hardening: consecutive failures before a lock, and how long the lock lasts.
+    login_max_failures: int = Field(default=10, ge=1)
+    login_lock_seconds: int = Field(default=900, ge=1)
+
+    # Welcome e-mail through the outbox. Empty smtp_host: the dispatcher is off.
+    smtp_host: str = ""
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_starttls: bool = False
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_sender: str = "usersvc <no-reply@localhost>"
+    smtp_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Dispatcher: polling, batching, leases and retries with exponential backoff and jitter.
+    outbox_poll_seconds: float = Field(default=1.0, gt=0)
+    outbox_batch_size: int = Field(default=20, ge=1)
+    outbox_lease_seconds: float = Field(default=60.0, gt=0)
+    outbox_max_attempts: int = Field(default=8, ge=1)
+    outbox_backoff_base_seconds: float = Field(default=2.0, gt=0)
+    outbox_backoff_max_seconds: float = Field(default=900.0, gt=0)
+
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> Settings:
         if self.environment == "production":
@@ -49,7 +81,13 @@ class Settings(BaseSettings):
                 )
             if not self.database_url:
                 raise ValueError("USERSVC_DATABASE_URL must be set in production")
+            if self.jwt_signing_key_file is None:
+                raise ValueError("USERSVC_JWT_SIGNING_KEY_FILE must be set in production")
         return self
+
+    @property
+    def verification_key_paths(self) -> list[Path]:
+        return [Path(p.strip()) for p in self.jwt_verification_key_files.split(",") if p.strip()]
 
     @property
     def effective_database_url(self) -> str:

@@ -4,4 +4,15 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+from usersvc.domain.auth import Principal
+
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+principal_var: ContextVar[Principal | None] = ContextVar("principal", default=None)
+
+
+def current_principal() -> Principal:
+    """The authenticated caller; only methods behind the auth interceptor may ask."""
+    principal = principal_var.get()
+    if principal is None:
+        raise RuntimeError("no authenticated caller in this context")
+    return principal

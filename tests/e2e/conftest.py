@@ -15,29 +15,54 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.support import ServerThread, make_settings, sync_engine
-from userservice.v1 import user_service_pb2_grpc
+from tests.support import (
+    ADMIN_PASSWORD,
+    ServerThread,
+    ensure_admin,
+    login,
+    make_settings,
+    sync_engine,
+    with_bearer,
+)
+from userservice.v1 import auth_service_pb2_grpc, user_service_pb2_grpc
 from usersvc.logs import JsonFormatter
+
+ADMIN_EMAIL = "admin@example.com"
 
 
 @pytest.fixture(scope="session")
 def server(database_url: str) -> Iterator[ServerThread]:
     with tempfile.TemporaryDirectory() as data_dir:
-        thread = ServerThread(make_settings(database_url, data_dir)).start()
+        settings = make_settings(database_url, data_dir)
+        ensure_admin(settings, ADMIN_EMAIL)
+        thread = ServerThread(settings).start()
         yield thread
         thread.stop()
 
 
 @pytest.fixture(scope="session")
 def channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    """A channel without credentials."""
     with grpc.insecure_channel(server.address) as ch:
         grpc.channel_ready_future(ch).result(timeout=10)
         yield ch
 
 
 @pytest.fixture(scope="session")
-def users(channel: grpc.Channel) -> user_service_pb2_grpc.UserServiceStub:
-    return user_service_pb2_grpc.UserServiceStub(channel)
+def admin_channel(channel: grpc.Channel) -> grpc.Channel:
+    """A channel that calls as the admin (re-logs in if an earlier test revoked its token)."""
+    return with_bearer(channel, login(channel, ADMIN_EMAIL, ADMIN_PASSWORD).access_token)
+
+
+@pytest.fixture(scope="session")
+def users(admin_channel: grpc.Channel) -> user_service_pb2_grpc.UserServiceStub:
+    """UserService as the admin."""
+    return user_service_pb2_grpc.UserServiceStub(admin_channel)
+
+
+@pytest.fixture(scope="session")
+def auth(channel: grpc.Channel) -> auth_service_pb2_grpc.AuthServiceStub:
+    return auth_service_pb2_grpc.AuthServiceStub(channel)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +76,7 @@ def db(database_url: str) -> Iterator[Engine]:
 def empty_users(db: Engine) -> None:
     """Start the test with no users (the database is shared by the session)."""
     with db.begin() as conn:
-        conn.execute(text("DELETE FROM users"))
+        conn.execute(text("DELETE FROM users WHERE email <> :admin"), {"admin": ADMIN_EMAIL})
 
 
 class CapturedLogs:

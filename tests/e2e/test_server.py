@@ -21,7 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.e2e.conftest import CapturedLogs
-from tests.support import ServerThread, details_of, make_settings
+from tests.support import (
+    ADMIN_PASSWORD,
+    ServerThread,
+    details_of,
+    ensure_admin,
+    login,
+    make_settings,
+    mint_token,
+    with_bearer,
+)
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
 from usersvc.domain.models import User
@@ -111,7 +120,9 @@ def test_unreachable_database_is_unavailable_with_retry_info() -> None:
                 grpc.insecure_channel(thread.address) as channel,
                 pytest.raises(grpc.RpcError) as exc,
             ):
-                UserServiceStub(channel).GetUser(pb.GetUserRequest(id=str(uuid.uuid4())))
+                # Checking the token's version needs the database too: UNAVAILABLE, not a 401.
+                stub = UserServiceStub(with_bearer(channel, mint_token(uuid.uuid4())))
+                stub.GetUser(pb.GetUserRequest(id=str(uuid.uuid4())))
         finally:
             thread.stop()
     details = details_of(exc.value)
@@ -141,9 +152,14 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
 
 def test_parallel_writes_on_sqlite_never_see_a_locked_database(sqlite_url: str) -> None:
     with tempfile.TemporaryDirectory() as data_dir:
-        thread = ServerThread(make_settings(sqlite_url, data_dir)).start()
+        settings = make_settings(sqlite_url, data_dir)
+        ensure_admin(settings)
+        thread = ServerThread(settings).start()
         try:
-            with grpc.insecure_channel(thread.address) as channel:
+            with grpc.insecure_channel(thread.address) as raw:
+                channel = with_bearer(
+                    raw, login(raw, "admin@example.com", ADMIN_PASSWORD).access_token
+                )
                 stub = UserServiceStub(channel)
                 tag = uuid.uuid4().hex[:8]
 
@@ -151,7 +167,9 @@ def test_parallel_writes_on_sqlite_never_see_a_locked_database(sqlite_url: str) 
                     try:
                         stub.CreateUser(
                             pb.CreateUserRequest(
-                                email=f"par-{tag}-{i}@example.com", name="Par", password="password1"
+                                email=f"par-{tag}-{i}@example.com",
+                                name="Par",
+                                password="unusual-pass-4217",
                             )
                         )
                         return grpc.StatusCode.OK
@@ -185,15 +203,17 @@ def test_graceful_shutdown_finishes_in_flight_calls(sqlite_url: str) -> None:
 
     with tempfile.TemporaryDirectory() as data_dir:
         settings = make_settings(sqlite_url, data_dir, shutdown_drain_seconds=1.0)
+        ensure_admin(settings)
         thread = ServerThread(settings).start()
-        with grpc.insecure_channel(thread.address) as channel:
+        with grpc.insecure_channel(thread.address) as raw:
+            channel = with_bearer(raw, login(raw, "admin@example.com", ADMIN_PASSWORD).access_token)
             stub = UserServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             user = stub.CreateUser(
                 pb.CreateUserRequest(
                     email=f"gs-{uuid.uuid4().hex[:8]}@example.com",
                     name="Grace",
-                    password="password1",
+                    password="unusual-pass-4217",
                 )
             ).user
             UserService.get_user = slow_get  # type: ignore[method-assign]
@@ -213,7 +233,7 @@ def test_graceful_shutdown_finishes_in_flight_calls(sqlite_url: str) -> None:
 
 
 @pytest.fixture
-def serve_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
+def serve_process() -> Iterator[tuple[subprocess.Popen[str], str, dict[str, str]]]:
     with tempfile.TemporaryDirectory() as data_dir:
         env = {**os.environ, "USERSVC_LISTEN_ADDRESS": "127.0.0.1:0", "USERSVC_DATA_DIR": data_dir}
         env.pop("USERSVC_DATABASE_URL", None)
@@ -236,7 +256,7 @@ def serve_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
                 address = entry["address"]
                 break
         try:
-            yield proc, address
+            yield proc, address, env
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -244,18 +264,37 @@ def serve_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 
 def test_serve_migrates_sqlite_and_exits_zero_on_sigterm(
-    serve_process: tuple[subprocess.Popen[str], str],
+    serve_process: tuple[subprocess.Popen[str], str, dict[str, str]],
 ) -> None:
-    proc, address = serve_process
+    proc, address, env = serve_process
     assert address, "server did not report its address"
-    with grpc.insecure_channel(address) as channel:
-        user = (
-            UserServiceStub(channel)
-            .CreateUser(
-                pb.CreateUserRequest(email="first@example.com", name="First", password="password1")
-            )
-            .user
+    created = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "usersvc",
+            "create-admin",
+            "--email",
+            "root@example.com",
+            "--name",
+            "Root",
+        ],
+        input="a long admin password\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    assert "created admin root@example.com" in created.stdout
+    with grpc.insecure_channel(address) as raw:
+        token = login(raw, "root@example.com", "a long admin password").access_token
+        request = pb.CreateUserRequest(
+            email="first@example.com", name="First", password="unusual-pass-4217"
         )
+        user = UserServiceStub(with_bearer(raw, token)).CreateUser(request).user
         assert user.email == "first@example.com"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0

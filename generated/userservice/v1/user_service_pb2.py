@@ -23,36 +23,65 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from userservice.v1 import options_pb2 as userservice_dot_v1_dot_options__pb2
 from userservice.v1 import user_pb2 as userservice_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!userservice/v1/user_service.proto\x12\x0euserservice.v1\x1a google/protobuf/field_mask.proto\x1a\x19userservice/v1/user.proto\"B\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"8\n\x12\x43reateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x0fGetUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"H\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\"e\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateUserRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"8\n\x12UpdateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse2\xaa\x03\n\x0bUserService\x12S\n\nCreateUser\x12!.userservice.v1.CreateUserRequest\x1a\".userservice.v1.CreateUserResponse\x12J\n\x07GetUser\x12\x1e.userservice.v1.GetUserRequest\x1a\x1f.userservice.v1.GetUserResponse\x12P\n\tListUsers\x12 .userservice.v1.ListUsersRequest\x1a!.userservice.v1.ListUsersResponse\x12S\n\nUpdateUser\x12!.userservice.v1.UpdateUserRequest\x1a\".userservice.v1.UpdateUserResponse\x12S\n\nDeleteUser\x12!.userservice.v1.DeleteUserRequest\x1a\".userservice.v1.DeleteUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!userservice/v1/user_service.proto\x12\x0euserservice.v1\x1a google/protobuf/field_mask.proto\x1a\x1cuserservice/v1/options.proto\x1a\x19userservice/v1/user.proto\"B\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"8\n\x12\x43reateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x0fGetUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"H\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\"e\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateUserRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"8\n\x12UpdateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"a\n\x15\x43hangePasswordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_password\x18\x02 \x01(\t\x12\x14\n\x0cnew_password\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"<\n\x16\x43hangePasswordResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\".\n\x12\x44isableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"9\n\x13\x44isableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x45nableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12\x45nableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User2\xcc\x06\n\x0bUserService\x12i\n\nCreateUser\x12!.userservice.v1.CreateUserRequest\x1a\".userservice.v1.CreateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12\x64\n\x07GetUser\x12\x1e.userservice.v1.GetUserRequest\x1a\x1f.userservice.v1.GetUserResponse\"\x18\x8a\xb5\x18\x14\x12\x05\x61\x64min\x12\x07service\x1a\x02id\x12\x66\n\tListUsers\x12 .userservice.v1.ListUsersRequest\x1a!.userservice.v1.ListUsersResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12i\n\nUpdateUser\x12!.userservice.v1.UpdateUserRequest\x1a\".userservice.v1.UpdateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x1a\x07user.id\x12`\n\nDeleteUser\x12!.userservice.v1.DeleteUserRequest\x1a\".userservice.v1.DeleteUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12p\n\x0e\x43hangePassword\x12%.userservice.v1.ChangePasswordRequest\x1a&.userservice.v1.ChangePasswordResponse\"\x0f\x8a\xb5\x18\x0b\x12\x05\x61\x64min\x1a\x02id\x12\x63\n\x0b\x44isableUser\x12\".userservice.v1.DisableUserRequest\x1a#.userservice.v1.DisableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nEnableUser\x12!.userservice.v1.EnableUserRequest\x1a\".userservice.v1.EnableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64minb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'userservice.v1.user_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEUSERREQUEST']._serialized_start=114
-  _globals['_CREATEUSERREQUEST']._serialized_end=180
-  _globals['_CREATEUSERRESPONSE']._serialized_start=182
-  _globals['_CREATEUSERRESPONSE']._serialized_end=238
-  _globals['_GETUSERREQUEST']._serialized_start=240
-  _globals['_GETUSERREQUEST']._serialized_end=268
-  _globals['_GETUSERRESPONSE']._serialized_start=270
-  _globals['_GETUSERRESPONSE']._serialized_end=323
-  _globals['_LISTUSERSREQUEST']._serialized_start=325
-  _globals['_LISTUSERSREQUEST']._serialized_end=397
-  _globals['_LISTUSERSRESPONSE']._serialized_start=399
-  _globals['_LISTUSERSRESPONSE']._serialized_end=500
-  _globals['_UPDATEUSERREQUEST']._serialized_start=502
-  _globals['_UPDATEUSERREQUEST']._serialized_end=606
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=608
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=664
-  _globals['_DELETEUSERREQUEST']._serialized_start=666
-  _globals['_DELETEUSERREQUEST']._serialized_end=711
-  _globals['_DELETEUSERRESPONSE']._serialized_start=713
-  _globals['_DELETEUSERRESPONSE']._serialized_end=733
-  _globals['_USERSERVICE']._serialized_start=736
-  _globals['_USERSERVICE']._serialized_end=1162
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\212\265\030\020\022\005admin\022\007service'
+  _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['GetUser']._serialized_options = b'\212\265\030\024\022\005admin\022\007service\032\002id'
+  _globals['_USERSERVICE'].methods_by_name['ListUsers']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['ListUsers']._serialized_options = b'\212\265\030\020\022\005admin\022\007service'
+  _globals['_USERSERVICE'].methods_by_name['UpdateUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['UpdateUser']._serialized_options = b'\212\265\030\020\022\005admin\032\007user.id'
+  _globals['_USERSERVICE'].methods_by_name['DeleteUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['DeleteUser']._serialized_options = b'\212\265\030\007\022\005admin'
+  _globals['_USERSERVICE'].methods_by_name['ChangePassword']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['ChangePassword']._serialized_options = b'\212\265\030\013\022\005admin\032\002id'
+  _globals['_USERSERVICE'].methods_by_name['DisableUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['DisableUser']._serialized_options = b'\212\265\030\007\022\005admin'
+  _globals['_USERSERVICE'].methods_by_name['EnableUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['EnableUser']._serialized_options = b'\212\265\030\007\022\005admin'
+  _globals['_CREATEUSERREQUEST']._serialized_start=144
+  _globals['_CREATEUSERREQUEST']._serialized_end=210
+  _globals['_CREATEUSERRESPONSE']._serialized_start=212
+  _globals['_CREATEUSERRESPONSE']._serialized_end=268
+  _globals['_GETUSERREQUEST']._serialized_start=270
+  _globals['_GETUSERREQUEST']._serialized_end=298
+  _globals['_GETUSERRESPONSE']._serialized_start=300
+  _globals['_GETUSERRESPONSE']._serialized_end=353
+  _globals['_LISTUSERSREQUEST']._serialized_start=355
+  _globals['_LISTUSERSREQUEST']._serialized_end=427
+  _globals['_LISTUSERSRESPONSE']._serialized_start=429
+  _globals['_LISTUSERSRESPONSE']._serialized_end=530
+  _globals['_UPDATEUSERREQUEST']._serialized_start=532
+  _globals['_UPDATEUSERREQUEST']._serialized_end=636
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=638
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=694
+  _globals['_DELETEUSERREQUEST']._serialized_start=696
+  _globals['_DELETEUSERREQUEST']._serialized_end=741
+  _globals['_DELETEUSERRESPONSE']._serialized_start=743
+  _globals['_DELETEUSERRESPONSE']._serialized_end=763
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=765
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=862
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=864
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=924
+  _globals['_DISABLEUSERREQUEST']._serialized_start=926
+  _globals['_DISABLEUSERREQUEST']._serialized_end=972
+  _globals['_DISABLEUSERRESPONSE']._serialized_start=974
+  _globals['_DISABLEUSERRESPONSE']._serialized_end=1031
+  _globals['_ENABLEUSERREQUEST']._serialized_start=1033
+  _globals['_ENABLEUSERREQUEST']._serialized_end=1078
+  _globals['_ENABLEUSERRESPONSE']._serialized_start=1080
+  _globals['_ENABLEUSERRESPONSE']._serialized_end=1136
+  _globals['_USERSERVICE']._serialized_start=1139
+  _globals['_USERSERVICE']._serialized_end=1983
 # @@protoc_insertion_point(module_scope)

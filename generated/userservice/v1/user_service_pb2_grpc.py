@@ -26,9 +26,12 @@ if _version_not_supported:
 
 
 class UserServiceStub:
-    """Owns user accounts. Every error carries google.rpc.ErrorInfo (domain "usersvc") and
-    google.rpc.RequestInfo in the grpc-status-details-bin trailer; validation errors also
-    carry google.rpc.BadRequest with one field violation per bad field.
+    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
+    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
+    Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
+    grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
+    field violation per bad field.
     """
 
     def __init__(self, channel):
@@ -62,31 +65,50 @@ class UserServiceStub:
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.DeleteUserRequest.SerializeToString,
                 response_deserializer=userservice_dot_v1_dot_user__service__pb2.DeleteUserResponse.FromString,
                 _registered_method=True)
+        self.ChangePassword = channel.unary_unary(
+                '/userservice.v1.UserService/ChangePassword',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.ChangePasswordRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.ChangePasswordResponse.FromString,
+                _registered_method=True)
+        self.DisableUser = channel.unary_unary(
+                '/userservice.v1.UserService/DisableUser',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.DisableUserRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.DisableUserResponse.FromString,
+                _registered_method=True)
+        self.EnableUser = channel.unary_unary(
+                '/userservice.v1.UserService/EnableUser',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.EnableUserRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.EnableUserResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
-    """Owns user accounts. Every error carries google.rpc.ErrorInfo (domain "usersvc") and
-    google.rpc.RequestInfo in the grpc-status-details-bin trailer; validation errors also
-    carry google.rpc.BadRequest with one field violation per bad field.
+    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
+    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
+    Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
+    grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
+    field violation per bad field.
     """
 
     def CreateUser(self, request, context):
-        """Creates a user. Errors: INVALID_ARGUMENT (every bad field listed at once),
-        ALREADY_EXISTS (the normalised e-mail is taken).
+        """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
+        at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUser(self, request, context):
-        """Returns one user. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
+        """Returns one user. Callers: admin, service, the user itself.
+        Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListUsers(self, request, context):
-        """Lists users, newest first (ties broken by id), with keyset pagination.
+        """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
         Errors: INVALID_ARGUMENT (negative page_size, bad page_token, bad filter).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -94,16 +116,43 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateUser(self, request, context):
-        """Updates the fields named in update_mask. Errors: INVALID_ARGUMENT (empty mask,
-        unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail taken),
-        ABORTED (stale etag).
+        """Updates the fields named in update_mask. Callers: admin (any writable path); the user
+        itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+        (empty mask, unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail
+        taken), ABORTED (stale etag). A change of roles revokes the user's tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUser(self, request, context):
-        """Deletes a user. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND, ABORTED (stale etag).
+        """Deletes a user and revokes its tokens. Callers: admin. Errors: INVALID_ARGUMENT (malformed
+        id), NOT_FOUND, ABORTED (stale etag).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangePassword(self, request, context):
+        """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
+        current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
+        password, wrong current password), NOT_FOUND, ABORTED (stale etag).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableUser(self, request, context):
+        """Disables a user: it cannot log in or refresh, and its tokens stop working within seconds.
+        Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already disabled), ABORTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableUser(self, request, context):
+        """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
+        active), ABORTED (stale etag).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +186,21 @@ def add_UserServiceServicer_to_server(servicer, server):
                     request_deserializer=userservice_dot_v1_dot_user__service__pb2.DeleteUserRequest.FromString,
                     response_serializer=userservice_dot_v1_dot_user__service__pb2.DeleteUserResponse.SerializeToString,
             ),
+            'ChangePassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePassword,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.ChangePasswordRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.ChangePasswordResponse.SerializeToString,
+            ),
+            'DisableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableUser,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.DisableUserRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.DisableUserResponse.SerializeToString,
+            ),
+            'EnableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableUser,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.EnableUserRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.EnableUserResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'userservice.v1.UserService', rpc_method_handlers)
@@ -146,9 +210,12 @@ def add_UserServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class UserService:
-    """Owns user accounts. Every error carries google.rpc.ErrorInfo (domain "usersvc") and
-    google.rpc.RequestInfo in the grpc-status-details-bin trailer; validation errors also
-    carry google.rpc.BadRequest with one field violation per bad field.
+    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
+    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
+    Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
+    grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
+    field violation per bad field.
     """
 
     @staticmethod
@@ -276,6 +343,87 @@ class UserService:
             '/userservice.v1.UserService/DeleteUser',
             userservice_dot_v1_dot_user__service__pb2.DeleteUserRequest.SerializeToString,
             userservice_dot_v1_dot_user__service__pb2.DeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/ChangePassword',
+            userservice_dot_v1_dot_user__service__pb2.ChangePasswordRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.ChangePasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/DisableUser',
+            userservice_dot_v1_dot_user__service__pb2.DisableUserRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.DisableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/EnableUser',
+            userservice_dot_v1_dot_user__service__pb2.EnableUserRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.EnableUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,9 +27,12 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class UserServiceStub:
-    """Owns user accounts. Every error carries google.rpc.ErrorInfo (domain "usersvc") and
-    google.rpc.RequestInfo in the grpc-status-details-bin trailer; validation errors also
-    carry google.rpc.BadRequest with one field violation per bad field.
+    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
+    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
+    Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
+    grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
+    field violation per bad field.
     """
 
     @_typing.overload
@@ -37,53 +40,95 @@ class UserServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> UserServiceAsyncStub: ...
     CreateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]
-    """Creates a user. Errors: INVALID_ARGUMENT (every bad field listed at once),
-    ALREADY_EXISTS (the normalised e-mail is taken).
+    """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
+    at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
     """
     GetUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]
-    """Returns one user. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND."""
+    """Returns one user. Callers: admin, service, the user itself.
+    Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
+    """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]
-    """Lists users, newest first (ties broken by id), with keyset pagination.
+    """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
     Errors: INVALID_ARGUMENT (negative page_size, bad page_token, bad filter).
     """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]
-    """Updates the fields named in update_mask. Errors: INVALID_ARGUMENT (empty mask,
-    unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail taken),
-    ABORTED (stale etag).
+    """Updates the fields named in update_mask. Callers: admin (any writable path); the user
+    itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+    (empty mask, unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail
+    taken), ABORTED (stale etag). A change of roles revokes the user's tokens.
     """
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]
-    """Deletes a user. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND, ABORTED (stale etag)."""
+    """Deletes a user and revokes its tokens. Callers: admin. Errors: INVALID_ARGUMENT (malformed
+    id), NOT_FOUND, ABORTED (stale etag).
+    """
+    ChangePassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]
+    """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
+    current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
+    password, wrong current password), NOT_FOUND, ABORTED (stale etag).
+    """
+    DisableUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DisableUserRequest, _user_service_pb2.DisableUserResponse]
+    """Disables a user: it cannot log in or refresh, and its tokens stop working within seconds.
+    Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already disabled), ABORTED.
+    """
+    EnableUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.EnableUserRequest, _user_service_pb2.EnableUserResponse]
+    """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
+    active), ABORTED (stale etag).
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
-    """Owns user accounts. Every error carries google.rpc.ErrorInfo (domain "usersvc") and
-    google.rpc.RequestInfo in the grpc-status-details-bin trailer; validation errors also
-    carry google.rpc.BadRequest with one field violation per bad field.
+    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
+    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
+    Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
+    grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
+    field violation per bad field.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]  # type: ignore[assignment]
-    """Creates a user. Errors: INVALID_ARGUMENT (every bad field listed at once),
-    ALREADY_EXISTS (the normalised e-mail is taken).
+    """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
+    at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
     """
     GetUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]  # type: ignore[assignment]
-    """Returns one user. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND."""
+    """Returns one user. Callers: admin, service, the user itself.
+    Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
+    """
     ListUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]  # type: ignore[assignment]
-    """Lists users, newest first (ties broken by id), with keyset pagination.
+    """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
     Errors: INVALID_ARGUMENT (negative page_size, bad page_token, bad filter).
     """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]  # type: ignore[assignment]
-    """Updates the fields named in update_mask. Errors: INVALID_ARGUMENT (empty mask,
-    unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail taken),
-    ABORTED (stale etag).
+    """Updates the fields named in update_mask. Callers: admin (any writable path); the user
+    itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+    (empty mask, unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail
+    taken), ABORTED (stale etag). A change of roles revokes the user's tokens.
     """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
-    """Deletes a user. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND, ABORTED (stale etag)."""
+    """Deletes a user and revokes its tokens. Callers: admin. Errors: INVALID_ARGUMENT (malformed
+    id), NOT_FOUND, ABORTED (stale etag).
+    """
+    ChangePassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
+    """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
+    current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
+    password, wrong current password), NOT_FOUND, ABORTED (stale etag).
+    """
+    DisableUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DisableUserRequest, _user_service_pb2.DisableUserResponse]  # type: ignore[assignment]
+    """Disables a user: it cannot log in or refresh, and its tokens stop working within seconds.
+    Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already disabled), ABORTED.
+    """
+    EnableUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.EnableUserRequest, _user_service_pb2.EnableUserResponse]  # type: ignore[assignment]
+    """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
+    active), ABORTED (stale etag).
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Owns user accounts. Every error carries google.rpc.ErrorInfo (domain "usersvc") and
-    google.rpc.RequestInfo in the grpc-status-details-bin trailer; validation errors also
-    carry google.rpc.BadRequest with one field violation per bad field.
+    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
+    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
+    Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
+    grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
+    field violation per bad field.
     """
 
     @_abc_1.abstractmethod
@@ -92,8 +137,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.CreateUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.CreateUserResponse, _abc.Awaitable[_user_service_pb2.CreateUserResponse]]:
-        """Creates a user. Errors: INVALID_ARGUMENT (every bad field listed at once),
-        ALREADY_EXISTS (the normalised e-mail is taken).
+        """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
+        at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
         """
 
     @_abc_1.abstractmethod
@@ -102,7 +147,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.GetUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.GetUserResponse, _abc.Awaitable[_user_service_pb2.GetUserResponse]]:
-        """Returns one user. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND."""
+        """Returns one user. Callers: admin, service, the user itself.
+        Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def ListUsers(
@@ -110,7 +157,7 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.ListUsersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ListUsersResponse, _abc.Awaitable[_user_service_pb2.ListUsersResponse]]:
-        """Lists users, newest first (ties broken by id), with keyset pagination.
+        """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
         Errors: INVALID_ARGUMENT (negative page_size, bad page_token, bad filter).
         """
 
@@ -120,9 +167,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.UpdateUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.UpdateUserResponse, _abc.Awaitable[_user_service_pb2.UpdateUserResponse]]:
-        """Updates the fields named in update_mask. Errors: INVALID_ARGUMENT (empty mask,
-        unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail taken),
-        ABORTED (stale etag).
+        """Updates the fields named in update_mask. Callers: admin (any writable path); the user
+        itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+        (empty mask, unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail
+        taken), ABORTED (stale etag). A change of roles revokes the user's tokens.
         """
 
     @_abc_1.abstractmethod
@@ -131,6 +179,39 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.DeleteUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.DeleteUserResponse, _abc.Awaitable[_user_service_pb2.DeleteUserResponse]]:
-        """Deletes a user. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND, ABORTED (stale etag)."""
+        """Deletes a user and revokes its tokens. Callers: admin. Errors: INVALID_ARGUMENT (malformed
+        id), NOT_FOUND, ABORTED (stale etag).
+        """
+
+    @_abc_1.abstractmethod
+    def ChangePassword(
+        self,
+        request: _user_service_pb2.ChangePasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ChangePasswordResponse, _abc.Awaitable[_user_service_pb2.ChangePasswordResponse]]:
+        """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
+        current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
+        password, wrong current password), NOT_FOUND, ABORTED (stale etag).
+        """
+
+    @_abc_1.abstractmethod
+    def DisableUser(
+        self,
+        request: _user_service_pb2.DisableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.DisableUserResponse, _abc.Awaitable[_user_service_pb2.DisableUserResponse]]:
+        """Disables a user: it cannot log in or refresh, and its tokens stop working within seconds.
+        Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already disabled), ABORTED.
+        """
+
+    @_abc_1.abstractmethod
+    def EnableUser(
+        self,
+        request: _user_service_pb2.EnableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.EnableUserResponse, _abc.Awaitable[_user_service_pb2.EnableUserResponse]]:
+        """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
+        active), ABORTED (stale etag).
+        """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -69,6 +70,48 @@ users = Table(
     Column("update_time", UTCDateTime(), nullable=False),
     # Bumped on every change; the etag is derived from it.
     Column("version", BigInteger().with_variant(Integer(), "sqlite"), nullable=False),
+    Column("token_version", BigInteger().with_variant(Integer(), "sqlite"), nullable=False),
+    Column("failed_login_count", Integer(), nullable=False),
+    Column("locked_until", UTCDateTime(), nullable=True),
     # The list order (newest first, id as tiebreaker) served by one index scan.
     Index("ix_users_create_time_id", "create_time", "id"),
+)
+
+# Transactional outbox: written in the same transaction as the change it announces, delivered
+# later by the dispatcher. Rows are claimed with a lease (claimed_until) so a crashed
+# dispatcher's rows become due again.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("topic", String(64), nullable=False),
+    Column("aggregate_id", Uuid(), nullable=False),
+    Column("payload", JsonList, nullable=False),
+    Column("request_id", String(128), nullable=False),
+    # pending -> delivered | failed
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer(), nullable=False),
+    Column("next_attempt_time", UTCDateTime(), nullable=False),
+    Column("claimed_until", UTCDateTime(), nullable=True),
+    Column("last_error", Text(), nullable=True),
+    Column("create_time", UTCDateTime(), nullable=False),
+    Column("update_time", UTCDateTime(), nullable=False),
+    Index("ix_outbox_status_next_attempt_time", "status", "next_attempt_time"),
+)
+
+# Refresh tokens are stored only as SHA-256 hashes. A family is every token descended from one
+# login; reuse of a used token revokes the family.
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("user_id", Uuid(), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("family_id", Uuid(), nullable=False),
+    # active -> used | revoked
+    Column("status", String(16), nullable=False),
+    Column("create_time", UTCDateTime(), nullable=False),
+    Column("expire_time", UTCDateTime(), nullable=False),
+    Index("ix_refresh_tokens_family_id", "family_id"),
+    Index("ix_refresh_tokens_user_id", "user_id"),
 )

@@ -10,6 +10,8 @@ from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from usersvc.adapters.db import SQLITE_WRITE, is_sqlite
+from usersvc.adapters.outbox_repository import OutboxRepository
+from usersvc.adapters.refresh_token_repository import RefreshTokenRepository
 from usersvc.adapters.user_repository import UserRepository
 from usersvc.domain.errors import EmailTaken, StorageUnavailable
 
@@ -20,6 +22,8 @@ class UnitOfWork(Protocol):
     """What the service layer needs: repositories, commit, rollback-unless-committed."""
 
     users: UserRepository
+    outbox: OutboxRepository
+    refresh_tokens: RefreshTokenRepository
 
     async def __aenter__(self) -> Self: ...
 
@@ -72,6 +76,8 @@ class SqlUnitOfWork:
     """A transaction on one pooled connection, with the repositories bound to it."""
 
     users: UserRepository
+    outbox: OutboxRepository
+    refresh_tokens: RefreshTokenRepository
 
     def __init__(self, engine: AsyncEngine, *, write: bool) -> None:
         self._engine = engine
@@ -89,6 +95,8 @@ class SqlUnitOfWork:
             raise translate_db_error(err) from err
         self._conn = conn
         self.users = UserRepository(conn)
+        self.outbox = OutboxRepository(conn)
+        self.refresh_tokens = RefreshTokenRepository(conn)
         return self
 
     async def commit(self) -> None:

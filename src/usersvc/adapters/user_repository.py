@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    Row,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.tables import users
@@ -15,6 +28,7 @@ from usersvc.domain.models import PageCursor, User, UserState
 # Statements built once; SQLAlchemy caches their compiled form.
 _GET_BY_ID = select(users).where(users.c.id == bindparam("id"))
 _GET_BY_EMAIL = select(users).where(users.c.email == bindparam("email"))
+_AUTH_STATE = select(users.c.token_version, users.c.state).where(users.c.id == bindparam("id"))
 _INSERT = insert(users)
 _ORDER = (users.c.create_time.desc(), users.c.id.desc())
 
@@ -34,6 +48,9 @@ def _to_user(row: Row[Any]) -> User:
         create_time=m["create_time"],
         update_time=m["update_time"],
         version=m["version"],
+        token_version=m["token_version"],
+        failed_login_count=m["failed_login_count"],
+        locked_until=m["locked_until"],
     )
 
 
@@ -56,6 +73,9 @@ class UserRepository:
                 "create_time": user.create_time,
                 "update_time": user.update_time,
                 "version": user.version,
+                "token_version": user.token_version,
+                "failed_login_count": user.failed_login_count,
+                "locked_until": user.locked_until,
             },
         )
 
@@ -93,11 +113,14 @@ class UserRepository:
         values: Mapping[str, Any],
         *,
         expected_version: int | None = None,
+        require_state: UserState | None = None,
+        revoke_tokens: bool = False,
     ) -> User | None:
         """Apply `values` and bump the version in one statement.
 
         With `expected_version`, the row changes only if its version still matches: the
-        check and the write are one atomic UPDATE. None when no row matched.
+        check and the write are one atomic UPDATE. `revoke_tokens` also bumps the token
+        version, so access tokens issued before stop working. None when no row matched.
         """
         unknown = set(values) - WRITABLE_COLUMNS
         if unknown:
@@ -105,7 +128,12 @@ class UserRepository:
         stmt = update(users).where(users.c.id == user_id)
         if expected_version is not None:
             stmt = stmt.where(users.c.version == expected_version)
-        stmt = stmt.values(**values, version=users.c.version + 1).returning(*users.c)
+        if require_state is not None:
+            stmt = stmt.where(users.c.state == require_state.value)
+        bumps: dict[str, Any] = {"version": users.c.version + 1}
+        if revoke_tokens:
+            bumps["token_version"] = users.c.token_version + 1
+        stmt = stmt.values(**values, **bumps).returning(*users.c)
         row = (await self._conn.execute(stmt)).first()
         return _to_user(row) if row is not None else None
 
@@ -115,3 +143,44 @@ class UserRepository:
             stmt = stmt.where(users.c.version == expected_version)
         result = await self._conn.execute(stmt)
         return bool(result.rowcount)
+
+    async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
+        """(token_version, state) of a user, or None when it does not exist."""
+        row = (await self._conn.execute(_AUTH_STATE, {"id": user_id})).first()
+        return (int(row[0]), UserState(row[1])) if row is not None else None
+
+    async def record_login_failure(
+        self, user_id: uuid.UUID, *, now: datetime, max_failures: int, lock_until: datetime
+    ) -> None:
+        """Count one failed login atomically; the max_failures-th locks until lock_until.
+
+        A currently locked account is left alone, so attempts during a lock do not extend it;
+        after a lock expired, counting starts again from one.
+        """
+        expired = and_(users.c.locked_until.is_not(None), users.c.locked_until <= now)
+        await self._conn.execute(
+            update(users)
+            .where(users.c.id == user_id)
+            .where(or_(users.c.locked_until.is_(None), users.c.locked_until <= now))
+            .values(
+                failed_login_count=case((expired, 1), else_=users.c.failed_login_count + 1),
+                locked_until=case(
+                    (expired, None),
+                    (users.c.failed_login_count + 1 >= max_failures, lock_until),
+                    else_=users.c.locked_until,
+                ),
+            )
+        )
+
+    async def replace_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
+        """Store a re-hash of the same password (new parameters); not a change of the user."""
+        await self._conn.execute(
+            update(users).where(users.c.id == user_id).values(password_hash=password_hash)
+        )
+
+    async def reset_login_failures(self, user_id: uuid.UUID) -> None:
+        await self._conn.execute(
+            update(users)
+            .where(users.c.id == user_id)
+            .values(failed_login_count=0, locked_until=None)
+        )

@@ -26,10 +26,17 @@ class User:
     create_time: datetime
     update_time: datetime
     version: int
+    # Bumped whenever the user's tokens must stop working (password, roles, state changes).
+    token_version: int = 1
+    failed_login_count: int = 0
+    locked_until: datetime | None = None
 
     @property
     def etag(self) -> str:
         return etag_of(self.version)
+
+
+SERVICE_ACCOUNT_PASSWORD_HASH = "!service-account"  # never verifies: no password login
 
 
 def etag_of(version: int) -> str:

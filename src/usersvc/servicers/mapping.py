@@ -30,3 +30,9 @@ def user_to_proto(user: User) -> user_pb2.User:
         update_time=timestamp(user.update_time),
         etag=user.etag,
     )
+
+
+def timestamp_from_epoch(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts

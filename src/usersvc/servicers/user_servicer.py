@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1 import user_service_pb2_grpc as pb_grpc
+from usersvc.context import current_principal
 from usersvc.interceptors.base import Context
 from usersvc.servicers.mapping import user_to_proto
 from usersvc.services.users import UserService
@@ -40,10 +41,12 @@ class UserServicer(pb_grpc.UserServiceServicer):
         self, request: pb.UpdateUserRequest, context: Context
     ) -> pb.UpdateUserResponse:
         user = await self._users.update_user(
+            actor=current_principal(),
             user_id=request.user.id,
             paths=list(request.update_mask.paths),
             email=request.user.email,
             name=request.user.name,
+            roles=list(request.user.roles),
             etag=request.user.etag,
         )
         return pb.UpdateUserResponse(user=user_to_proto(user))
@@ -53,3 +56,27 @@ class UserServicer(pb_grpc.UserServiceServicer):
     ) -> pb.DeleteUserResponse:
         await self._users.delete_user(user_id=request.id, etag=request.etag)
         return pb.DeleteUserResponse()
+
+    async def ChangePassword(
+        self, request: pb.ChangePasswordRequest, context: Context
+    ) -> pb.ChangePasswordResponse:
+        user = await self._users.change_password(
+            actor=current_principal(),
+            user_id=request.id,
+            current_password=request.current_password,
+            new_password=request.new_password,
+            etag=request.etag,
+        )
+        return pb.ChangePasswordResponse(user=user_to_proto(user))
+
+    async def DisableUser(
+        self, request: pb.DisableUserRequest, context: Context
+    ) -> pb.DisableUserResponse:
+        user = await self._users.disable_user(user_id=request.id, etag=request.etag)
+        return pb.DisableUserResponse(user=user_to_proto(user))
+
+    async def EnableUser(
+        self, request: pb.EnableUserRequest, context: Context
+    ) -> pb.EnableUserResponse:
+        user = await self._users.enable_user(user_id=request.id, etag=request.etag)
+        return pb.EnableUserResponse(user=user_to_proto(user))

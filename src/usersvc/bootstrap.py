@@ -1,0 +1,108 @@
+"""Builds the application's components from settings; shared by the server and the CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from usersvc.adapters.common_passwords import load_common_passwords
+from usersvc.adapters.db import create_engine
+from usersvc.adapters.jwt_tokens import AccessTokenCodec, load_or_create_keys
+from usersvc.adapters.page_tokens import PageTokenCodec
+from usersvc.adapters.password_hasher import Argon2PasswordHasher
+from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
+from usersvc.config import Settings
+from usersvc.services.auth import AuthService, TokenStateCache
+from usersvc.services.users import Clock, UserService, utc_now
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """Everything a request path needs, wired once; no module-level singletons."""
+
+    settings: Settings
+    engine: AsyncEngine
+    hasher: Argon2PasswordHasher
+    uow: SqlUnitOfWorkFactory
+    access_tokens: AccessTokenCodec
+    token_states: TokenStateCache
+    users: UserService
+    auth: AuthService
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+        self.hasher.close()
+
+
+def load_or_create_secret(settings: Settings) -> bytes:
+    """The configured secret; in development, one generated once into data_dir."""
+    configured = settings.secret_key.get_secret_value()
+    if configured:
+        return configured.encode()
+    path = Path(settings.data_dir) / "secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+        log.warning("no USERSVC_SECRET_KEY set: generated a development secret in %s", path)
+    return path.read_text().strip().encode()
+
+
+def build_components(settings: Settings, *, clock: Clock = utc_now) -> Components:
+    """Create the engine, hasher, token codecs and use cases described by `settings`."""
+    engine = create_engine(settings.effective_database_url, pool_size=settings.db_pool_size)
+    hasher = Argon2PasswordHasher(
+        time_cost=settings.argon2_time_cost,
+        memory_kib=settings.argon2_memory_kib,
+        parallelism=settings.argon2_parallelism,
+        concurrency=settings.hash_concurrency,
+    )
+    uow = SqlUnitOfWorkFactory(engine)
+    keys = load_or_create_keys(
+        settings.jwt_signing_key_file, settings.verification_key_paths, Path(settings.data_dir)
+    )
+    access_tokens = AccessTokenCodec(
+        keys,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        ttl_seconds=settings.access_token_ttl_seconds,
+        leeway=settings.jwt_leeway_seconds,
+    )
+    token_states = TokenStateCache(uow, ttl=settings.token_cache_seconds)
+    users = UserService(
+        uow=uow,
+        hasher=hasher,
+        page_tokens=PageTokenCodec(load_or_create_secret(settings)),
+        clock=clock,
+        common_passwords=load_common_passwords(),
+        on_tokens_revoked=token_states.invalidate,
+    )
+    auth = AuthService(
+        uow=uow,
+        hasher=hasher,
+        dummy_hash=hasher.dummy_hash,
+        tokens=access_tokens,
+        states=token_states,
+        refresh_ttl_seconds=settings.refresh_token_ttl_seconds,
+        max_failures=settings.login_max_failures,
+        lock_seconds=settings.login_lock_seconds,
+        clock=clock,
+    )
+    return Components(
+        settings=settings,
+        engine=engine,
+        hasher=hasher,
+        uow=uow,
+        access_tokens=access_tokens,
+        token_states=token_states,
+        users=users,
+        auth=auth,
+    )

@@ -1,0 +1,33 @@
+"""Callers and roles."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+ADMIN = "admin"
+SERVICE = "service"
+KNOWN_ROLES = frozenset({ADMIN, SERVICE})
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller of one request."""
+
+    user_id: uuid.UUID
+    roles: frozenset[str]
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN in self.roles
+
+    def is_self(self, user_id: uuid.UUID) -> bool:
+        return self.user_id == user_id
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    access_token: str
+    access_expires_at: float
+    refresh_token: str
+    refresh_expires_at: float

@@ -1,0 +1,23 @@
+"""Events announced through the outbox."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+USER_CREATED = "user.created"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """One message to deliver; `id` doubles as the stable e-mail Message-ID."""
+
+    topic: str
+    aggregate_id: uuid.UUID
+    payload: dict[str, Any]
+    request_id: str
+    create_time: datetime
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    attempts: int = 0

@@ -1,0 +1,215 @@
+"""Authentication use cases: login, refresh rotation, logout, and verifying callers."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+from usersvc.adapters.jwt_tokens import AccessTokenCodec, InvalidAccessToken
+from usersvc.adapters.refresh_token_repository import ACTIVE, USED
+from usersvc.adapters.unit_of_work import UnitOfWork, UnitOfWorkFactory
+from usersvc.domain.auth import Principal, TokenPair
+from usersvc.domain.errors import Unauthenticated
+from usersvc.domain.models import User, UserState
+from usersvc.domain.validation import normalize_email
+from usersvc.services.users import Clock, PasswordHasher, utc_now
+
+log = logging.getLogger(__name__)
+
+REFRESH_TOKEN_BYTES = 32  # 256 bits
+
+
+def hash_refresh_token(token: str) -> str:
+    # A plain SHA-256 suffices: the token is 256 random bits, not a guessable password.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenStateCache:
+    """Each user's (token_version, active) for a few seconds, so that a valid call needs no
+    database query while a revocation still takes effect within `ttl` seconds everywhere."""
+
+    MAX_ENTRIES = 100_000
+
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        *,
+        ttl: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._uow = uow
+        self._ttl = ttl
+        self._now = monotonic
+        self._entries: dict[uuid.UUID, tuple[float, int | None]] = {}
+
+    async def active_version(self, user_id: uuid.UUID) -> int | None:
+        """The user's token version if it exists and is active, else None."""
+        now = self._now()
+        entry = self._entries.get(user_id)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        async with self._uow(write=False) as uow:
+            state = await uow.users.auth_state(user_id)
+        version = state[0] if state is not None and state[1] is UserState.ACTIVE else None
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[user_id] = (now + self._ttl, version)
+        return version
+
+    def invalidate(self, user_id: uuid.UUID) -> None:
+        """Forget a user at once (this replica); other replicas catch up within ttl."""
+        self._entries.pop(user_id, None)
+
+
+class Authenticator:
+    """Turns an `authorization` header value into a Principal, or raises Unauthenticated."""
+
+    def __init__(self, tokens: AccessTokenCodec, states: TokenStateCache) -> None:
+        self._tokens = tokens
+        self._states = states
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise Unauthenticated()
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated()
+        try:
+            claims = self._tokens.verify(token.strip())
+            user_id = uuid.UUID(claims["sub"])
+        except (InvalidAccessToken, ValueError) as err:
+            log.info("refused token: %s", err)
+            raise Unauthenticated() from err
+        current = await self._states.active_version(user_id)
+        if current is None or current != claims["ver"]:
+            log.info("refused token: revoked")
+            raise Unauthenticated()
+        return Principal(user_id=user_id, roles=frozenset(str(r) for r in claims["roles"]))
+
+
+class AuthService:
+    """Login, refresh-token rotation and logout."""
+
+    def __init__(
+        self,
+        *,
+        uow: UnitOfWorkFactory,
+        hasher: PasswordHasher,
+        dummy_hash: str,
+        tokens: AccessTokenCodec,
+        states: TokenStateCache,
+        refresh_ttl_seconds: int,
+        max_failures: int,
+        lock_seconds: int,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._uow = uow
+        self._hasher = hasher
+        self._dummy_hash = dummy_hash
+        self._tokens = tokens
+        self._states = states
+        self._refresh_ttl = timedelta(seconds=refresh_ttl_seconds)
+        self._max_failures = max_failures
+        self._lock = timedelta(seconds=lock_seconds)
+        self._clock = clock
+
+    async def login(self, *, email: str, password: str) -> TokenPair:
+        """A new token pair; one generic Unauthenticated for every kind of failure."""
+        normalized = normalize_email(email)
+        async with self._uow(write=False) as uow:
+            user = await uow.users.get_by_email(normalized) if normalized else None
+        if user is None or not user.password_hash.startswith("$argon2"):
+            # Same hashing work as for a real account, so timing does not reveal which exist.
+            await self._hasher.verify(self._dummy_hash, password)
+            raise Unauthenticated()
+        now = self._clock()
+        locked = user.locked_until is not None and user.locked_until > now
+        valid = await self._hasher.verify(user.password_hash, password)
+        if locked:
+            raise Unauthenticated()
+        if not valid:
+            async with self._uow() as uow:
+                await uow.users.record_login_failure(
+                    user.id, now=now, max_failures=self._max_failures, lock_until=now + self._lock
+                )
+                await uow.commit()
+            raise Unauthenticated()
+        if user.state is not UserState.ACTIVE:
+            raise Unauthenticated()
+        new_hash = None
+        if self._hasher.needs_rehash(user.password_hash):
+            new_hash = await self._hasher.hash(password)
+        async with self._uow() as uow:
+            if user.failed_login_count or user.locked_until is not None:
+                await uow.users.reset_login_failures(user.id)
+            if new_hash is not None:
+                # Not a change of the resource: etag and token version stay.
+                await uow.users.replace_password_hash(user.id, new_hash)
+            pair = await self._issue(uow, user, family_id=uuid.uuid4())
+            await uow.commit()
+        return pair
+
+    async def refresh(self, *, refresh_token: str) -> TokenPair:
+        """Rotate: the presented token becomes used; reusing a used one revokes its family."""
+        token_hash = hash_refresh_token(refresh_token)
+        async with self._uow() as uow:
+            record = await uow.refresh_tokens.get_by_hash(token_hash)
+            if record is None:
+                raise Unauthenticated()
+            if record.status == USED or (
+                record.status == ACTIVE and not await uow.refresh_tokens.mark_used(record.id)
+            ):
+                # Reuse: someone holds a copy. Revoke the whole login, and keep that revocation.
+                await uow.refresh_tokens.revoke_family(record.family_id)
+                await uow.commit()
+                log.warning(
+                    "refresh token reuse: family revoked",
+                    extra={"family_id": str(record.family_id)},
+                )
+                raise Unauthenticated()
+            if record.status != ACTIVE or record.expire_time <= self._clock():
+                raise Unauthenticated()
+            user = await uow.users.get(record.user_id)
+            if user is None or user.state is not UserState.ACTIVE:
+                raise Unauthenticated()
+            pair = await self._issue(uow, user, family_id=record.family_id)
+            await uow.commit()
+        return pair
+
+    async def logout(self, *, refresh_token: str) -> None:
+        """Revoke every token of the refresh token's login."""
+        async with self._uow() as uow:
+            record = await uow.refresh_tokens.get_by_hash(hash_refresh_token(refresh_token))
+            if record is None:
+                raise Unauthenticated()
+            await uow.refresh_tokens.revoke_family(record.family_id)
+            await uow.commit()
+
+    def jwks(self) -> list[dict[str, str]]:
+        return self._tokens.jwks
+
+    async def _issue(self, uow: UnitOfWork, user: User, *, family_id: uuid.UUID) -> TokenPair:
+        now = self._clock()
+        access, access_exp = self._tokens.issue(
+            subject=user.id, roles=user.roles, version=user.token_version, now=now.timestamp()
+        )
+        refresh = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+        expires = now + self._refresh_ttl
+        await uow.refresh_tokens.add(
+            token_hash=hash_refresh_token(refresh),
+            user_id=user.id,
+            family_id=family_id,
+            now=now,
+            expire_time=expires,
+        )
+        return TokenPair(
+            access_token=access,
+            access_expires_at=access_exp,
+            refresh_token=refresh,
+            refresh_expires_at=expires.timestamp(),
+        )

@@ -12,8 +12,8 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,16 +21,15 @@ import psycopg
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
-from userservice.v1 import auth_service_pb2, auth_service_pb2_grpc
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import Engine, make_url
 
+from userservice.v1 import auth_service_pb2, auth_service_pb2_grpc
 from usersvc.adapters.jwt_tokens import AccessTokenCodec, KeySet, generate_private_key_file
 from usersvc.bootstrap import build_components
 from usersvc.config import Settings
-from usersvc.operator_tasks import create_admin
 from usersvc.migrate import upgrade
+from usersvc.operator_tasks import create_admin
 from usersvc.server import RunningServer, build_server
 
 TEST_SECRET = "test-secret-key-0123456789abcdef0123456789"
@@ -264,7 +263,7 @@ def ensure_admin(settings: Settings, email: str = "admin@example.com") -> str:
     return asyncio.run(run())
 
 
-class _BearerInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _BearerInterceptor(grpc.UnaryUnaryClientInterceptor):
     def __init__(self, token: Callable[[], str]) -> None:
         self._token = token
 

@@ -14,7 +14,10 @@ DEFAULT_DATA_DIR = Path(".data")
 class Settings(BaseSettings):
     """Every setting of the service; each is documented in the README."""
 
-    model_config = SettingsConfigDict(env_prefix="USERSVC_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused secret must not be echoed in the error message.
+    model_config = SettingsConfigDict(
+        env_prefix="USERSVC_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     environment: Literal["development", "production"] = "development"
     listen_address: str = "127.0.0.1:50051"
@@ -75,7 +78,8 @@ class Settings(BaseSettings):
     def _production_needs_real_secrets(self) -> Settings:
         if self.environment == "production":
             secret = self.secret_key.get_secret_value()
-            if len(secret) < 32 or secret.lower() in {"changeme", "change-me", "secret"}:
+            # Length and variety: refuses placeholders such as "changeme" or 32 times "k".
+            if len(secret) < 32 or len(set(secret)) < 12:
                 raise ValueError(
                     "USERSVC_SECRET_KEY must be set to at least 32 random characters in production"
                 )

@@ -116,13 +116,11 @@ def test_unreachable_database_is_unavailable_with_retry_info() -> None:
     with tempfile.TemporaryDirectory() as data_dir:
         thread = ServerThread(make_settings(url, data_dir)).start()
         try:
-            with (
-                grpc.insecure_channel(thread.address) as channel,
-                pytest.raises(grpc.RpcError) as exc,
-            ):
+            with grpc.insecure_channel(thread.address) as channel:
                 # Checking the token's version needs the database too: UNAVAILABLE, not a 401.
                 stub = UserServiceStub(with_bearer(channel, mint_token(uuid.uuid4())))
-                stub.GetUser(pb.GetUserRequest(id=str(uuid.uuid4())))
+                with pytest.raises(grpc.RpcError) as exc:
+                    stub.GetUser(pb.GetUserRequest(id=str(uuid.uuid4())))
         finally:
             thread.stop()
     details = details_of(exc.value)

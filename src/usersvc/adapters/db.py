@@ -24,7 +24,10 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+            engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+        else:
+            # In-memory databases live in one connection: SQLAlchemy picks a static pool.
+            engine = create_async_engine(url)
         _configure_sqlite(engine)
         return engine
     return create_async_engine(

@@ -63,8 +63,14 @@ def check_password(raw: str, field: str = "password") -> FieldViolation | None:
     return None
 
 
+# Canonical form only: uuid.UUID() alone also reads "+2345...", "0x...", "1_..." and non-ASCII
+# digits, which would map other strings onto ids.
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+
+
 def parse_user_id(raw: str, field: str = "id") -> tuple[uuid.UUID | None, FieldViolation | None]:
-    try:
-        return uuid.UUID(raw), None
-    except (ValueError, AttributeError, TypeError):
+    if not isinstance(raw, str) or not _UUID_RE.fullmatch(raw):
         return None, FieldViolation(field, "id must be a UUID", "INVALID_FORMAT")
+    return uuid.UUID(raw), None

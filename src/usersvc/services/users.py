@@ -388,7 +388,5 @@ class UserService:
         if not etag:
             return None
         version = version_of_etag(etag)
-        if version is None:
-            # Never issued by us, so it cannot match the current version.
-            raise EtagMismatch()
-        return version
+        # Never issued by us, so it cannot match any version; existence is still checked first.
+        return -1 if version is None else version

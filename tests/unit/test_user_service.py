@@ -1,0 +1,720 @@
+"""UserService on in-memory fakes: business rules, errors and transaction use."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.unit.fakes import (
+    FakeClock,
+    FakePasswordHasher,
+    FakeUnitOfWork,
+    FakeUnitOfWorkFactory,
+    list_order_key,
+)
+from usersvc.adapters.page_tokens import PageTokenCodec
+from usersvc.context import request_id_var
+from usersvc.domain.auth import Principal
+from usersvc.domain.errors import (
+    EmailTaken,
+    EtagMismatch,
+    PermissionDenied,
+    UserNotFound,
+    ValidationFailed,
+)
+from usersvc.domain.events import USER_CREATED
+from usersvc.domain.models import User, UserState
+from usersvc.services.users import ListUsersResult, UserService
+
+START = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+# Callers: the service leaves who-may-touch-whom to the access layer, except for roles.
+MEMBER = Principal(user_id=uuid.uuid4(), roles=frozenset())
+ADMIN = Principal(user_id=uuid.uuid4(), roles=frozenset({"admin"}))
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def uow() -> FakeUnitOfWorkFactory:
+    return FakeUnitOfWorkFactory()
+
+
+@pytest.fixture
+def hasher() -> FakePasswordHasher:
+    return FakePasswordHasher()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(START)
+
+
+@pytest.fixture
+def codec() -> PageTokenCodec:
+    return PageTokenCodec(b"unit-test-secret")
+
+
+@pytest.fixture
+def service(
+    uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher, clock: FakeClock, codec: PageTokenCodec
+) -> UserService:
+    return UserService(uow=uow, hasher=hasher, page_tokens=codec, clock=clock)
+
+
+async def _create(service: UserService, email: str, name: str = "Some One") -> User:
+    return await service.create_user(email=email, name=name, password=PASSWORD)
+
+
+def _stored_user(n: int, create_time: datetime) -> User:
+    return User(
+        id=uuid.uuid4(),
+        email=f"user{n}@example.com",
+        name=f"User {n}",
+        password_hash=FakePasswordHasher.hash_of(PASSWORD),
+        roles=(),
+        state=UserState.ACTIVE,
+        create_time=create_time,
+        update_time=create_time,
+        version=1,
+    )
+
+
+def _violations(err: pytest.ExceptionInfo[ValidationFailed]) -> list[tuple[str, str]]:
+    return [(v.field, v.reason) for v in err.value.violations]
+
+
+def _assert_committed_once(uow: FakeUnitOfWork) -> None:
+    assert uow.write
+    assert uow.exited
+    assert uow.commits == 1
+
+
+def _assert_rolled_back(uow: FakeUnitOfWork) -> None:
+    assert uow.exited
+    assert uow.commits == 0
+    assert uow.rolled_back
+
+
+# --- create ----------------------------------------------------------------------------------
+
+
+async def test_create_normalises_and_stores_the_user(
+    service: UserService, uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher
+) -> None:
+    user = await service.create_user(
+        email="  Alice@Example.COM ", name="  Alice Liddell  ", password=PASSWORD
+    )
+    assert user.email == "alice@example.com"
+    assert user.name == "Alice Liddell"
+    assert user.roles == ()
+    assert user.state is UserState.ACTIVE
+    assert user.create_time == user.update_time == START
+    assert (user.version, user.etag) == (1, '"1"')
+    assert user.password_hash == hasher.hash_of(PASSWORD)
+    assert uow.store == {user.id: user}
+    assert len(uow.opened) == 1
+    _assert_committed_once(uow.last)
+
+
+async def test_create_writes_one_welcome_message_in_the_same_transaction(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    token = request_id_var.set("req-123")
+    try:
+        user = await _create(service, "welcome@example.com", "Wendy")
+    finally:
+        request_id_var.reset(token)
+    assert len(uow.outbox) == 1
+    message = uow.outbox[0]
+    assert (message.topic, message.aggregate_id) == (USER_CREATED, user.id)
+    assert message.payload == {"user_id": str(user.id), "email": user.email, "name": "Wendy"}
+    assert message.request_id == "req-123"
+    assert message.create_time == START
+    assert PASSWORD not in repr(message)
+    assert user.password_hash not in repr(message)
+
+
+async def test_create_ids_are_distinct(service: UserService) -> None:
+    first = await _create(service, "a@example.com")
+    second = await _create(service, "b@example.com")
+    assert first.id != second.id
+
+
+async def test_create_hashes_the_password_as_given(
+    service: UserService, hasher: FakePasswordHasher
+) -> None:
+    password = " 🔑" * 64  # 128 code points with spaces at both ends: no trimming, no truncation
+    user = await service.create_user(email="k@example.com", name="Key", password=password)
+    assert hasher.hashed == [password]
+    assert user.password_hash == hasher.hash_of(password)
+
+
+async def test_create_reports_every_violation_at_once(
+    service: UserService, uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher
+) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        await service.create_user(email="not-an-email", name=" A ", password="short")
+    assert _violations(err) == [
+        ("email", "INVALID_FORMAT"),
+        ("name", "OUT_OF_RANGE"),
+        ("password", "OUT_OF_RANGE"),
+    ]
+    assert "short" not in str(err.value)
+    assert hasher.hashed == []  # no hashing work for a request that is refused anyway
+    assert uow.opened == []
+    assert uow.store == {}
+
+
+async def test_create_refuses_a_common_password_in_any_case(
+    uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher, clock: FakeClock, codec: PageTokenCodec
+) -> None:
+    service = UserService(
+        uow=uow,
+        hasher=hasher,
+        page_tokens=codec,
+        clock=clock,
+        common_passwords=frozenset({"password123"}),
+    )
+    with pytest.raises(ValidationFailed) as err:
+        await service.create_user(email="a@example.com", name="Al", password="PassWord123")
+    assert _violations(err) == [("password", "COMMON_PASSWORD")]
+    assert uow.store == {}
+
+
+async def test_create_refuses_a_password_of_129_code_points(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        await service.create_user(email="a@example.com", name="Al", password="🔑" * 129)
+    assert _violations(err) == [("password", "OUT_OF_RANGE")]
+    assert uow.store == {}
+
+
+async def test_create_with_a_case_variant_of_a_taken_email_fails_and_rolls_back(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    first = await _create(service, "bob@example.com", "Bob")
+    with pytest.raises(EmailTaken):
+        await _create(service, "  BOB@Example.com ", "Other Bob")
+    assert uow.store == {first.id: first}
+    assert [m.aggregate_id for m in uow.outbox] == [first.id]  # no welcome for the refused one
+    _assert_rolled_back(uow.last)
+
+
+async def test_create_with_a_fullwidth_variant_of_a_taken_email_fails(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    await _create(service, "a@x.com")
+    with pytest.raises(EmailTaken):
+        await _create(service, "Ａ@ｘ.com")
+    assert len(uow.store) == 1
+
+
+# --- get -------------------------------------------------------------------------------------
+
+
+async def test_get_returns_the_stored_user_in_a_read_only_unit_of_work(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    created = await _create(service, "carol@example.com")
+    assert await service.get_user(str(created.id)) == created
+    assert not uow.last.write
+    assert uow.last.commits == 0
+
+
+@pytest.mark.parametrize("bad_id", ["", "nope", "1234", "12345678-1234-5678-1234-56781234567"])
+async def test_get_with_a_malformed_id_is_a_validation_error(
+    service: UserService, uow: FakeUnitOfWorkFactory, bad_id: str
+) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        await service.get_user(bad_id)
+    assert _violations(err) == [("id", "INVALID_FORMAT")]
+    assert uow.opened == []
+
+
+async def test_get_of_an_unknown_id_is_user_not_found(service: UserService) -> None:
+    await _create(service, "dave@example.com")
+    with pytest.raises(UserNotFound):
+        await service.get_user(str(uuid.uuid4()))
+
+
+# --- list ------------------------------------------------------------------------------------
+
+
+async def test_list_with_a_negative_page_size_is_a_validation_error(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        await service.list_users(page_size=-1, page_token="", email="")
+    assert _violations(err) == [("page_size", "OUT_OF_RANGE")]
+    assert uow.opened == []
+
+
+async def test_list_reports_page_size_and_page_token_together(service: UserService) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        await service.list_users(page_size=-5, page_token="garbage", email="")
+    assert [field for field, _ in _violations(err)] == ["page_size", "page_token"]
+
+
+async def test_list_with_a_bad_page_token_is_a_validation_error(service: UserService) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        await service.list_users(page_size=10, page_token="not-a-token", email="")
+    assert _violations(err) == [("page_token", "INVALID_PAGE_TOKEN")]
+
+
+async def test_list_with_a_too_long_email_filter_is_a_validation_error(
+    service: UserService,
+) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        await service.list_users(page_size=10, page_token="", email="a" * 250 + "@x.com")
+    assert _violations(err) == [("email", "TOO_LONG")]
+
+
+@pytest.mark.parametrize(
+    ("page_size", "expected"), [(0, 50), (1, 1), (99, 99), (100, 100), (101, 100), (500, 100)]
+)
+async def test_list_page_size_defaults_to_50_and_is_capped_at_100(
+    service: UserService, uow: FakeUnitOfWorkFactory, page_size: int, expected: int
+) -> None:
+    for n in range(120):
+        user = _stored_user(n, START + timedelta(seconds=n))
+        uow.store[user.id] = user
+    result = await service.list_users(page_size=page_size, page_token="", email="")
+    assert len(result.users) == expected
+    assert result.next_page_token != ""
+    assert result.total_size == 120
+    assert not uow.last.write
+
+
+async def _all_pages(
+    service: UserService, page_size: int, email: str = ""
+) -> list[ListUsersResult]:
+    pages = [await service.list_users(page_size=page_size, page_token="", email=email)]
+    while pages[-1].next_page_token:
+        assert len(pages) < 100, "paging does not end"
+        pages.append(
+            await service.list_users(
+                page_size=page_size, page_token=pages[-1].next_page_token, email=email
+            )
+        )
+    return pages
+
+
+async def test_paging_through_23_users_returns_each_once_in_order(
+    service: UserService, clock: FakeClock
+) -> None:
+    created: list[User] = []
+    for n in range(23):
+        if n % 3 == 0:  # groups of three share a create_time: the id breaks the tie
+            clock.advance(timedelta(seconds=1))
+        created.append(await _create(service, f"user{n}@example.com"))
+    pages = await _all_pages(service, page_size=5)
+    assert [len(p.users) for p in pages] == [5, 5, 5, 5, 3]
+    assert [p.next_page_token == "" for p in pages] == [False] * 4 + [True]
+    assert all(p.total_size == 23 for p in pages)
+    listed = [u.id for p in pages for u in p.users]
+    expected = [u.id for u in sorted(created, key=list_order_key, reverse=True)]
+    assert listed == expected
+    assert len(set(listed)) == 23
+
+
+async def test_list_is_stable_when_a_user_is_created_between_pages(
+    service: UserService, clock: FakeClock
+) -> None:
+    for n in range(6):
+        await _create(service, f"user{n}@example.com")
+    first = await service.list_users(page_size=3, page_token="", email="")
+    clock.advance(timedelta(seconds=1))
+    await _create(service, "newcomer@example.com")  # newest: sorts before the first page
+    second = await service.list_users(page_size=3, page_token=first.next_page_token, email="")
+    seen = [u.email for u in [*first.users, *second.users]]
+    assert len(set(seen)) == 6
+    assert "newcomer@example.com" not in seen
+
+
+async def test_list_filters_by_normalised_email(service: UserService) -> None:
+    carol = await _create(service, "carol@example.com")
+    await _create(service, "dave@example.com")
+    result = await service.list_users(page_size=10, page_token="", email="  CAROL@Example.com ")
+    assert [u.id for u in result.users] == [carol.id]
+    assert result.total_size == 1
+    assert result.next_page_token == ""
+
+
+async def test_list_refuses_a_token_from_another_query(service: UserService) -> None:
+    for n in range(3):
+        await _create(service, f"user{n}@example.com")
+    unfiltered = await service.list_users(page_size=1, page_token="", email="")
+    assert unfiltered.next_page_token
+    with pytest.raises(ValidationFailed) as err:
+        await service.list_users(
+            page_size=1, page_token=unfiltered.next_page_token, email="user0@example.com"
+        )
+    assert _violations(err) == [("page_token", "INVALID_PAGE_TOKEN")]
+
+
+async def test_list_of_no_users_is_one_empty_last_page(service: UserService) -> None:
+    result = await service.list_users(page_size=0, page_token="", email="")
+    assert list(result.users) == []
+    assert (result.next_page_token, result.total_size) == ("", 0)
+
+
+# --- update ----------------------------------------------------------------------------------
+
+
+async def test_update_writes_only_the_masked_field(
+    service: UserService, uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    created = await _create(service, "erin@example.com", "Erin")
+    later = clock.advance(timedelta(minutes=5))
+    updated = await service.update_user(
+        actor=MEMBER,
+        user_id=str(created.id),
+        paths=["name"],
+        email="ignored: not in the mask",
+        name="  Erin Updated ",
+        etag="",
+    )
+    assert updated.name == "Erin Updated"
+    assert updated.email == "erin@example.com"
+    assert updated.update_time == later > created.update_time
+    assert updated.create_time == created.create_time == START
+    assert (updated.version, updated.etag) == (2, '"2"')
+    assert updated.password_hash == created.password_hash
+    assert uow.store[created.id] == updated
+    _assert_committed_once(uow.last)
+
+
+async def test_update_normalises_a_new_email(service: UserService) -> None:
+    created = await _create(service, "frank@example.com")
+    updated = await service.update_user(
+        actor=MEMBER,
+        user_id=str(created.id),
+        paths=["email"],
+        email=" Frank@New.Example ",
+        name="",
+        etag="",
+    )
+    assert updated.email == "frank@new.example"
+    assert updated.name == created.name
+
+
+async def test_update_with_the_current_etag_succeeds(
+    service: UserService, clock: FakeClock
+) -> None:
+    created = await _create(service, "gina@example.com")
+    clock.advance(timedelta(seconds=1))
+    first = await service.update_user(
+        actor=MEMBER,
+        user_id=str(created.id),
+        paths=["name"],
+        email="",
+        name="Gina",
+        etag=created.etag,
+    )
+    second = await service.update_user(
+        actor=MEMBER,
+        user_id=str(created.id),
+        paths=["name"],
+        email="",
+        name="Gina B",
+        etag=first.etag,
+    )
+    assert (first.version, second.version) == (2, 3)
+    assert second.name == "Gina B"
+
+
+@pytest.mark.parametrize(
+    ("etag", "checked_in_a_transaction"),
+    [('"1"', True), ('"3"', True), ('W/"2"', True), ("2", True), ("garbage", True)],
+)
+async def test_update_with_a_stale_or_foreign_etag_is_etag_mismatch(
+    service: UserService, uow: FakeUnitOfWorkFactory, etag: str, checked_in_a_transaction: bool
+) -> None:
+    created = await _create(service, "hank@example.com", "Hank")
+    current = await service.update_user(
+        actor=MEMBER, user_id=str(created.id), paths=["name"], email="", name="Hank Two", etag=""
+    )
+    assert current.etag == '"2"'
+    with pytest.raises(EtagMismatch):
+        await service.update_user(
+            actor=MEMBER,
+            user_id=str(created.id),
+            paths=["name"],
+            email="",
+            name="Lost Update",
+            etag=etag,
+        )
+    assert uow.store[created.id] == current
+    # Even an etag this server never issues is checked in the transaction, after existence.
+    assert len(uow.opened) == (3 if checked_in_a_transaction else 2)
+    if checked_in_a_transaction:
+        _assert_rolled_back(uow.last)
+
+
+async def test_update_of_an_unknown_user_is_user_not_found(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    for etag in ("", '"1"'):
+        with pytest.raises(UserNotFound):
+            await service.update_user(
+                actor=MEMBER,
+                user_id=str(uuid.uuid4()),
+                paths=["name"],
+                email="",
+                name="Nobody",
+                etag=etag,
+            )
+        _assert_rolled_back(uow.last)
+    assert uow.store == {}
+
+
+async def test_update_with_an_empty_mask_is_a_validation_error(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    created = await _create(service, "ivy@example.com")
+    with pytest.raises(ValidationFailed) as err:
+        await service.update_user(
+            actor=MEMBER,
+            user_id=str(created.id),
+            paths=[],
+            email="x@example.com",
+            name="Xavier",
+            etag="",
+        )
+    assert _violations(err) == [("update_mask", "REQUIRED")]
+    assert uow.store[created.id] == created
+    assert len(uow.opened) == 1  # only the create's
+
+
+@pytest.mark.parametrize("path", ["nickname", "password", "password_hash", "version", "Name", ""])
+async def test_update_with_an_unknown_path_is_a_validation_error(
+    service: UserService, uow: FakeUnitOfWorkFactory, path: str
+) -> None:
+    created = await _create(service, "jack@example.com")
+    with pytest.raises(ValidationFailed) as err:
+        await service.update_user(
+            actor=MEMBER,
+            user_id=str(created.id),
+            paths=["name", path],
+            email="",
+            name="Jack",
+            etag="",
+        )
+    assert _violations(err) == [("update_mask", "UNKNOWN_FIELD")]
+    assert uow.store[created.id] == created
+
+
+@pytest.mark.parametrize("path", ["id", "state", "create_time", "update_time", "etag"])
+async def test_update_of_an_immutable_path_is_a_validation_error(
+    service: UserService, uow: FakeUnitOfWorkFactory, path: str
+) -> None:
+    created = await _create(service, "kate@example.com")
+    with pytest.raises(ValidationFailed) as err:
+        await service.update_user(
+            actor=MEMBER, user_id=str(created.id), paths=[path], email="", name="", etag=""
+        )
+    assert _violations(err) == [("update_mask", "IMMUTABLE_FIELD")]
+    assert uow.store[created.id] == created
+    assert len(uow.opened) == 1
+
+
+async def test_update_reports_every_violation_at_once(service: UserService) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        await service.update_user(
+            actor=MEMBER,
+            user_id="not-a-uuid",
+            paths=["email", "name", "state"],
+            email="bad",
+            name="X",
+            etag="",
+        )
+    assert _violations(err) == [
+        ("user.id", "INVALID_FORMAT"),
+        ("user.email", "INVALID_FORMAT"),
+        ("user.name", "OUT_OF_RANGE"),
+        ("update_mask", "IMMUTABLE_FIELD"),
+    ]
+
+
+async def test_update_to_a_case_variant_of_another_users_email_is_email_taken(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    await _create(service, "liam@example.com")
+    mia = await _create(service, "mia@example.com")
+    with pytest.raises(EmailTaken):
+        await service.update_user(
+            actor=MEMBER,
+            user_id=str(mia.id),
+            paths=["email"],
+            email="LIAM@example.com",
+            name="",
+            etag="",
+        )
+    assert uow.store[mia.id] == mia
+    _assert_rolled_back(uow.last)
+
+
+async def test_update_of_roles_by_a_non_admin_is_permission_denied(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    created = await _create(service, "rob@example.com")
+    with pytest.raises(PermissionDenied):
+        await service.update_user(
+            actor=MEMBER,
+            user_id=str(created.id),
+            paths=["roles"],
+            email="",
+            name="",
+            roles=["admin"],
+            etag="",
+        )
+    assert uow.store[created.id] == created
+    assert len(uow.opened) == 1
+
+
+@pytest.fixture
+def revoked(
+    uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher, clock: FakeClock, codec: PageTokenCodec
+) -> tuple[UserService, list[uuid.UUID]]:
+    """A service whose token-revocation hook records the users it was called for."""
+    calls: list[uuid.UUID] = []
+    service = UserService(
+        uow=uow, hasher=hasher, page_tokens=codec, clock=clock, on_tokens_revoked=calls.append
+    )
+    return service, calls
+
+
+async def test_admin_changes_roles_and_the_users_tokens_are_revoked(
+    revoked: tuple[UserService, list[uuid.UUID]], uow: FakeUnitOfWorkFactory
+) -> None:
+    service, calls = revoked
+    created = await _create(service, "sam@example.com")
+    updated = await service.update_user(
+        actor=ADMIN,
+        user_id=str(created.id),
+        paths=["roles"],
+        email="",
+        name="",
+        roles=["service", "admin", "admin"],
+        etag=created.etag,
+    )
+    assert updated.roles == ("admin", "service")
+    assert updated.token_version == created.token_version + 1
+    assert uow.store[created.id] == updated
+    assert uow.db.refresh_tokens_revoked == [created.id]
+    assert calls == [created.id]
+
+
+async def test_setting_the_same_roles_again_revokes_nothing(
+    revoked: tuple[UserService, list[uuid.UUID]], uow: FakeUnitOfWorkFactory
+) -> None:
+    service, calls = revoked
+    created = await _create(service, "tia@example.com")
+    updated = await service.update_user(
+        actor=ADMIN, user_id=str(created.id), paths=["roles"], email="", name="", etag=""
+    )
+    assert updated.roles == ()
+    assert updated.token_version == created.token_version
+    assert uow.db.refresh_tokens_revoked == []
+    assert calls == []
+
+
+async def test_an_unknown_role_is_a_validation_error(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    created = await _create(service, "uma@example.com")
+    with pytest.raises(ValidationFailed) as err:
+        await service.update_user(
+            actor=ADMIN,
+            user_id=str(created.id),
+            paths=["roles"],
+            email="",
+            name="",
+            roles=["admin", "superuser"],
+            etag="",
+        )
+    assert _violations(err) == [("user.roles", "UNKNOWN_ROLE")]
+    assert uow.store[created.id] == created
+
+
+# --- delete ----------------------------------------------------------------------------------
+
+
+async def test_delete_removes_the_user(service: UserService, uow: FakeUnitOfWorkFactory) -> None:
+    created = await _create(service, "nina@example.com")
+    await service.delete_user(user_id=str(created.id))
+    _assert_committed_once(uow.last)
+    assert uow.store == {}
+    with pytest.raises(UserNotFound):
+        await service.get_user(str(created.id))
+
+
+async def test_delete_with_the_current_etag_removes_the_user(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    created = await _create(service, "omar@example.com")
+    await service.delete_user(user_id=str(created.id), etag=created.etag)
+    assert uow.store == {}
+
+
+async def test_delete_with_a_stale_etag_is_etag_mismatch_and_keeps_the_user(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    created = await _create(service, "pia@example.com")
+    updated = await service.update_user(
+        actor=MEMBER, user_id=str(created.id), paths=["name"], email="", name="Pia", etag=""
+    )
+    with pytest.raises(EtagMismatch):
+        await service.delete_user(user_id=str(created.id), etag=created.etag)
+    assert uow.store == {created.id: updated}
+    _assert_rolled_back(uow.last)
+
+
+async def test_delete_of_an_unknown_user_is_user_not_found(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    kept = await _create(service, "quinn@example.com")
+    with pytest.raises(UserNotFound):
+        await service.delete_user(user_id=str(uuid.uuid4()))
+    assert uow.store == {kept.id: kept}
+    _assert_rolled_back(uow.last)
+
+
+async def test_delete_with_a_malformed_id_is_a_validation_error(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        await service.delete_user(user_id="nope")
+    assert _violations(err) == [("id", "INVALID_FORMAT")]
+    assert uow.opened == []
+
+
+# --- the fakes keep the real contract ---------------------------------------------------------
+
+
+async def test_fake_unit_of_work_discards_what_was_not_committed(
+    uow: FakeUnitOfWorkFactory,
+) -> None:
+    user = _stored_user(1, START)
+    async with uow() as tx:
+        await tx.users.add(user)
+        assert await tx.users.get(user.id) == user
+    assert tx.rolled_back
+    assert uow.store == {}
+    async with uow() as tx:
+        await tx.users.add(user)
+        await tx.commit()
+    assert not tx.rolled_back
+    assert uow.store == {user.id: user}
+
+
+async def test_fake_repository_refuses_columns_the_real_one_refuses(
+    uow: FakeUnitOfWorkFactory,
+) -> None:
+    user = _stored_user(1, START)
+    async with uow() as tx:
+        await tx.users.add(user)
+        with pytest.raises(ValueError, match="not writable"):
+            await tx.users.update(user.id, {"version": 7})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -11,12 +12,13 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.common_passwords import load_common_passwords
-from usersvc.adapters.db import create_engine
+from usersvc.adapters.db import create_engine, create_read_engine
 from usersvc.adapters.jwt_tokens import AccessTokenCodec, load_or_create_keys
 from usersvc.adapters.page_tokens import PageTokenCodec
 from usersvc.adapters.password_hasher import Argon2PasswordHasher
 from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
 from usersvc.config import Settings
+from usersvc.services.audit import AuditService
 from usersvc.services.auth import AuthService, TokenStateCache
 from usersvc.services.users import Clock, UserService, utc_now
 
@@ -35,9 +37,12 @@ class Components:
     token_states: TokenStateCache
     users: UserService
     auth: AuthService
+    audit: AuditService
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.uow.read_engine is not self.engine:
+            await self.uow.read_engine.dispose()
         self.hasher.close()
 
 
@@ -59,13 +64,16 @@ def load_or_create_secret(settings: Settings) -> bytes:
 def build_components(settings: Settings, *, clock: Clock = utc_now) -> Components:
     """Create the engine, hasher, token codecs and use cases described by `settings`."""
     engine = create_engine(settings.effective_database_url, pool_size=settings.db_pool_size)
+    read_engine = create_read_engine(
+        settings.effective_database_url, pool_size=settings.db_pool_size
+    )
     hasher = Argon2PasswordHasher(
         time_cost=settings.argon2_time_cost,
         memory_kib=settings.argon2_memory_kib,
         parallelism=settings.argon2_parallelism,
         concurrency=settings.hash_concurrency,
     )
-    uow = SqlUnitOfWorkFactory(engine)
+    uow = SqlUnitOfWorkFactory(engine, read_engine)
     keys = load_or_create_keys(
         settings.jwt_signing_key_file, settings.verification_key_paths, Path(settings.data_dir)
     )
@@ -77,14 +85,19 @@ def build_components(settings: Settings, *, clock: Clock = utc_now) -> Component
         leeway=settings.jwt_leeway_seconds,
     )
     token_states = TokenStateCache(uow, ttl=settings.token_cache_seconds)
+    secret = load_or_create_secret(settings)
+    page_tokens = PageTokenCodec(secret)
     users = UserService(
         uow=uow,
         hasher=hasher,
-        page_tokens=PageTokenCodec(load_or_create_secret(settings)),
+        page_tokens=page_tokens,
         clock=clock,
         common_passwords=load_common_passwords(),
         on_tokens_revoked=token_states.invalidate,
+        fingerprint_key=hashlib.sha256(b"usersvc idempotency fingerprints v1\0" + secret).digest(),
+        idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
     )
+    audit = AuditService(uow=uow, page_tokens=page_tokens)
     auth = AuthService(
         uow=uow,
         hasher=hasher,
@@ -105,4 +118,5 @@ def build_components(settings: Settings, *, clock: Clock = utc_now) -> Component
         token_states=token_states,
         users=users,
         auth=auth,
+        audit=audit,
     )

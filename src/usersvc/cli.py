@@ -8,6 +8,7 @@ import getpass
 import logging
 import re
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -47,6 +48,10 @@ def _with_components(settings: Settings, task: Callable[..., Awaitable[T]], **kw
     upgrade(settings.effective_database_url)
 
     async def run() -> T:
+        from usersvc.context import request_id_var
+
+        # Operator actions get a request id of their own in the audit trail.
+        request_id_var.set(f"cli-{uuid.uuid4()}")
         components = build_components(settings)
         try:
             return await task(components, **kwargs)
@@ -89,6 +94,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    settings = _settings()
+    configure_logging(settings.log_level)
+    from usersvc.notifications.dispatcher import dispatch_until_signalled
+
+    return asyncio.run(dispatch_until_signalled(settings))
+
+
 def cmd_create_admin(args: argparse.Namespace) -> int:
     from usersvc.domain.errors import DomainError
     from usersvc.operator_tasks import create_admin
@@ -104,8 +117,11 @@ def cmd_create_admin(args: argparse.Namespace) -> int:
         details = "; ".join(f"{v.field}: {v.description}" for v in getattr(err, "violations", []))
         print(f"usersvc: {err.message}{': ' + details if details else ''}", file=sys.stderr)
         return 1
-    verb = "created" if result.created else "promoted"
-    print(f"{verb} admin {result.user.email} (id {result.user.id})")
+    if result.already_admin:
+        print(f"{result.user.email} is already an admin (id {result.user.id}); nothing changed")
+    else:
+        verb = "created" if result.created else "promoted"
+        print(f"{verb} admin {result.user.email} (id {result.user.id})")
     return 0
 
 
@@ -135,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("revision", nargs="?", default="head")
     migrate.set_defaults(func=cmd_migrate)
+    dispatch = sub.add_parser(
+        "dispatch", help="deliver welcome e-mails from the outbox, without the gRPC server"
+    )
+    dispatch.set_defaults(func=cmd_dispatch)
     admin = sub.add_parser(
         "create-admin",
         help="create the first admin, or promote an existing user (password from a prompt "

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     # Login hardening: consecutive failures before a lock, and how long the lock lasts.
     login_max_failures: int = Field(default=10, ge=1)
     login_lock_seconds: int = Field(default=900, ge=1)
+    # How long CreateUser remembers a request_id (AIP-155), then the key is purged.
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
 
     # Welcome e-mail through the outbox. Empty smtp_host: the dispatcher is off.
     smtp_host: str = ""

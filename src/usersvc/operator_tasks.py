@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from usersvc.bootstrap import Components
-from usersvc.domain.auth import ADMIN, SERVICE
+from usersvc.domain.auth import ADMIN, SERVICE, SYSTEM
 from usersvc.domain.errors import FailedPrecondition, FieldViolation, ValidationFailed
 from usersvc.domain.models import User, UserState
 
@@ -18,14 +18,20 @@ SERVICE_EMAIL_DOMAIN = "service.invalid"  # RFC 2606: can never receive mail
 class AdminResult:
     user: User
     created: bool
+    already_admin: bool = False
 
 
 async def create_admin(c: Components, *, email: str, name: str, password: str) -> AdminResult:
-    """Create an admin, or grant the admin role to the existing account with this e-mail."""
+    """Create an admin, or grant the admin role to the existing account with this e-mail
+    (whose password then stays as it is)."""
     existing = await c.users.get_user_by_email(email)
     if existing is not None:
+        if ADMIN in existing.roles:
+            return AdminResult(existing, created=False, already_admin=True)
         return AdminResult(await c.users.add_roles(user_id=existing.id, roles=[ADMIN]), False)
-    user = await c.users.create_user(email=email, name=name, password=password, roles=[ADMIN])
+    user = await c.users.create_user(
+        actor=SYSTEM, email=email, name=name, password=password, roles=[ADMIN]
+    )
     return AdminResult(user, True)
 
 
@@ -43,7 +49,9 @@ async def issue_service_token(c: Components, *, subject: str, ttl_seconds: int) 
     user = await c.users.get_user_by_email(email)
     if user is None:
         name = subject if len(subject) >= 2 else f"{subject}-service"
-        user = await c.users.create_user(email=email, name=name, password=None, roles=[SERVICE])
+        user = await c.users.create_user(
+            actor=SYSTEM, email=email, name=name, password=None, roles=[SERVICE]
+        )
     if SERVICE not in user.roles:
         raise FailedPrecondition(f"{email} exists but is not a service account")
     if user.state is not UserState.ACTIVE:

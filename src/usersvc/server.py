@@ -23,6 +23,8 @@ from usersvc.interceptors.access_log import AccessLogInterceptor
 from usersvc.interceptors.auth import AuthInterceptor, policies_from
 from usersvc.interceptors.errors import ErrorInterceptor
 from usersvc.interceptors.request_id import RequestIdInterceptor
+from usersvc.metrics import Metrics
+from usersvc.notifications.dispatcher import build_dispatcher
 from usersvc.servicers.auth_servicer import AuthServicer
 from usersvc.servicers.user_servicer import UserServicer
 from usersvc.services.auth import Authenticator
@@ -43,13 +45,17 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     components: Components
+    metrics: Metrics = field(default_factory=Metrics)
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    # Set when shutdown begins, so background loops finish their round and return.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
         await self.server.start()
 
     async def stop(self, grace: float | None, *, drain: float = 0.0) -> None:
         """Health NOT_SERVING first (for `drain` s), then in-flight calls get `grace` s."""
+        self.stopping.set()
         await self.health.enter_graceful_shutdown()
         if drain:
             await asyncio.sleep(drain)
@@ -81,7 +87,7 @@ async def build_server(settings: Settings, *, clock: Clock = utc_now) -> Running
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(c.users), server)
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(c.users, c.audit), server)
     auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(c.auth), server)
 
     health_servicer = health.aio.HealthServicer()
@@ -97,7 +103,29 @@ async def build_server(settings: Settings, *, clock: Clock = utc_now) -> Running
     port = server.add_insecure_port(settings.listen_address)
     if port == 0:
         raise OSError(f"could not bind {settings.listen_address}")
-    return RunningServer(server=server, port=port, health=health_servicer, components=c)
+    running = RunningServer(server=server, port=port, health=health_servicer, components=c)
+    running.background.append(asyncio.create_task(_purge_idempotency_keys(c)))
+    dispatcher = build_dispatcher(settings, c.engine, running.metrics, clock=clock)
+    if dispatcher is not None:
+        running.background.append(
+            asyncio.create_task(dispatcher.run_forever(running.stopping), name="outbox-dispatcher")
+        )
+    return running
+
+
+IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 3600.0
+
+
+async def _purge_idempotency_keys(c: Components) -> None:
+    """Forget expired CreateUser request ids, hourly, for as long as the server runs."""
+    while True:
+        try:
+            purged = await c.users.purge_idempotency_keys()
+            if purged:
+                log.info("purged idempotency keys", extra={"count": purged})
+        except Exception:
+            log.exception("purging idempotency keys failed; will try again")
+        await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL_SECONDS)
 
 
 async def serve(settings: Settings) -> None:

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from tests.secrets_registry import record_secrets
 from tests.support import (
     ADMIN_PASSWORD,
     ServerThread,
@@ -45,7 +46,8 @@ def channel(server: ServerThread) -> Iterator[grpc.Channel]:
     """A channel without credentials."""
     with grpc.insecure_channel(server.address) as ch:
         grpc.channel_ready_future(ch).result(timeout=10)
-        yield ch
+        # Records every password and token that crosses it, for the end-of-suite audit scan.
+        yield record_secrets(ch)
 
 
 @pytest.fixture(scope="session")

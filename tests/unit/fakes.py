@@ -16,10 +16,18 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
+from usersvc.adapters.audit_repository import AuditRepository
+from usersvc.adapters.idempotency_repository import IdempotencyRecord, IdempotencyRepository
 from usersvc.adapters.outbox_repository import OutboxRepository
-from usersvc.adapters.refresh_token_repository import RefreshTokenRepository
+from usersvc.adapters.refresh_token_repository import (
+    ACTIVE,
+    REVOKED,
+    RefreshTokenRecord,
+    RefreshTokenRepository,
+)
 from usersvc.adapters.user_repository import WRITABLE_COLUMNS, UserRepository
-from usersvc.domain.errors import EmailTaken
+from usersvc.domain.audit import AuditEvent
+from usersvc.domain.errors import DuplicateRequest, EmailTaken
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.models import PageCursor, User, UserState
 
@@ -27,6 +35,11 @@ from usersvc.domain.models import PageCursor, User, UserState
 def list_order_key(user: User) -> tuple[datetime, uuid.UUID]:
     """The list order of the real repository is this key, descending."""
     return (user.create_time, user.id)
+
+
+def audit_order_key(event: AuditEvent) -> tuple[datetime, uuid.UUID]:
+    """The list order of the real audit repository is this key, descending."""
+    return (event.create_time, event.id)
 
 
 @dataclass
@@ -37,9 +50,22 @@ class FakeDatabase:
     outbox: list[OutboxMessage] = field(default_factory=list)
     # Users whose refresh tokens were revoked, once per revocation.
     refresh_tokens_revoked: list[uuid.UUID] = field(default_factory=list)
+    # Refresh tokens by hash, as AuthService stores them.
+    refresh_tokens: dict[str, RefreshTokenRecord] = field(default_factory=dict)
+    # Append-only, in insertion order.
+    audit: list[AuditEvent] = field(default_factory=list)
+    # Remembered CreateUser results by (caller, request_id).
+    idempotency: dict[tuple[str, str], IdempotencyRecord] = field(default_factory=dict)
 
     def copy(self) -> FakeDatabase:
-        return FakeDatabase(dict(self.users), list(self.outbox), list(self.refresh_tokens_revoked))
+        return FakeDatabase(
+            dict(self.users),
+            list(self.outbox),
+            list(self.refresh_tokens_revoked),
+            dict(self.refresh_tokens),
+            list(self.audit),
+            dict(self.idempotency),
+        )
 
 
 class _Writes:
@@ -67,7 +93,11 @@ class FakeUserRepository(_Writes, UserRepository):
         self._require_email_free(user.email, user.id)
         self.db.users[user.id] = user
 
-    async def get(self, user_id: uuid.UUID) -> User | None:
+    async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
+        # One transaction at a time touches the fake database, so there is nothing to lock;
+        # but locking is a write, as on PostgreSQL (SELECT ... FOR UPDATE needs UPDATE rights).
+        if for_update:
+            self._require_writable()
         return self.db.users.get(user_id)
 
     async def get_by_email(self, email: str) -> User | None:
@@ -126,7 +156,43 @@ class FakeUserRepository(_Writes, UserRepository):
         if self._matching(user_id, expected_version) is None:
             return False
         del self.db.users[user_id]
+        # The foreign key cascades to refresh tokens; audit events have none and stay.
+        for token_hash, record in list(self.db.refresh_tokens.items()):
+            if record.user_id == user_id:
+                del self.db.refresh_tokens[token_hash]
         return True
+
+    async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
+        user = self.db.users.get(user_id)
+        return (user.token_version, user.state) if user is not None else None
+
+    async def record_login_failure(
+        self, user_id: uuid.UUID, *, now: datetime, max_failures: int, lock_until: datetime
+    ) -> None:
+        self._require_writable()
+        user = self.db.users.get(user_id)
+        if user is None or (user.locked_until is not None and user.locked_until > now):
+            return
+        expired = user.locked_until is not None
+        count = 1 if expired else user.failed_login_count + 1
+        locked = lock_until if not expired and count >= max_failures else None
+        self.db.users[user_id] = dataclasses.replace(
+            user, failed_login_count=count, locked_until=locked
+        )
+
+    async def replace_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
+        self._require_writable()
+        user = self.db.users.get(user_id)
+        if user is not None:
+            self.db.users[user_id] = dataclasses.replace(user, password_hash=password_hash)
+
+    async def reset_login_failures(self, user_id: uuid.UUID) -> None:
+        self._require_writable()
+        user = self.db.users.get(user_id)
+        if user is not None:
+            self.db.users[user_id] = dataclasses.replace(
+                user, failed_login_count=0, locked_until=None
+            )
 
     # Last, because inside the class body the name `list` is this method from here on.
     async def list(
@@ -150,11 +216,102 @@ class FakeOutboxRepository(_Writes, OutboxRepository):
 
 
 class FakeRefreshTokenRepository(_Writes, RefreshTokenRepository):
-    """Only what UserService uses: revoking every refresh token of a user."""
+    """Refresh tokens by hash; revoking a user's tokens is also recorded as an event."""
+
+    async def add(
+        self,
+        *,
+        token_hash: str,
+        user_id: uuid.UUID,
+        family_id: uuid.UUID,
+        now: datetime,
+        expire_time: datetime,
+    ) -> None:
+        self._require_writable()
+        if token_hash in self.db.refresh_tokens:
+            raise AssertionError("duplicate token_hash")
+        if user_id not in self.db.users:
+            raise AssertionError(f"foreign key: no user {user_id}")
+        self.db.refresh_tokens[token_hash] = RefreshTokenRecord(
+            id=uuid.uuid4(),
+            user_id=user_id,
+            family_id=family_id,
+            status=ACTIVE,
+            expire_time=expire_time,
+        )
+
+    async def get_by_hash(self, token_hash: str) -> RefreshTokenRecord | None:
+        return self.db.refresh_tokens.get(token_hash)
 
     async def revoke_user(self, user_id: uuid.UUID) -> None:
         self._require_writable()
         self.db.refresh_tokens_revoked.append(user_id)
+        for token_hash, record in self.db.refresh_tokens.items():
+            if record.user_id == user_id and record.status != REVOKED:
+                self.db.refresh_tokens[token_hash] = dataclasses.replace(record, status=REVOKED)
+
+
+class FakeAuditRepository(_Writes, AuditRepository):
+    """Append-only, like the real one: there is no update or delete to fake."""
+
+    async def add(self, event: AuditEvent) -> None:
+        self._require_writable()
+        if any(e.id == event.id for e in self.db.audit):
+            raise AssertionError(f"duplicate primary key {event.id}")
+        self.db.audit.append(event)
+
+    # Last, because inside the class body the name `list` is this method from here on.
+    async def list(
+        self, *, limit: int, after: PageCursor | None, user_id: uuid.UUID | None
+    ) -> Sequence[AuditEvent]:
+        found = sorted(
+            (e for e in self.db.audit if user_id is None or e.user_id == user_id),
+            key=audit_order_key,
+            reverse=True,
+        )
+        if after is not None:
+            bound = (after.create_time, after.id)
+            found = [e for e in found if audit_order_key(e) < bound]
+        return found[:limit]
+
+
+class FakeIdempotencyRepository(_Writes, IdempotencyRepository):
+    """Remembered creates keyed by (caller, request_id), unique like the primary key."""
+
+    async def get(self, *, caller: str, request_id: str) -> IdempotencyRecord | None:
+        return self.db.idempotency.get((caller, request_id))
+
+    async def add(
+        self,
+        *,
+        caller: str,
+        request_id: str,
+        fingerprint: str,
+        result: dict[str, Any],
+        now: datetime,
+    ) -> None:
+        self._require_writable()
+        key = (caller, request_id)
+        if key in self.db.idempotency:
+            # What the unit of work makes of the primary key's unique violation.
+            raise DuplicateRequest()
+        # Stored as JSON: a copy, so later changes to `result` do not leak in.
+        self.db.idempotency[key] = IdempotencyRecord(
+            fingerprint=fingerprint, result=dict(result), create_time=now
+        )
+
+    async def delete_expired(self, *, caller: str, request_id: str, cutoff: datetime) -> None:
+        self._require_writable()
+        record = self.db.idempotency.get((caller, request_id))
+        if record is not None and record.create_time < cutoff:
+            del self.db.idempotency[(caller, request_id)]
+
+    async def purge_older_than(self, cutoff: datetime) -> int:
+        self._require_writable()
+        old = [key for key, r in self.db.idempotency.items() if r.create_time < cutoff]
+        for key in old:
+            del self.db.idempotency[key]
+        return len(old)
 
 
 class FakeUnitOfWork:
@@ -163,6 +320,8 @@ class FakeUnitOfWork:
     users: UserRepository
     outbox: OutboxRepository
     refresh_tokens: RefreshTokenRepository
+    audit: AuditRepository
+    idempotency: IdempotencyRepository
 
     def __init__(self, factory: FakeUnitOfWorkFactory, *, write: bool) -> None:
         self.write = write
@@ -182,6 +341,8 @@ class FakeUnitOfWork:
         self.users = FakeUserRepository(working, writable=self.write)
         self.outbox = FakeOutboxRepository(working, writable=self.write)
         self.refresh_tokens = FakeRefreshTokenRepository(working, writable=self.write)
+        self.audit = FakeAuditRepository(working, writable=self.write)
+        self.idempotency = FakeIdempotencyRepository(working, writable=self.write)
 
     async def __aenter__(self) -> Self:
         assert not self.entered, "a unit of work is used once"
@@ -228,6 +389,11 @@ class FakeUnitOfWorkFactory:
     def outbox(self) -> list[OutboxMessage]:
         """The committed outbox messages."""
         return self.db.outbox
+
+    @property
+    def audit(self) -> list[AuditEvent]:
+        """The committed audit events, oldest first."""
+        return self.db.audit
 
     @property
     def last(self) -> FakeUnitOfWork:

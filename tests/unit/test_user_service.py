@@ -63,7 +63,7 @@ def service(
 
 
 async def _create(service: UserService, email: str, name: str = "Some One") -> User:
-    return await service.create_user(email=email, name=name, password=PASSWORD)
+    return await service.create_user(actor=ADMIN, email=email, name=name, password=PASSWORD)
 
 
 def _stored_user(n: int, create_time: datetime) -> User:
@@ -103,7 +103,7 @@ async def test_create_normalises_and_stores_the_user(
     service: UserService, uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher
 ) -> None:
     user = await service.create_user(
-        email="  Alice@Example.COM ", name="  Alice Liddell  ", password=PASSWORD
+        actor=ADMIN, email="  Alice@Example.COM ", name="  Alice Liddell  ", password=PASSWORD
     )
     assert user.email == "alice@example.com"
     assert user.name == "Alice Liddell"
@@ -145,7 +145,9 @@ async def test_create_hashes_the_password_as_given(
     service: UserService, hasher: FakePasswordHasher
 ) -> None:
     password = " 🔑" * 64  # 128 code points with spaces at both ends: no trimming, no truncation
-    user = await service.create_user(email="k@example.com", name="Key", password=password)
+    user = await service.create_user(
+        actor=ADMIN, email="k@example.com", name="Key", password=password
+    )
     assert hasher.hashed == [password]
     assert user.password_hash == hasher.hash_of(password)
 
@@ -154,7 +156,7 @@ async def test_create_reports_every_violation_at_once(
     service: UserService, uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher
 ) -> None:
     with pytest.raises(ValidationFailed) as err:
-        await service.create_user(email="not-an-email", name=" A ", password="short")
+        await service.create_user(actor=ADMIN, email="not-an-email", name=" A ", password="short")
     assert _violations(err) == [
         ("email", "INVALID_FORMAT"),
         ("name", "OUT_OF_RANGE"),
@@ -177,7 +179,9 @@ async def test_create_refuses_a_common_password_in_any_case(
         common_passwords=frozenset({"password123"}),
     )
     with pytest.raises(ValidationFailed) as err:
-        await service.create_user(email="a@example.com", name="Al", password="PassWord123")
+        await service.create_user(
+            actor=ADMIN, email="a@example.com", name="Al", password="PassWord123"
+        )
     assert _violations(err) == [("password", "COMMON_PASSWORD")]
     assert uow.store == {}
 
@@ -186,7 +190,9 @@ async def test_create_refuses_a_password_of_129_code_points(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
     with pytest.raises(ValidationFailed) as err:
-        await service.create_user(email="a@example.com", name="Al", password="🔑" * 129)
+        await service.create_user(
+            actor=ADMIN, email="a@example.com", name="Al", password="🔑" * 129
+        )
     assert _violations(err) == [("password", "OUT_OF_RANGE")]
     assert uow.store == {}
 
@@ -644,7 +650,7 @@ async def test_an_unknown_role_is_a_validation_error(
 
 async def test_delete_removes_the_user(service: UserService, uow: FakeUnitOfWorkFactory) -> None:
     created = await _create(service, "nina@example.com")
-    await service.delete_user(user_id=str(created.id))
+    await service.delete_user(actor=ADMIN, user_id=str(created.id))
     _assert_committed_once(uow.last)
     assert uow.store == {}
     with pytest.raises(UserNotFound):
@@ -655,7 +661,7 @@ async def test_delete_with_the_current_etag_removes_the_user(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
     created = await _create(service, "omar@example.com")
-    await service.delete_user(user_id=str(created.id), etag=created.etag)
+    await service.delete_user(actor=ADMIN, user_id=str(created.id), etag=created.etag)
     assert uow.store == {}
 
 
@@ -667,7 +673,7 @@ async def test_delete_with_a_stale_etag_is_etag_mismatch_and_keeps_the_user(
         actor=MEMBER, user_id=str(created.id), paths=["name"], email="", name="Pia", etag=""
     )
     with pytest.raises(EtagMismatch):
-        await service.delete_user(user_id=str(created.id), etag=created.etag)
+        await service.delete_user(actor=ADMIN, user_id=str(created.id), etag=created.etag)
     assert uow.store == {created.id: updated}
     _assert_rolled_back(uow.last)
 
@@ -677,7 +683,7 @@ async def test_delete_of_an_unknown_user_is_user_not_found(
 ) -> None:
     kept = await _create(service, "quinn@example.com")
     with pytest.raises(UserNotFound):
-        await service.delete_user(user_id=str(uuid.uuid4()))
+        await service.delete_user(actor=ADMIN, user_id=str(uuid.uuid4()))
     assert uow.store == {kept.id: kept}
     _assert_rolled_back(uow.last)
 
@@ -686,7 +692,7 @@ async def test_delete_with_a_malformed_id_is_a_validation_error(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
     with pytest.raises(ValidationFailed) as err:
-        await service.delete_user(user_id="nope")
+        await service.delete_user(actor=ADMIN, user_id="nope")
     assert _violations(err) == [("id", "INVALID_FORMAT")]
     assert uow.opened == []
 

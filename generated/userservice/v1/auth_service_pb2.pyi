@@ -68,7 +68,9 @@ class TokenPair(_message.Message):
 
     @_builtins.property
     def refresh_token_expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When refresh_token expires (30 days after the login by default)."""
+        """When refresh_token expires: 30 days after the login by default; rotation keeps the
+        login's expiry.
+        """
 
     def __init__(
         self,

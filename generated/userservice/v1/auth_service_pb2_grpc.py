@@ -89,8 +89,9 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Revokes the refresh token and every token descended from the same login.
-        An unknown token: UNAUTHENTICATED.
+        """Revokes the refresh token and every refresh token descended from the same login. Access
+        tokens already issued stay valid until they expire (15 minutes by default); revoke them at
+        once with ChangePassword or DisableUser. An unknown token: UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

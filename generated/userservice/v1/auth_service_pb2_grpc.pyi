@@ -49,8 +49,9 @@ class AuthServiceStub:
     expired or unknown token, or a disabled or deleted user: UNAUTHENTICATED.
     """
     Logout: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]
-    """Revokes the refresh token and every token descended from the same login.
-    An unknown token: UNAUTHENTICATED.
+    """Revokes the refresh token and every refresh token descended from the same login. Access
+    tokens already issued stay valid until they expire (15 minutes by default); revoke them at
+    once with ChangePassword or DisableUser. An unknown token: UNAUTHENTICATED.
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.GetJwksRequest, _auth_service_pb2.GetJwksResponse]
     """The public keys that verify access tokens, as JWKs. Needs no token."""
@@ -76,8 +77,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     expired or unknown token, or a disabled or deleted user: UNAUTHENTICATED.
     """
     Logout: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]  # type: ignore[assignment]
-    """Revokes the refresh token and every token descended from the same login.
-    An unknown token: UNAUTHENTICATED.
+    """Revokes the refresh token and every refresh token descended from the same login. Access
+    tokens already issued stay valid until they expire (15 minutes by default); revoke them at
+    once with ChangePassword or DisableUser. An unknown token: UNAUTHENTICATED.
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.GetJwksRequest, _auth_service_pb2.GetJwksResponse]  # type: ignore[assignment]
     """The public keys that verify access tokens, as JWKs. Needs no token."""
@@ -118,8 +120,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.LogoutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.LogoutResponse, _abc.Awaitable[_auth_service_pb2.LogoutResponse]]:
-        """Revokes the refresh token and every token descended from the same login.
-        An unknown token: UNAUTHENTICATED.
+        """Revokes the refresh token and every refresh token descended from the same login. Access
+        tokens already issued stay valid until they expire (15 minutes by default); revoke them at
+        once with ChangePassword or DisableUser. An unknown token: UNAUTHENTICATED.
         """
 
     @_abc_1.abstractmethod

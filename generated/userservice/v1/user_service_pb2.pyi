@@ -29,6 +29,7 @@ class CreateUserRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """E-mail address; trimmed, NFKC-normalised and lower-cased before it is stored or
     compared. Required, at most 254 characters, one "@" with a non-empty local part and a
@@ -38,8 +39,14 @@ class CreateUserRequest(_message.Message):
     """Display name, 2 to 100 characters after trimming. Bad value: INVALID_ARGUMENT."""
     password: _builtins.str
     """Initial password: 8 to 128 characters (Unicode code points), any characters, never
-    truncated, no composition rules. Stored only as an Argon2id hash; never returned or
-    logged. Bad value: INVALID_ARGUMENT.
+    truncated, no composition rules, not one of the most common passwords. Stored only as an
+    Argon2id hash; never returned or logged. Bad value: INVALID_ARGUMENT.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155), a UUID string. A retry with the same request_id by the
+    same caller within 24 hours returns the first call's user and creates nothing; the same
+    request_id with a different payload gives INVALID_ARGUMENT (reason REQUEST_ID_REUSED).
+    Malformed: INVALID_ARGUMENT.
     """
     def __init__(
         self,
@@ -47,10 +54,11 @@ class CreateUserRequest(_message.Message):
         email: _builtins.str = ...,
         name: _builtins.str = ...,
         password: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "name", b"name", "password", b"password"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "name", b"name", "password", b"password", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,3 +469,67 @@ class EnableUserResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnableUserResponse: _TypeAlias = EnableUserResponse  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsRequest(_message.Message):
+    """Request of ListAuditEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Only events about this user (a UUID string; the user may be deleted). Empty: all events.
+    Malformed: INVALID_ARGUMENT.
+    """
+    page_size: _builtins.int
+    """Largest number of events to return. 0 means 50; above 100 is coerced to 100; negative
+    gives INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """next_page_token of a previous response with the same user_id; empty for the first page.
+    A modified, foreign or garbage token gives INVALID_ARGUMENT.
+    """
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    """Response of ListAuditEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more pages."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_user_pb2.AuditEvent]:
+        """Events of this page, newest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_user_pb2.AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015

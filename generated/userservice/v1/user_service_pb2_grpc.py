@@ -75,6 +75,11 @@ class UserServiceStub:
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.DisableUserRequest.SerializeToString,
                 response_deserializer=userservice_dot_v1_dot_user__service__pb2.DisableUserResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/userservice.v1.UserService/ListAuditEvents',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
         self.EnableUser = channel.unary_unary(
                 '/userservice.v1.UserService/EnableUser',
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.EnableUserRequest.SerializeToString,
@@ -150,6 +155,14 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """Lists audit events, newest first (ties broken by id), optionally of one user. Callers: admin.
+        Errors: INVALID_ARGUMENT (negative page_size, malformed user_id, bad page_token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EnableUser(self, request, context):
         """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
         active), ABORTED (stale etag).
@@ -195,6 +208,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.DisableUser,
                     request_deserializer=userservice_dot_v1_dot_user__service__pb2.DisableUserRequest.FromString,
                     response_serializer=userservice_dot_v1_dot_user__service__pb2.DisableUserResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
             'EnableUser': grpc.unary_unary_rpc_method_handler(
                     servicer.EnableUser,
@@ -397,6 +415,33 @@ class UserService:
             '/userservice.v1.UserService/DisableUser',
             userservice_dot_v1_dot_user__service__pb2.DisableUserRequest.SerializeToString,
             userservice_dot_v1_dot_user__service__pb2.DisableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/ListAuditEvents',
+            userservice_dot_v1_dot_user__service__pb2.ListAuditEventsRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

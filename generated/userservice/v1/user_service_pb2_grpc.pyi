@@ -70,6 +70,10 @@ class UserServiceStub:
     """Disables a user: it cannot log in or refresh, and its tokens stop working within seconds.
     Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already disabled), ABORTED.
     """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListAuditEventsRequest, _user_service_pb2.ListAuditEventsResponse]
+    """Lists audit events, newest first (ties broken by id), optionally of one user. Callers: admin.
+    Errors: INVALID_ARGUMENT (negative page_size, malformed user_id, bad page_token).
+    """
     EnableUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.EnableUserRequest, _user_service_pb2.EnableUserResponse]
     """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
     active), ABORTED (stale etag).
@@ -116,6 +120,10 @@ class UserServiceAsyncStub(UserServiceStub):
     DisableUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DisableUserRequest, _user_service_pb2.DisableUserResponse]  # type: ignore[assignment]
     """Disables a user: it cannot log in or refresh, and its tokens stop working within seconds.
     Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already disabled), ABORTED.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListAuditEventsRequest, _user_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Lists audit events, newest first (ties broken by id), optionally of one user. Callers: admin.
+    Errors: INVALID_ARGUMENT (negative page_size, malformed user_id, bad page_token).
     """
     EnableUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.EnableUserRequest, _user_service_pb2.EnableUserResponse]  # type: ignore[assignment]
     """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
@@ -202,6 +210,16 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.DisableUserResponse, _abc.Awaitable[_user_service_pb2.DisableUserResponse]]:
         """Disables a user: it cannot log in or refresh, and its tokens stop working within seconds.
         Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already disabled), ABORTED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _user_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_user_service_pb2.ListAuditEventsResponse]]:
+        """Lists audit events, newest first (ties broken by id), optionally of one user. Callers: admin.
+        Errors: INVALID_ARGUMENT (negative page_size, malformed user_id, bad page_token).
         """
 
     @_abc_1.abstractmethod

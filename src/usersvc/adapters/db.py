@@ -57,3 +57,19 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
     def _on_begin(conn: Any) -> None:
         write = conn.get_execution_options().get(SQLITE_WRITE, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def create_read_engine(url: str, *, pool_size: int = 10) -> AsyncEngine | None:
+    """An autocommit engine for single-statement reads on PostgreSQL; None for SQLite.
+
+    Its own pool: switching the isolation level per checkout costs more than it saves.
+    """
+    if make_url(url).get_backend_name() == "sqlite":
+        return None
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+        isolation_level="AUTOCOMMIT",
+    )

@@ -24,6 +24,7 @@ ACCESS = "access"
 # Headers that would let a token choose its own verification key (RFC 8725 3.10).
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
+VERIFIED_CACHE_SIZE = 10_000
 
 
 class InvalidAccessToken(Exception):
@@ -112,6 +113,10 @@ class AccessTokenCodec:
         self._ttl = ttl_seconds
         self._leeway = leeway
         self._jwt = jwt.PyJWT(options={"require": REQUIRED_CLAIMS})
+        # Verified tokens by their exact text: a caller reuses its token for many calls, and
+        # an ES256 verification costs more than the rest of a GetUser. Only time can make a
+        # verified token invalid, so a hit re-checks exp alone.
+        self._verified: dict[str, dict[str, Any]] = {}
 
     @property
     def jwks(self) -> list[dict[str, str]]:
@@ -150,6 +155,19 @@ class AccessTokenCodec:
 
     def verify(self, token: str) -> dict[str, Any]:
         """The claims of a valid access token; InvalidAccessToken otherwise."""
+        cached = self._verified.get(token)
+        if cached is not None:
+            if cached["exp"] + self._leeway > time.time():
+                return cached
+            del self._verified[token]
+            raise InvalidAccessToken("expired")
+        claims = self._verify_uncached(token)
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = claims
+        return claims
+
+    def _verify_uncached(self, token: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as err:
@@ -174,7 +192,8 @@ class AccessTokenCodec:
             raise InvalidAccessToken(str(err)) from err
         if claims.get("typ") != ACCESS:
             raise InvalidAccessToken("not an access token")
-        if not isinstance(claims.get("ver"), int) or not isinstance(claims.get("roles"), list):
+        # type() is, not isinstance: True would pass as version 1.
+        if type(claims.get("ver")) is not int or not isinstance(claims.get("roles"), list):
             raise InvalidAccessToken("missing ver or roles")
         return claims
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from argon2 import PasswordHasher, Type
+from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 
@@ -43,11 +43,24 @@ class Argon2PasswordHasher:
             return False
 
     def needs_rehash(self, password_hash: str) -> bool:
-        """True when the hash was made with parameters other than the current ones."""
+        """True when the hash is weaker than the current parameters in any respect.
+
+        Never for a stronger one: during a rolling change of settings, replicas would otherwise
+        flip hashes back and forth.
+        """
         try:
-            return self._hasher.check_needs_rehash(password_hash)
+            params = extract_parameters(password_hash)
         except InvalidHashError:
             return True
+        current = self._hasher
+        return (
+            params.type is not Type.ID
+            or params.time_cost < current.time_cost
+            or params.memory_cost < current.memory_cost
+            or params.parallelism < current.parallelism
+            or params.hash_len < current.hash_len
+            or params.salt_len < current.salt_len
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

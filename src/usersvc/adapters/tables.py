@@ -115,3 +115,31 @@ refresh_tokens = Table(
     Index("ix_refresh_tokens_family_id", "family_id"),
     Index("ix_refresh_tokens_user_id", "user_id"),
 )
+
+# Audit trail: append-only. No foreign key to users, so records survive the user's deletion.
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("user_id", Uuid(), nullable=True),
+    Column("action", String(64), nullable=False),
+    Column("changes", JsonList, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("create_time", UTCDateTime(), nullable=False),
+    Index("ix_audit_events_user_id_create_time_id", "user_id", "create_time", "id"),
+    Index("ix_audit_events_create_time_id", "create_time", "id"),
+)
+
+# Idempotent CreateUser: one row per (caller, request_id), written in the creating transaction,
+# holding a fingerprint of the request and the public fields of the created user.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("caller", String(64), primary_key=True),
+    Column("request_id", String(64), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("result", JsonList, nullable=False),
+    Column("create_time", UTCDateTime(), nullable=False),
+    Index("ix_idempotency_keys_create_time", "create_time"),
+)

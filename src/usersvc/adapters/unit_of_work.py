@@ -9,13 +9,23 @@ from typing import Protocol, Self
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from usersvc.adapters.audit_repository import AuditRepository
 from usersvc.adapters.db import SQLITE_WRITE, is_sqlite
+from usersvc.adapters.idempotency_repository import IdempotencyRepository
 from usersvc.adapters.outbox_repository import OutboxRepository
 from usersvc.adapters.refresh_token_repository import RefreshTokenRepository
 from usersvc.adapters.user_repository import UserRepository
-from usersvc.domain.errors import EmailTaken, StorageUnavailable
+from usersvc.domain.errors import (
+    DuplicateRequest,
+    EmailTaken,
+    RetryableConflict,
+    StorageUnavailable,
+)
 
 log = logging.getLogger(__name__)
+
+# Serialization failure and deadlock: the transaction may succeed if run again.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 
 class UnitOfWork(Protocol):
@@ -24,6 +34,8 @@ class UnitOfWork(Protocol):
     users: UserRepository
     outbox: OutboxRepository
     refresh_tokens: RefreshTokenRepository
+    audit: AuditRepository
+    idempotency: IdempotencyRepository
 
     async def __aenter__(self) -> Self: ...
 
@@ -53,12 +65,17 @@ def _is_unique_violation(err: exc.IntegrityError) -> bool:
 
 def translate_db_error(err: BaseException) -> BaseException:
     """Map driver errors the caller can act on to domain errors; leave the rest alone."""
-    if (
-        isinstance(err, exc.IntegrityError)
-        and _is_unique_violation(err)
-        and "email" in str(err.orig)
-    ):
-        return EmailTaken()
+    if isinstance(err, exc.IntegrityError) and _is_unique_violation(err):
+        text = str(err.orig)
+        if "idempotency_keys" in text:
+            return DuplicateRequest()
+        if "email" in text:
+            return EmailTaken()
+    sqlstate = getattr(getattr(err, "orig", None), "sqlstate", None)
+    if sqlstate in RETRYABLE_SQLSTATES:
+        return RetryableConflict(f"transaction conflict ({sqlstate})")
+    if isinstance(err, exc.OperationalError) and "database is locked" in str(err.orig):
+        return RetryableConflict("database is locked")
     if isinstance(err, exc.InterfaceError | exc.OperationalError) or (
         isinstance(err, exc.DBAPIError) and err.connection_invalidated
     ):
@@ -78,6 +95,8 @@ class SqlUnitOfWork:
     users: UserRepository
     outbox: OutboxRepository
     refresh_tokens: RefreshTokenRepository
+    audit: AuditRepository
+    idempotency: IdempotencyRepository
 
     def __init__(self, engine: AsyncEngine, *, write: bool) -> None:
         self._engine = engine
@@ -97,6 +116,8 @@ class SqlUnitOfWork:
         self.users = UserRepository(conn)
         self.outbox = OutboxRepository(conn)
         self.refresh_tokens = RefreshTokenRepository(conn)
+        self.audit = AuditRepository(conn)
+        self.idempotency = IdempotencyRepository(conn)
         return self
 
     async def commit(self) -> None:
@@ -128,10 +149,15 @@ class SqlUnitOfWork:
 
 
 class SqlUnitOfWorkFactory:
-    """Makes units of work on one engine; `write=True` for use cases that change data."""
+    """Makes units of work; `write=True` for use cases that change data.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    Read-only units of work may use a separate autocommit engine: on PostgreSQL that saves the
+    BEGIN and ROLLBACK round trips, which cost more than a single-row SELECT.
+    """
+
+    def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self.read_engine = read_engine or engine
 
     def __call__(self, *, write: bool = True) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.engine, write=write)
+        return SqlUnitOfWork(self.engine if write else self.read_engine, write=write)

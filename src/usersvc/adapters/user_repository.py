@@ -27,6 +27,8 @@ from usersvc.domain.models import PageCursor, User, UserState
 
 # Statements built once; SQLAlchemy caches their compiled form.
 _GET_BY_ID = select(users).where(users.c.id == bindparam("id"))
+# Row lock on PostgreSQL; SQLite's write transactions are already exclusive (BEGIN IMMEDIATE).
+_GET_BY_ID_FOR_UPDATE = _GET_BY_ID.with_for_update()
 _GET_BY_EMAIL = select(users).where(users.c.email == bindparam("email"))
 _AUTH_STATE = select(users.c.token_version, users.c.state).where(users.c.id == bindparam("id"))
 _INSERT = insert(users)
@@ -79,8 +81,9 @@ class UserRepository:
             },
         )
 
-    async def get(self, user_id: uuid.UUID) -> User | None:
-        row = (await self._conn.execute(_GET_BY_ID, {"id": user_id})).first()
+    async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
+        stmt = _GET_BY_ID_FOR_UPDATE if for_update else _GET_BY_ID
+        row = (await self._conn.execute(stmt, {"id": user_id})).first()
         return _to_user(row) if row is not None else None
 
     async def get_by_email(self, email: str) -> User | None:

@@ -24,6 +24,16 @@ class Principal:
     def is_self(self, user_id: uuid.UUID) -> bool:
         return self.user_id == user_id
 
+    @property
+    def audit_name(self) -> str:
+        """How the audit trail names this caller."""
+        return "system" if self.user_id == SYSTEM_ID else str(self.user_id)
+
+
+SYSTEM_ID = uuid.UUID(int=0)
+# The operator tooling (CLI) acting on its own authority.
+SYSTEM = Principal(user_id=SYSTEM_ID, roles=frozenset({ADMIN}))
+
 
 @dataclass(frozen=True, slots=True)
 class TokenPair:

@@ -76,6 +76,21 @@ class ConcurrencyConflict(DomainError):
     reason = "CONCURRENT_MODIFICATION"
 
 
+class RetryableConflict(ConcurrencyConflict):
+    """Serialization failure or deadlock: the unit of work may be run again."""
+
+    reason = "TRANSACTION_CONFLICT"
+
+
+class DuplicateRequest(DomainError):
+    """A create with this (caller, request_id) was committed concurrently; read its result."""
+
+    reason = "DUPLICATE_REQUEST"
+
+    def __init__(self) -> None:
+        super().__init__("request already processed")
+
+
 class Unauthenticated(DomainError):
     reason = "UNAUTHENTICATED"
 

@@ -90,6 +90,10 @@ class _WithRequestId(grpc.Status):
 
 def status_for(error: e.DomainError) -> grpc.Status:
     code = code_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        # A domain error nobody mapped is a bug: log it, tell the caller nothing.
+        log.error("unmapped domain error %s: %s", type(error).__name__, error.message)
+        return build_status(code, "internal error", "INTERNAL")
     retry_after: float | None = None
     if isinstance(error, e.ResourceExhausted):
         retry_after = error.retry_after_seconds

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from userservice.v1 import user_pb2
+from usersvc.domain.audit import AuditEvent
 from usersvc.domain.models import User, UserState
 
 _STATE = {
@@ -36,3 +38,37 @@ def timestamp_from_epoch(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+def _value(value: object) -> struct_pb2.Value:
+    v = struct_pb2.Value()
+    if value is None:
+        v.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(value, bool):
+        v.bool_value = value
+    elif isinstance(value, int | float):
+        v.number_value = value
+    elif isinstance(value, str):
+        v.string_value = value
+    elif isinstance(value, list | tuple):
+        v.list_value.values.extend(_value(x) for x in value)
+    else:
+        v.string_value = str(value)
+    return v
+
+
+def audit_event_to_proto(event: AuditEvent) -> user_pb2.AuditEvent:
+    return user_pb2.AuditEvent(
+        id=str(event.id),
+        user_id=str(event.user_id) if event.user_id else "",
+        action=event.action,
+        changes=[
+            user_pb2.FieldChange(
+                field=name, old_value=_value(change.get("old")), new_value=_value(change.get("new"))
+            )
+            for name, change in sorted(event.changes.items())
+        ],
+        actor=event.actor,
+        request_id=event.request_id,
+        create_time=timestamp(event.create_time),
+    )

@@ -6,19 +6,25 @@ from userservice.v1 import user_service_pb2 as pb
 from userservice.v1 import user_service_pb2_grpc as pb_grpc
 from usersvc.context import current_principal
 from usersvc.interceptors.base import Context
-from usersvc.servicers.mapping import user_to_proto
+from usersvc.servicers.mapping import audit_event_to_proto, user_to_proto
+from usersvc.services.audit import AuditService
 from usersvc.services.users import UserService
 
 
 class UserServicer(pb_grpc.UserServiceServicer):
-    def __init__(self, users: UserService) -> None:
+    def __init__(self, users: UserService, audit: AuditService) -> None:
         self._users = users
+        self._audit = audit
 
     async def CreateUser(
         self, request: pb.CreateUserRequest, context: Context
     ) -> pb.CreateUserResponse:
         user = await self._users.create_user(
-            email=request.email, name=request.name, password=request.password
+            actor=current_principal(),
+            email=request.email,
+            name=request.name,
+            password=request.password,
+            request_id=request.request_id,
         )
         return pb.CreateUserResponse(user=user_to_proto(user))
 
@@ -54,7 +60,9 @@ class UserServicer(pb_grpc.UserServiceServicer):
     async def DeleteUser(
         self, request: pb.DeleteUserRequest, context: Context
     ) -> pb.DeleteUserResponse:
-        await self._users.delete_user(user_id=request.id, etag=request.etag)
+        await self._users.delete_user(
+            actor=current_principal(), user_id=request.id, etag=request.etag
+        )
         return pb.DeleteUserResponse()
 
     async def ChangePassword(
@@ -72,11 +80,26 @@ class UserServicer(pb_grpc.UserServiceServicer):
     async def DisableUser(
         self, request: pb.DisableUserRequest, context: Context
     ) -> pb.DisableUserResponse:
-        user = await self._users.disable_user(user_id=request.id, etag=request.etag)
+        user = await self._users.disable_user(
+            actor=current_principal(), user_id=request.id, etag=request.etag
+        )
         return pb.DisableUserResponse(user=user_to_proto(user))
 
     async def EnableUser(
         self, request: pb.EnableUserRequest, context: Context
     ) -> pb.EnableUserResponse:
-        user = await self._users.enable_user(user_id=request.id, etag=request.etag)
+        user = await self._users.enable_user(
+            actor=current_principal(), user_id=request.id, etag=request.etag
+        )
         return pb.EnableUserResponse(user=user_to_proto(user))
+
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: Context
+    ) -> pb.ListAuditEventsResponse:
+        result = await self._audit.list_events(
+            page_size=request.page_size, page_token=request.page_token, user_id=request.user_id
+        )
+        return pb.ListAuditEventsResponse(
+            events=[audit_event_to_proto(e) for e in result.events],
+            next_page_token=result.next_page_token,
+        )

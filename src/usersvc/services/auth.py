@@ -8,15 +8,20 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from usersvc.adapters.jwt_tokens import AccessTokenCodec, InvalidAccessToken
 from usersvc.adapters.refresh_token_repository import ACTIVE, USED
 from usersvc.adapters.unit_of_work import UnitOfWork, UnitOfWorkFactory
+from usersvc.context import request_id_var
+from usersvc.domain import audit
+from usersvc.domain.audit import AuditEvent, redact
 from usersvc.domain.auth import Principal, TokenPair
 from usersvc.domain.errors import Unauthenticated
 from usersvc.domain.models import User, UserState
-from usersvc.domain.validation import normalize_email
+from usersvc.domain.validation import check_email, normalize_email, parse_user_id
+from usersvc.services.transactions import in_transaction
 from usersvc.services.users import Clock, PasswordHasher, utc_now
 
 log = logging.getLogger(__name__)
@@ -45,21 +50,27 @@ class TokenStateCache:
         self._uow = uow
         self._ttl = ttl
         self._now = monotonic
-        self._entries: dict[uuid.UUID, tuple[float, int | None]] = {}
+        # user id -> (expires at, token version or None if deleted, active)
+        self._entries: dict[uuid.UUID, tuple[float, int | None, bool]] = {}
 
-    async def active_version(self, user_id: uuid.UUID) -> int | None:
-        """The user's token version if it exists and is active, else None."""
+    async def active_version(self, user_id: uuid.UUID, *, at_least: int = 0) -> int | None:
+        """The user's token version if it exists and is active, else None.
+
+        A cached version older than `at_least` (the version a token claims) is reloaded: the
+        token was issued after a change this replica has not seen yet.
+        """
         now = self._now()
         entry = self._entries.get(user_id)
-        if entry is not None and entry[0] > now:
-            return entry[1]
+        if entry is not None and entry[0] > now and (entry[1] is None or entry[1] >= at_least):
+            return entry[1] if entry[2] else None
         async with self._uow(write=False) as uow:
             state = await uow.users.auth_state(user_id)
-        version = state[0] if state is not None and state[1] is UserState.ACTIVE else None
+        version = state[0] if state is not None else None
+        active = state is not None and state[1] is UserState.ACTIVE
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
-        self._entries[user_id] = (now + self._ttl, version)
-        return version
+        self._entries[user_id] = (now + self._ttl, version, active)
+        return version if active else None
 
     def invalidate(self, user_id: uuid.UUID) -> None:
         """Forget a user at once (this replica); other replicas catch up within ttl."""
@@ -81,11 +92,13 @@ class Authenticator:
             raise Unauthenticated()
         try:
             claims = self._tokens.verify(token.strip())
-            user_id = uuid.UUID(claims["sub"])
+            user_id, bad_subject = parse_user_id(str(claims["sub"]), "sub")
+            if user_id is None or bad_subject is not None:
+                raise InvalidAccessToken("sub is not a user id")
         except (InvalidAccessToken, ValueError) as err:
             log.info("refused token: %s", err)
             raise Unauthenticated() from err
-        current = await self._states.active_version(user_id)
+        current = await self._states.active_version(user_id, at_least=claims["ver"])
         if current is None or current != claims["ver"]:
             log.info("refused token: revoked")
             raise Unauthenticated()
@@ -119,45 +132,90 @@ class AuthService:
         self._clock = clock
 
     async def login(self, *, email: str, password: str) -> TokenPair:
-        """A new token pair; one generic Unauthenticated for every kind of failure."""
+        """A new token pair; one generic Unauthenticated for every kind of failure.
+
+        Every attempt leaves an audit record; failures count towards a lock of the account.
+        """
         normalized = normalize_email(email)
         async with self._uow(write=False) as uow:
             user = await uow.users.get_by_email(normalized) if normalized else None
         if user is None or not user.password_hash.startswith("$argon2"):
             # Same hashing work as for a real account, so timing does not reveal which exist.
             await self._hasher.verify(self._dummy_hash, password)
+            reason = "unknown_email" if user is None else "no_password_login"
+            # Only a well-formed address is kept: a password typed into the e-mail field
+            # must not land in the audit trail.
+            shown, bad = check_email(email)
+            await self._record_failure(
+                user.id if user else None, "[invalid]" if bad else shown, reason
+            )
             raise Unauthenticated()
         now = self._clock()
         locked = user.locked_until is not None and user.locked_until > now
         valid = await self._hasher.verify(user.password_hash, password)
-        if locked:
-            raise Unauthenticated()
-        if not valid:
-            async with self._uow() as uow:
-                await uow.users.record_login_failure(
-                    user.id, now=now, max_failures=self._max_failures, lock_until=now + self._lock
-                )
-                await uow.commit()
+        if locked or not valid:
+            await self._record_failure(
+                user.id, normalized, "locked" if locked else "wrong_password", count=not locked
+            )
             raise Unauthenticated()
         if user.state is not UserState.ACTIVE:
+            await self._record_failure(user.id, normalized, "disabled", count=False)
             raise Unauthenticated()
         new_hash = None
         if self._hasher.needs_rehash(user.password_hash):
             new_hash = await self._hasher.hash(password)
-        async with self._uow() as uow:
+
+        async def succeed(uow: UnitOfWork) -> TokenPair:
             if user.failed_login_count or user.locked_until is not None:
                 await uow.users.reset_login_failures(user.id)
             if new_hash is not None:
                 # Not a change of the resource: etag and token version stay.
                 await uow.users.replace_password_hash(user.id, new_hash)
             pair = await self._issue(uow, user, family_id=uuid.uuid4())
+            await uow.audit.add(
+                self._event(user.id, audit.LOGIN_SUCCEEDED, {"email": (None, normalized)})
+            )
             await uow.commit()
-        return pair
+            return pair
+
+        return await in_transaction(self._uow, succeed)
+
+    async def _record_failure(
+        self, user_id: uuid.UUID | None, email: str, reason: str, *, count: bool = False
+    ) -> None:
+        now = self._clock()
+
+        async def record(uow: UnitOfWork) -> None:
+            if count and user_id is not None:
+                await uow.users.record_login_failure(
+                    user_id, now=now, max_failures=self._max_failures, lock_until=now + self._lock
+                )
+            await uow.audit.add(
+                self._event(
+                    user_id, audit.LOGIN_FAILED, {"email": (None, email), "outcome": (None, reason)}
+                )
+            )
+            await uow.commit()
+
+        await in_transaction(self._uow, record)
+
+    def _event(
+        self, user_id: uuid.UUID | None, action: str, changes: dict[str, tuple[Any, Any]]
+    ) -> AuditEvent:
+        return AuditEvent(
+            user_id=user_id,
+            action=action,
+            changes=redact(changes),
+            actor=audit.ANONYMOUS_ACTOR,
+            request_id=request_id_var.get(),
+            create_time=self._clock(),
+        )
 
     async def refresh(self, *, refresh_token: str) -> TokenPair:
         """Rotate: the presented token becomes used; reusing a used one revokes its family."""
         token_hash = hash_refresh_token(refresh_token)
-        async with self._uow() as uow:
+
+        async def rotate(uow: UnitOfWork) -> TokenPair:
             record = await uow.refresh_tokens.get_by_hash(token_hash)
             if record is None:
                 raise Unauthenticated()
@@ -177,29 +235,46 @@ class AuthService:
             user = await uow.users.get(record.user_id)
             if user is None or user.state is not UserState.ACTIVE:
                 raise Unauthenticated()
-            pair = await self._issue(uow, user, family_id=record.family_id)
+            pair = await self._issue(
+                uow, user, family_id=record.family_id, family_expires=record.expire_time
+            )
             await uow.commit()
-        return pair
+            return pair
+
+        return await in_transaction(self._uow, rotate)
 
     async def logout(self, *, refresh_token: str) -> None:
-        """Revoke every token of the refresh token's login."""
-        async with self._uow() as uow:
-            record = await uow.refresh_tokens.get_by_hash(hash_refresh_token(refresh_token))
+        """Revoke every refresh token of the refresh token's login."""
+        token_hash = hash_refresh_token(refresh_token)
+
+        async def revoke(uow: UnitOfWork) -> None:
+            record = await uow.refresh_tokens.get_by_hash(token_hash)
             if record is None:
                 raise Unauthenticated()
             await uow.refresh_tokens.revoke_family(record.family_id)
             await uow.commit()
 
+        await in_transaction(self._uow, revoke)
+
     def jwks(self) -> list[dict[str, str]]:
         return self._tokens.jwks
 
-    async def _issue(self, uow: UnitOfWork, user: User, *, family_id: uuid.UUID) -> TokenPair:
+    async def _issue(
+        self,
+        uow: UnitOfWork,
+        user: User,
+        *,
+        family_id: uuid.UUID,
+        family_expires: datetime | None = None,
+    ) -> TokenPair:
+        """A new pair. A rotated refresh token keeps its login's expiry, so refreshing never
+        extends a login beyond the refresh-token lifetime."""
         now = self._clock()
         access, access_exp = self._tokens.issue(
             subject=user.id, roles=user.roles, version=user.token_version, now=now.timestamp()
         )
         refresh = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
-        expires = now + self._refresh_ttl
+        expires = family_expires if family_expires is not None else now + self._refresh_ttl
         await uow.refresh_tokens.add(
             token_hash=hash_refresh_token(refresh),
             user_id=user.id,

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from usersvc.adapters.page_tokens import InvalidPageToken, PageTokenCodec
+from usersvc.adapters.page_tokens import PageTokenCodec
 from usersvc.adapters.unit_of_work import UnitOfWork, UnitOfWorkFactory
 from usersvc.context import request_id_var
-from usersvc.domain.auth import KNOWN_ROLES, Principal
+from usersvc.domain import audit
+from usersvc.domain.audit import AuditEvent, redact
+from usersvc.domain.auth import KNOWN_ROLES, SYSTEM, Principal
 from usersvc.domain.errors import (
+    DuplicateRequest,
     EtagMismatch,
     FailedPrecondition,
     FieldViolation,
@@ -23,7 +29,6 @@ from usersvc.domain.errors import (
 from usersvc.domain.events import USER_CREATED, OutboxMessage
 from usersvc.domain.models import (
     SERVICE_ACCOUNT_PASSWORD_HASH,
-    PageCursor,
     User,
     UserState,
     version_of_etag,
@@ -36,9 +41,13 @@ from usersvc.domain.validation import (
     normalize_email,
     parse_user_id,
 )
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 100
+from usersvc.services.paging import (  # noqa: F401  (re-exported page limits)
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    cut_page,
+    parse_page_request,
+)
+from usersvc.services.transactions import in_transaction
 
 # Paths of User an UpdateUser mask may name, and the ones it may never name.
 UPDATABLE_PATHS = frozenset({"name", "email", "roles"})
@@ -90,6 +99,8 @@ class UserService:
         clock: Clock = utc_now,
         common_passwords: frozenset[str] = frozenset(),
         on_tokens_revoked: Callable[[uuid.UUID], None] = _no_revocation_hook,
+        fingerprint_key: bytes = b"",
+        idempotency_ttl_seconds: int = 24 * 3600,
     ) -> None:
         self._uow = uow
         self._hasher = hasher
@@ -97,6 +108,8 @@ class UserService:
         self._clock = clock
         self._common_passwords = common_passwords
         self._on_tokens_revoked = on_tokens_revoked
+        self._fingerprint_key = fingerprint_key
+        self._idempotency_ttl = timedelta(seconds=idempotency_ttl_seconds)
 
     def _check_new_password(self, password: str, field: str) -> FieldViolation | None:
         violation = check_password(password, field)
@@ -111,14 +124,18 @@ class UserService:
     async def create_user(
         self,
         *,
+        actor: Principal,
         email: str,
         name: str,
         password: str | None,
         roles: Sequence[str] = (),
+        request_id: str = "",
     ) -> User:
         """Validate every field at once, hash the password, insert; EmailTaken on a duplicate.
 
         `password=None` makes an account that cannot log in with a password (service accounts).
+        With a `request_id`, a retry by the same caller returns the first call's user and
+        creates nothing; the same request_id with another payload is refused.
         """
         email, email_violation = check_email(email)
         name, name_violation = check_name(name)
@@ -126,8 +143,18 @@ class UserService:
             self._check_new_password(password, "password") if password is not None else None
         )
         violations = [v for v in (email_violation, name_violation, password_violation) if v]
+        if request_id:
+            _, id_violation = parse_user_id(request_id, "request_id")
+            violations.extend([id_violation] if id_violation else [])
         if violations:
             raise ValidationFailed(violations)
+        roles = tuple(sorted(set(roles)))
+        caller = actor.audit_name
+        fingerprint = self._fingerprint(email, name, password, roles)
+        if request_id:
+            earlier = await self._remembered_create(caller, request_id.lower(), fingerprint)
+            if earlier is not None:
+                return earlier
         password_hash = (
             await self._hasher.hash(password)
             if password is not None
@@ -139,7 +166,7 @@ class UserService:
             email=email,
             name=name,
             password_hash=password_hash,
-            roles=tuple(sorted(set(roles))),
+            roles=roles,
             state=UserState.ACTIVE,
             create_time=now,
             update_time=now,
@@ -152,12 +179,91 @@ class UserService:
             request_id=request_id_var.get(),
             create_time=now,
         )
-        async with self._uow() as uow:
+
+        async def insert(uow: UnitOfWork) -> User:
+            if request_id:
+                # First, so that a concurrent retry waits on this key (and then answers with
+                # our result) instead of failing on the e-mail the first call takes.
+                await uow.idempotency.delete_expired(
+                    caller=caller,
+                    request_id=request_id.lower(),
+                    cutoff=now - self._idempotency_ttl,
+                )
+                await uow.idempotency.add(
+                    caller=caller,
+                    request_id=request_id.lower(),
+                    fingerprint=fingerprint,
+                    result=_snapshot(user),
+                    now=now,
+                )
             await uow.users.add(user)
-            # Same transaction: no user without its welcome message, no message without a user.
-            await uow.outbox.add(welcome)
+            # Same transaction: no user without its welcome message and audit record.
+            # Service accounts (no password) have no mailbox to welcome.
+            if password is not None:
+                await uow.outbox.add(welcome)
+            await uow.audit.add(
+                self._event(
+                    actor,
+                    user.id,
+                    audit.USER_CREATED,
+                    {
+                        "email": (None, user.email),
+                        "name": (None, user.name),
+                        "roles": (None, list(user.roles)),
+                        "state": (None, user.state.value),
+                        "password": (None, "set" if password is not None else None),
+                    },
+                    now,
+                )
+            )
             await uow.commit()
-        return user
+            return user
+
+        try:
+            return await in_transaction(self._uow, insert)
+        except DuplicateRequest:
+            # A concurrent call with the same request_id committed first: answer as it did.
+            earlier = await self._remembered_create(caller, request_id.lower(), fingerprint)
+            if earlier is None:
+                raise
+            return earlier
+
+    def _fingerprint(
+        self, email: str, name: str, password: str | None, roles: tuple[str, ...]
+    ) -> str:
+        # Keyed, so the stored value reveals nothing about the password without the key.
+        payload = json.dumps([email, name, password, list(roles)], ensure_ascii=False)
+        return hmac.new(self._fingerprint_key, payload.encode(), hashlib.sha256).hexdigest()
+
+    async def _remembered_create(
+        self, caller: str, request_id: str, fingerprint: str
+    ) -> User | None:
+        async with self._uow(write=False) as uow:
+            record = await uow.idempotency.get(caller=caller, request_id=request_id)
+        if record is None or record.create_time < self._clock() - self._idempotency_ttl:
+            return None
+        if not hmac.compare_digest(record.fingerprint, fingerprint):
+            raise ValidationFailed(
+                [
+                    FieldViolation(
+                        "request_id",
+                        "request_id was already used for a different request",
+                        "REQUEST_ID_REUSED",
+                    )
+                ],
+                reason="REQUEST_ID_REUSED",
+            )
+        return _from_snapshot(record.result)
+
+    async def purge_idempotency_keys(self) -> int:
+        """Forget request ids older than the retention period; returns how many."""
+
+        async def purge(uow: UnitOfWork) -> int:
+            count = await uow.idempotency.purge_older_than(self._clock() - self._idempotency_ttl)
+            await uow.commit()
+            return count
+
+        return await in_transaction(self._uow, purge)
 
     async def get_user(self, user_id: str) -> User:
         """The user with this id; ValidationFailed for a malformed id, UserNotFound if none."""
@@ -175,35 +281,26 @@ class UserService:
     async def list_users(self, *, page_size: int, page_token: str, email: str) -> ListUsersResult:
         """One page, newest first, with a token for the next page (empty at the end)."""
         violations: list[FieldViolation] = []
-        if page_size < 0:
-            violations.append(
-                FieldViolation("page_size", "page_size must not be negative", "OUT_OF_RANGE")
-            )
-        size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
         email_filter = normalize_email(email) if email else None
         if email_filter is not None and len(email_filter) > EMAIL_MAX:
             violations.append(
                 FieldViolation("email", f"email must be at most {EMAIL_MAX} characters", "TOO_LONG")
             )
-        query = f"email={email_filter or ''}"
-        cursor: PageCursor | None = None
-        if page_token:
-            try:
-                cursor = self._page_tokens.decode(page_token, query=query)
-            except InvalidPageToken as err:
-                violations.append(FieldViolation("page_token", str(err), "INVALID_PAGE_TOKEN"))
+        page_request = parse_page_request(
+            self._page_tokens,
+            page_size=page_size,
+            page_token=page_token,
+            query=f"email={email_filter or ''}",
+            violations=violations,
+        )
         if violations:
             raise ValidationFailed(violations)
         async with self._uow(write=False) as uow:
-            rows = await uow.users.list(limit=size + 1, after=cursor, email=email_filter)
-            total = await uow.users.count(email=email_filter)
-        page = list(rows[:size])
-        next_token = ""
-        if len(rows) > size:
-            last = page[-1]
-            next_token = self._page_tokens.encode(
-                PageCursor(create_time=last.create_time, id=last.id), query=query
+            rows = await uow.users.list(
+                limit=page_request.size + 1, after=page_request.cursor, email=email_filter
             )
+            total = await uow.users.count(email=email_filter)
+        page, next_token = cut_page(self._page_tokens, page_request, rows)
         return ListUsersResult(users=page, next_page_token=next_token, total_size=total)
 
     async def update_user(
@@ -262,11 +359,7 @@ class UserService:
                 values["roles"] = sorted(set(roles))
         if violations or uid is None:
             raise ValidationFailed(violations)
-        revoke = "roles" in values
-        if revoke:
-            current = await self.get_user(str(uid))
-            revoke = tuple(values["roles"]) != current.roles
-        return await self._write(uid, values, etag=etag, revoke_tokens=revoke)
+        return await self._write(actor, uid, values, etag=etag, action=audit.USER_UPDATED)
 
     async def change_password(
         self,
@@ -298,73 +391,148 @@ class UserService:
                 )
         password_hash = await self._hasher.hash(new_password)
         return await self._write(
-            uid, {"password_hash": password_hash}, etag=etag, revoke_tokens=True
+            actor,
+            uid,
+            {"password_hash": password_hash},
+            etag=etag,
+            action=audit.USER_PASSWORD_CHANGED,
         )
 
-    async def disable_user(self, *, user_id: str, etag: str) -> User:
+    async def disable_user(self, *, actor: Principal, user_id: str, etag: str) -> User:
         """Disable; FailedPrecondition if already disabled. Revokes the user's tokens."""
         uid = require_user_id(user_id)
         return await self._write(
+            actor,
             uid,
             {"state": UserState.DISABLED.value},
             etag=etag,
             require_state=UserState.ACTIVE,
-            revoke_tokens=True,
+            action=audit.USER_DISABLED,
         )
 
-    async def enable_user(self, *, user_id: str, etag: str) -> User:
+    async def enable_user(self, *, actor: Principal, user_id: str, etag: str) -> User:
         """Enable; FailedPrecondition if already active."""
         uid = require_user_id(user_id)
         return await self._write(
-            uid, {"state": UserState.ACTIVE.value}, etag=etag, require_state=UserState.DISABLED
+            actor,
+            uid,
+            {"state": UserState.ACTIVE.value},
+            etag=etag,
+            require_state=UserState.DISABLED,
+            action=audit.USER_ENABLED,
         )
 
-    async def add_roles(self, *, user_id: uuid.UUID, roles: Sequence[str]) -> User:
+    async def add_roles(
+        self, *, user_id: uuid.UUID, roles: Sequence[str], actor: Principal = SYSTEM
+    ) -> User:
         """Grant roles (operator tooling); revokes tokens so new ones carry the roles."""
         current = await self.get_user(str(user_id))
         merged = sorted(set(current.roles) | set(roles))
         if tuple(merged) == current.roles:
             return current
-        return await self._write(user_id, {"roles": merged}, etag="", revoke_tokens=True)
+        return await self._write(
+            actor, user_id, {"roles": merged}, etag="", action=audit.USER_UPDATED
+        )
 
-    async def delete_user(self, *, user_id: str, etag: str = "") -> None:
-        """Delete; UserNotFound if absent, EtagMismatch if a given etag is stale."""
+    async def delete_user(self, *, actor: Principal, user_id: str, etag: str = "") -> None:
+        """Delete; UserNotFound if absent, EtagMismatch if a given etag is stale.
+
+        The audit record stays: audit rows have no foreign key to users.
+        """
         uid = require_user_id(user_id)
         expected = self._expected_version(etag)
-        async with self._uow() as uow:
-            if not await uow.users.delete(uid, expected_version=expected):
+
+        async def delete(uow: UnitOfWork) -> None:
+            current = await uow.users.get(uid, for_update=True)
+            if current is None:
+                raise UserNotFound(str(uid))
+            if expected is not None and current.version != expected:
+                raise EtagMismatch()
+            if not await uow.users.delete(uid, expected_version=current.version):
                 await self._explain_miss(uow, uid, expected, None)
+            await uow.audit.add(
+                self._event(
+                    actor,
+                    uid,
+                    audit.USER_DELETED,
+                    {
+                        "email": (current.email, None),
+                        "name": (current.name, None),
+                        "roles": (list(current.roles), None),
+                    },
+                    self._clock(),
+                )
+            )
             await uow.commit()
+
+        await in_transaction(self._uow, delete)
         self._on_tokens_revoked(uid)
 
     async def _write(
         self,
+        actor: Principal,
         uid: uuid.UUID,
         values: dict[str, Any],
         *,
         etag: str,
+        action: str,
         require_state: UserState | None = None,
-        revoke_tokens: bool = False,
     ) -> User:
+        """Apply `values` with the etag and state checks, the audit record and, where the
+        change affects what tokens may do (password, roles, state), token revocation, all in
+        one transaction."""
         expected = self._expected_version(etag)
-        values["update_time"] = self._clock()
-        async with self._uow() as uow:
+
+        async def write(uow: UnitOfWork) -> tuple[User, bool]:
+            current = await uow.users.get(uid, for_update=True)
+            if current is None:
+                raise UserNotFound(str(uid))
+            if expected is not None and current.version != expected:
+                raise EtagMismatch()
+            changes = _changes(current, values)
+            if not changes and require_state is None:
+                # Nothing would change: no new version, no audit record (AIP-134 allows it).
+                return current, False
+            revoke = bool({"password_hash", "state"} & set(values)) or "roles" in changes
+            now = self._clock()
             updated = await uow.users.update(
                 uid,
-                values,
-                expected_version=expected,
+                {**values, "update_time": now},
+                expected_version=current.version,
                 require_state=require_state,
-                revoke_tokens=revoke_tokens,
+                revoke_tokens=revoke,
             )
             if updated is None:
                 await self._explain_miss(uow, uid, expected, require_state)
                 raise AssertionError("unreachable")
-            if revoke_tokens:
+            if revoke:
                 await uow.refresh_tokens.revoke_user(uid)
+            event_action = audit.USER_ROLES_CHANGED if "roles" in changes else action
+            await uow.audit.add(self._event(actor, uid, event_action, changes, now))
             await uow.commit()
-        if revoke_tokens:
+            return updated, revoke
+
+        updated, revoked = await in_transaction(self._uow, write)
+        if revoked:
             self._on_tokens_revoked(uid)
         return updated
+
+    @staticmethod
+    def _event(
+        actor: Principal,
+        user_id: uuid.UUID,
+        action: str,
+        changes: dict[str, tuple[Any, Any]],
+        now: datetime,
+    ) -> AuditEvent:
+        return AuditEvent(
+            user_id=user_id,
+            action=action,
+            changes=redact(changes),
+            actor=actor.audit_name,
+            request_id=request_id_var.get(),
+            create_time=now,
+        )
 
     @staticmethod
     async def _explain_miss(
@@ -390,3 +558,48 @@ class UserService:
         version = version_of_etag(etag)
         # Never issued by us, so it cannot match any version; existence is still checked first.
         return -1 if version is None else version
+
+
+def _changes(current: User, values: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{field: (old, new)} for the values that differ from the stored user."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for name, new in values.items():
+        if name == "password_hash":
+            changes["password"] = ("[set]", "[changed]")
+            continue
+        old: Any = getattr(current, name)
+        if name == "roles":
+            old, new = list(old), list(new)
+        elif name == "state":
+            old = old.value
+        if old != new:
+            changes[name] = (old, new)
+    return changes
+
+
+def _snapshot(user: User) -> dict[str, Any]:
+    """The public fields of a created user, as remembered for idempotent retries."""
+    return {
+        "id": str(user.id),
+        "email": user.email,
+        "name": user.name,
+        "roles": list(user.roles),
+        "state": user.state.value,
+        "create_time": user.create_time.isoformat(),
+        "update_time": user.update_time.isoformat(),
+        "version": user.version,
+    }
+
+
+def _from_snapshot(data: dict[str, Any]) -> User:
+    return User(
+        id=uuid.UUID(data["id"]),
+        email=data["email"],
+        name=data["name"],
+        password_hash="",  # never remembered; this User only answers the retried call
+        roles=tuple(data["roles"]),
+        state=UserState(data["state"]),
+        create_time=datetime.fromisoformat(data["create_time"]),
+        update_time=datetime.fromisoformat(data["update_time"]),
+        version=int(data["version"]),
+    )

@@ -1,0 +1,58 @@
+"""Audit events: who changed what, when; secrets redacted in one place."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+USER_CREATED = "user.created"
+USER_UPDATED = "user.updated"
+USER_ROLES_CHANGED = "user.roles_changed"
+USER_DELETED = "user.deleted"
+USER_PASSWORD_CHANGED = "user.password_changed"
+USER_DISABLED = "user.disabled"
+USER_ENABLED = "user.enabled"
+LOGIN_SUCCEEDED = "auth.login_succeeded"
+LOGIN_FAILED = "auth.login_failed"
+
+SYSTEM_ACTOR = "system"
+ANONYMOUS_ACTOR = "anonymous"
+
+# The redaction list: values of these fields are never stored, only the fact that they changed.
+REDACTED_FIELDS = frozenset(
+    {
+        "password",
+        "password_hash",
+        "new_password",
+        "current_password",
+        "token",
+        "access_token",
+        "refresh_token",
+        "token_hash",
+    }
+)
+REDACTED = "[REDACTED]"
+
+
+def redact(changes: dict[str, tuple[Any, Any]]) -> dict[str, dict[str, Any]]:
+    """{field: {"old": ..., "new": ...}} with every secret replaced by a marker."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, (old, new) in changes.items():
+        if name in REDACTED_FIELDS:
+            out[name] = {"old": REDACTED, "new": REDACTED}
+        else:
+            out[name] = {"old": old, "new": new}
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    user_id: uuid.UUID | None
+    action: str
+    changes: dict[str, dict[str, Any]]
+    actor: str
+    request_id: str
+    create_time: datetime
+    id: uuid.UUID = field(default_factory=uuid.uuid4)

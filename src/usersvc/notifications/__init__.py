@@ -1,0 +1,1 @@
+"""Notifications delivered from the outbox: the welcome e-mail over SMTP."""

@@ -1,0 +1,316 @@
+"""OutboxDispatcher: delivers welcome e-mails announced in the outbox, with retries.
+
+One round: claim due rows under a lease (short transaction), send each outside any
+transaction, settle each row (short transaction). Several dispatchers (replicas) may run at
+once: claims are disjoint, and a dispatcher that dies mid-round leaves leases that run out, so
+its rows are picked up again, with the same Message-ID, which lets mail systems drop a copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from datetime import timedelta
+from email.message import EmailMessage
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from usersvc.adapters.outbox_repository import ClaimedOutboxMessage
+from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory, UnitOfWorkFactory
+from usersvc.config import Settings
+from usersvc.domain.errors import StorageUnavailable
+from usersvc.domain.events import USER_CREATED
+from usersvc.metrics import Metrics
+from usersvc.notifications.smtp import DeliveryFailed, SmtpSender
+from usersvc.notifications.welcome_email import build_welcome_email
+from usersvc.services.users import Clock, utc_now
+
+log = logging.getLogger(__name__)
+
+OFF_MESSAGE = "welcome e-mail dispatcher is off: USERSVC_SMTP_HOST is not set"
+# RFC 6761: names under .invalid never resolve, so mail to them can never be delivered (the
+# operator tasks give service accounts such addresses); no point retrying for hours.
+UNDELIVERABLE_DOMAIN_SUFFIX = ".invalid"
+# 2 ** 60 times any sane base is past every cap; bounding the exponent avoids float overflow.
+_MAX_EXPONENT = 60
+
+
+class EmailSender(Protocol):
+    """Hands one message to a mail server; raises DeliveryFailed when it is not accepted."""
+
+    async def send(self, message: EmailMessage) -> None: ...
+
+
+def backoff_delay(attempt: int, *, base: float, maximum: float, rng: random.Random) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1 for the first failure).
+
+    Exponential (base, 2*base, 4*base, ...) up to `maximum`, with "equal jitter": half of the
+    delay fixed, half random, so messages that failed together (a mail outage) spread out
+    when it ends, while the wait still grows with every attempt.
+    """
+    ceiling = min(maximum, base * 2.0 ** min(attempt - 1, _MAX_EXPONENT))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+class OutboxDispatcher:
+    """Claims due user.created records, sends the welcome e-mail, records the outcome."""
+
+    topics = (USER_CREATED,)
+
+    def __init__(
+        self,
+        *,
+        uow: UnitOfWorkFactory,
+        sender: EmailSender,
+        metrics: Metrics,
+        sender_address: str,
+        clock: Clock = utc_now,
+        batch_size: int = 20,
+        poll_seconds: float = 1.0,
+        lease_seconds: float = 60.0,
+        send_timeout_seconds: float = 10.0,
+        send_concurrency: int = 4,
+        max_attempts: int = 8,
+        backoff_base_seconds: float = 2.0,
+        backoff_max_seconds: float = 900.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if lease_seconds <= send_timeout_seconds:
+            # Otherwise no send could ever start with its lease safely ahead of it.
+            raise ValueError(
+                f"the outbox lease ({lease_seconds} s) must be longer than the SMTP timeout "
+                f"({send_timeout_seconds} s)"
+            )
+        self._uow = uow
+        self._sender = sender
+        self._metrics = metrics
+        self._sender_address = sender_address
+        self._clock = clock
+        self._batch_size = batch_size
+        self._poll_seconds = poll_seconds
+        self._lease = timedelta(seconds=lease_seconds)
+        self._send_timeout = send_timeout_seconds
+        self._send_slots = asyncio.Semaphore(send_concurrency)
+        self._max_attempts = max_attempts
+        self._backoff_base = backoff_base_seconds
+        self._backoff_max = backoff_max_seconds
+        self._rng = rng or random.Random()
+
+    async def run_once(self) -> int:
+        """One round: claim up to a batch of due records and settle each; how many were claimed."""
+        now = self._clock()
+        async with self._uow(write=True) as tx:
+            claimed = await tx.outbox.claim_due(
+                topics=self.topics,
+                now=now,
+                lease_until=now + self._lease,
+                limit=self._batch_size,
+            )
+            await tx.commit()
+        if not claimed:
+            return 0
+        results = await asyncio.gather(
+            *(self._process(message) for message in claimed), return_exceptions=True
+        )
+        for message, result in zip(claimed, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # cancellation and the like are not ours to swallow
+            if isinstance(result, Exception):
+                # Only settling can get here (the database went away): the lease runs out and
+                # the record is tried again, possibly resent with the same Message-ID.
+                log.error(
+                    "outbox record not settled",
+                    exc_info=result,
+                    extra={"request_id": message.request_id, "outbox_id": str(message.id)},
+                )
+        return len(claimed)
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        """Poll every poll_seconds until `stop` is set; a full batch polls again at once.
+
+        Errors (the database being unavailable) are logged and the next poll tries again, so
+        an outage never ends the dispatcher.
+        """
+        log.info("welcome e-mail dispatcher started")
+        while not stop.is_set():
+            try:
+                processed = await self.run_once()
+            except StorageUnavailable:
+                log.warning("outbox dispatch skipped a round: database unavailable")
+                processed = 0
+            except Exception:
+                log.exception("outbox dispatch round failed")
+                processed = 0
+            if processed >= self._batch_size:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._poll_seconds)
+        log.info("welcome e-mail dispatcher stopped")
+
+    async def _process(self, message: ClaimedOutboxMessage) -> None:
+        async with self._send_slots:
+            if message.user_email is None or message.user_name is None:
+                await self._skip(message, "user deleted before delivery")
+                return
+            if message.user_email.lower().endswith(UNDELIVERABLE_DOMAIN_SUFFIX):
+                await self._skip(message, "address under .invalid cannot receive mail")
+                return
+            if self._clock() + timedelta(seconds=self._send_timeout) > message.claimed_until:
+                # Waited so long for a slot that a send could outlast the lease and race
+                # another dispatcher; hand the record back for the next round instead.
+                async with self._uow(write=True) as tx:
+                    await tx.outbox.release(message.id, claimed_until=message.claimed_until)
+                    await tx.commit()
+                return
+            try:
+                email = build_welcome_email(
+                    outbox_id=message.id,
+                    sender=self._sender_address,
+                    recipient=message.user_email,
+                    name=message.user_name,
+                    date=message.create_time,
+                )
+                async with asyncio.timeout(self._send_timeout):
+                    await self._sender.send(email)
+            except DeliveryFailed as err:
+                await self._failed(message, err.reason, smtp_code=err.smtp_code)
+                return
+            except TimeoutError:
+                await self._failed(message, f"SMTP gave no answer within {self._send_timeout} s")
+                return
+            except Exception as err:
+                # A bug or bad data (an address the e-mail library refuses); retried like any
+                # failure so it ends as `failed` with a reason, never silently pending.
+                log.exception(
+                    "welcome e-mail could not be built or sent",
+                    extra={"request_id": message.request_id, "outbox_id": str(message.id)},
+                )
+                await self._failed(message, f"{type(err).__name__}: {err}")
+                return
+            await self._delivered(message, message.user_email)
+
+    async def _delivered(self, message: ClaimedOutboxMessage, recipient: str) -> None:
+        async with self._uow(write=True) as tx:
+            recorded = await tx.outbox.mark_delivered(message.id, now=self._clock())
+            await tx.commit()
+        self._metrics.outbox_delivered.labels(topic=message.topic).inc()
+        log.info(
+            "welcome e-mail sent",
+            extra={
+                "request_id": message.request_id,
+                "outbox_id": str(message.id),
+                "recipient": recipient,
+                "attempt": message.attempts + 1,
+                # False: another dispatcher settled it first (our lease had run out).
+                "recorded": recorded,
+            },
+        )
+
+    async def _skip(self, message: ClaimedOutboxMessage, reason: str) -> None:
+        async with self._uow(write=True) as tx:
+            await tx.outbox.mark_skipped(
+                message.id, claimed_until=message.claimed_until, reason=reason, now=self._clock()
+            )
+            await tx.commit()
+        log.info(
+            "welcome e-mail skipped",
+            extra={
+                "request_id": message.request_id,
+                "outbox_id": str(message.id),
+                "reason": reason,
+            },
+        )
+
+    async def _failed(
+        self, message: ClaimedOutboxMessage, reason: str, *, smtp_code: int | None = None
+    ) -> None:
+        attempts = message.attempts + 1
+        now = self._clock()
+        fields = {
+            "request_id": message.request_id,
+            "outbox_id": str(message.id),
+            "recipient": message.user_email,
+            "attempt": attempts,
+            "max_attempts": self._max_attempts,
+            "error": reason,
+            "smtp_code": smtp_code,
+        }
+        if attempts >= self._max_attempts:
+            async with self._uow(write=True) as tx:
+                await tx.outbox.mark_failed(
+                    message.id,
+                    claimed_until=message.claimed_until,
+                    attempts=attempts,
+                    error=reason,
+                    now=now,
+                )
+                await tx.commit()
+            self._metrics.outbox_failed.labels(topic=message.topic).inc()
+            log.warning("welcome e-mail failed; giving up", extra=fields)
+            return
+        delay = backoff_delay(
+            attempts, base=self._backoff_base, maximum=self._backoff_max, rng=self._rng
+        )
+        async with self._uow(write=True) as tx:
+            await tx.outbox.schedule_retry(
+                message.id,
+                claimed_until=message.claimed_until,
+                attempts=attempts,
+                next_attempt_time=now + timedelta(seconds=delay),
+                error=reason,
+                now=now,
+            )
+            await tx.commit()
+        self._metrics.outbox_retried.labels(topic=message.topic).inc()
+        log.warning(
+            "welcome e-mail not sent; will retry", extra={**fields, "retry_in_seconds": delay}
+        )
+
+
+def build_dispatcher(
+    settings: Settings, engine: AsyncEngine, metrics: Metrics, *, clock: Clock = utc_now
+) -> OutboxDispatcher | None:
+    """The dispatcher `settings` describe, or None (said once in the log) without an SMTP host."""
+    if not settings.smtp_host:
+        log.info(OFF_MESSAGE)
+        return None
+    return OutboxDispatcher(
+        uow=SqlUnitOfWorkFactory(engine),
+        sender=SmtpSender.from_settings(settings),
+        metrics=metrics,
+        sender_address=settings.smtp_sender,
+        clock=clock,
+        batch_size=settings.outbox_batch_size,
+        poll_seconds=settings.outbox_poll_seconds,
+        lease_seconds=settings.outbox_lease_seconds,
+        send_timeout_seconds=settings.smtp_timeout_seconds,
+        max_attempts=settings.outbox_max_attempts,
+        backoff_base_seconds=settings.outbox_backoff_base_seconds,
+        backoff_max_seconds=settings.outbox_backoff_max_seconds,
+    )
+
+
+async def dispatch_until_signalled(settings: Settings) -> int:
+    """`usersvc dispatch`: run the dispatcher alone until SIGTERM or SIGINT.
+
+    Returns the exit status: 0 after a clean stop, 2 when no SMTP host is configured.
+    """
+    from usersvc.adapters.db import create_engine
+
+    engine = create_engine(settings.effective_database_url, pool_size=settings.db_pool_size)
+    try:
+        dispatcher = build_dispatcher(settings, engine, Metrics())
+        if dispatcher is None:
+            return 2
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await dispatcher.run_forever(stop)
+        return 0
+    finally:
+        await engine.dispose()

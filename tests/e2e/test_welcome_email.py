@@ -1,0 +1,281 @@
+"""Welcome e-mails end to end: CreateUser on a real server, delivered to a real SMTP server.
+
+The server runs its outbox dispatcher with short polls and backoffs. The SMTP server listens
+on a port fixed for the module, so a test can stop it (a mail outage) and start it again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import delete, select
+from sqlalchemy.engine import Engine, RowMapping
+
+from tests.e2e.conftest import ADMIN_EMAIL, CapturedLogs
+from tests.smtp_server import ReceivedMail, SmtpServer
+from tests.support import (
+    ADMIN_PASSWORD,
+    ServerThread,
+    ensure_admin,
+    login,
+    make_settings,
+    throwaway_sqlite,
+    with_bearer,
+)
+from userservice.v1 import user_pb2
+from userservice.v1 import user_service_pb2 as pb
+from userservice.v1.user_service_pb2_grpc import UserServiceStub
+from usersvc.adapters.tables import outbox
+from usersvc.notifications.dispatcher import OFF_MESSAGE
+from usersvc.notifications.welcome_email import WELCOME_SUBJECT
+
+SENDER = "usersvc <welcome@example.com>"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def mail_server() -> Iterator[SmtpServer]:
+    """The SMTP server the service is configured with; its port is fixed, it may be down."""
+    server = SmtpServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def smtp(mail_server: SmtpServer) -> SmtpServer:
+    """The SMTP server, up and with nothing received yet."""
+    mail_server.start()
+    mail_server.handler.clear()
+    return mail_server
+
+
+@pytest.fixture(scope="module")
+def mailing_server(
+    database_url: str, mail_server: SmtpServer, db: Engine
+) -> Iterator[ServerThread]:
+    with tempfile.TemporaryDirectory() as data_dir:
+        settings = make_settings(
+            database_url,
+            data_dir,
+            smtp_host="127.0.0.1",
+            smtp_port=mail_server.port,
+            smtp_sender=SENDER,
+            smtp_timeout_seconds=2,
+            outbox_poll_seconds=0.05,
+            outbox_backoff_base_seconds=0.05,
+            outbox_backoff_max_seconds=0.2,
+            # Outages in these tests last a few polls; never long enough to give up.
+            outbox_max_attempts=1000,
+        )
+        ensure_admin(settings, ADMIN_EMAIL)
+        # Records of earlier tests (and of the admin) are not this module's to deliver.
+        with db.begin() as conn:
+            conn.execute(delete(outbox))
+        thread = ServerThread(settings).start()
+        try:
+            yield thread
+        finally:
+            thread.stop()
+
+
+@pytest.fixture(scope="module")
+def mailing_users(mailing_server: ServerThread) -> Iterator[UserServiceStub]:
+    """UserService of the mailing server, as the admin."""
+    with grpc.insecure_channel(mailing_server.address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        token = login(channel, ADMIN_EMAIL, ADMIN_PASSWORD).access_token
+        yield UserServiceStub(with_bearer(channel, token))
+
+
+def create(
+    stub: UserServiceStub, *, name: str = "Ada Lovelace", request_id: str | None = None
+) -> user_pb2.User:
+    request = pb.CreateUserRequest(
+        email=f"welcome-{uuid.uuid4().hex[:10]}@example.com", name=name, password=PASSWORD
+    )
+    metadata = (("x-request-id", request_id),) if request_id else None
+    response: pb.CreateUserResponse = stub.CreateUser(request, metadata=metadata, timeout=10)
+    return response.user
+
+
+def welcome_record(db: Engine, user_id: str) -> RowMapping:
+    with db.connect() as conn:
+        query = select(outbox).where(outbox.c.aggregate_id == uuid.UUID(user_id))
+        return conn.execute(query).mappings().one()
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """The first truthy result of `check`, polled until `timeout`; fails the test after."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {check}")
+        time.sleep(0.02)
+
+
+def mail_to(smtp: SmtpServer, address: str) -> list[ReceivedMail]:
+    return [m for m in smtp.handler.received if address in m.rcpt_tos]
+
+
+def test_a_new_user_gets_one_welcome_email(
+    mailing_users: UserServiceStub, smtp: SmtpServer, db: Engine
+) -> None:
+    name = "Zoë <script>alert(1)</script>"
+    user = create(mailing_users, name=name)
+
+    [mail] = wait_until(lambda: mail_to(smtp, user.email))
+    record = wait_until(lambda: (r := welcome_record(db, user.id))["status"] == "delivered" and r)
+    assert mail.rcpt_tos == (user.email,)
+    assert mail.message["To"] == user.email
+    assert mail.message["From"] == SENDER
+    assert mail.message["Subject"] == WELCOME_SUBJECT
+    assert mail.message_id == f"<{record['id']}@usersvc>"
+    assert name in mail.body("plain")
+    assert "Zoë &lt;script&gt;alert(1)&lt;/script&gt;" in mail.body("html")
+    assert "<script>" not in mail.body("html")
+    assert record["attempts"] == 1
+    assert len(mail_to(smtp, user.email)) == 1
+
+
+def test_a_mail_outage_never_fails_create_user_and_the_email_arrives_afterwards(
+    mailing_users: UserServiceStub, mail_server: SmtpServer, db: Engine, logs: CapturedLogs
+) -> None:
+    mail_server.stop()
+    mail_server.handler.clear()
+    request_id = f"welcome-outage-{uuid.uuid4().hex[:8]}"
+
+    started = time.monotonic()
+    user = create(mailing_users, request_id=request_id)
+    elapsed = time.monotonic() - started
+
+    # CreateUser succeeded while nothing listened on the SMTP port, and did not wait for it.
+    assert user.id
+    assert elapsed < 2.0
+    [warning, *_] = logs.wait_for(
+        lambda line: line["level"] == "WARNING" and line.get("recipient") == user.email
+    )
+    assert warning["request_id"] == request_id
+    assert warning["recipient"] == user.email
+    # The address may be logged, the e-mail body never.
+    assert "Your account has been created" not in logs.text
+    assert welcome_record(db, user.id)["status"] == "pending"
+
+    mail_server.start()
+    [mail] = wait_until(lambda: mail_to(mail_server, user.email))
+    record = wait_until(lambda: (r := welcome_record(db, user.id))["status"] == "delivered" and r)
+    assert mail.message_id == f"<{record['id']}@usersvc>"
+    assert record["attempts"] >= 2
+    assert len(mail_to(mail_server, user.email)) == 1
+
+
+def test_a_4xx_reply_is_retried_and_the_email_delivered_once(
+    mailing_users: UserServiceStub, smtp: SmtpServer, db: Engine
+) -> None:
+    smtp.handler.refuse_next(1, "451 4.7.1 Greylisted, try again later")
+    user = create(mailing_users)
+
+    [mail] = wait_until(lambda: mail_to(smtp, user.email))
+    record = wait_until(lambda: (r := welcome_record(db, user.id))["status"] == "delivered" and r)
+    assert smtp.handler.refused == 1
+    assert mail.message_id == f"<{record['id']}@usersvc>"
+    assert record["attempts"] == 2
+    assert len(mail_to(smtp, user.email)) == 1
+
+
+def test_a_user_deleted_before_delivery_gets_no_email(
+    mailing_users: UserServiceStub, mail_server: SmtpServer, db: Engine
+) -> None:
+    mail_server.stop()
+    mail_server.handler.clear()
+    user = create(mailing_users)
+    mailing_users.DeleteUser(pb.DeleteUserRequest(id=user.id), timeout=10)
+    mail_server.start()
+    # A user created after the deletion still gets mail: proof the dispatcher is delivering.
+    later = create(mailing_users)
+
+    wait_until(lambda: mail_to(mail_server, later.email))
+    wait_until(lambda: welcome_record(db, user.id)["status"] == "skipped")
+    assert mail_to(mail_server, user.email) == []
+
+
+def test_without_smtp_host_the_server_serves_and_says_once_that_mail_is_off(
+    database_url: str, logs: CapturedLogs
+) -> None:
+    with tempfile.TemporaryDirectory() as data_dir:
+        thread = ServerThread(make_settings(database_url, data_dir)).start()
+        try:
+            with grpc.insecure_channel(thread.address) as channel:
+                grpc.channel_ready_future(channel).result(timeout=10)
+        finally:
+            thread.stop()
+    assert [line["message"] for line in logs.lines()].count(OFF_MESSAGE) == 1
+
+
+def _dispatch_env(database_url: str, data_dir: str, **env: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "USERSVC_DATABASE_URL": database_url,
+        "USERSVC_DATA_DIR": data_dir,
+        "USERSVC_LOG_LEVEL": "INFO",
+        **env,
+    }
+
+
+def test_usersvc_dispatch_delivers_on_its_own_until_sigterm() -> None:
+    with throwaway_sqlite() as url, tempfile.TemporaryDirectory() as data_dir, SmtpServer() as smtp:
+        settings = make_settings(url, data_dir)
+
+        email = f"alone-{uuid.uuid4().hex[:8]}@example.com"
+        ensure_admin(settings, email)  # a new user, with its welcome record
+        env = _dispatch_env(
+            url,
+            data_dir,
+            USERSVC_SMTP_HOST="127.0.0.1",
+            USERSVC_SMTP_PORT=str(smtp.port),
+            USERSVC_OUTBOX_POLL_SECONDS="0.05",
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "usersvc", "dispatch"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            received = smtp.handler.wait_for(1, timeout=30)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        assert [m.rcpt_tos for m in received] == [(email,)]
+        assert process.returncode == 0, stderr
+        assert "welcome e-mail dispatcher stopped" in stderr
+
+
+def test_usersvc_dispatch_without_smtp_host_says_why_and_exits() -> None:
+    with throwaway_sqlite() as url, tempfile.TemporaryDirectory() as data_dir:
+        env = _dispatch_env(url, data_dir, USERSVC_SMTP_HOST="")
+        done = subprocess.run(
+            [sys.executable, "-m", "usersvc", "dispatch"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert done.stderr.count(OFF_MESSAGE) == 1

@@ -34,7 +34,7 @@ check-generated: $(STAMP)
 	$(BIN)/python scripts/generate.py --check generated
 
 run: $(STAMP)
-	$(BIN)/usersvc serve
+	$(BIN)/usersvc serve --migrate
 
 migrate: $(STAMP)
 	$(BIN)/usersvc migrate

@@ -19,15 +19,21 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout, foreign keys and BEGIN IMMEDIATE."""
+    """An engine for `url`; SQLite gets WAL, a busy timeout, foreign keys and BEGIN IMMEDIATE.
+
+    hide_parameters: a database error's text must never carry a password hash or a token
+    hash into a log line.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
+            engine = create_async_engine(
+                url, pool_size=pool_size, max_overflow=0, hide_parameters=True
+            )
         else:
             # In-memory databases live in one connection: SQLAlchemy picks a static pool.
-            engine = create_async_engine(url)
+            engine = create_async_engine(url, hide_parameters=True)
         _configure_sqlite(engine)
         return engine
     return create_async_engine(
@@ -36,6 +42,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         max_overflow=pool_size,
         pool_pre_ping=False,
         pool_recycle=1800,
+        hide_parameters=True,
     )
 
 
@@ -72,4 +79,5 @@ def create_read_engine(url: str, *, pool_size: int = 10) -> AsyncEngine | None:
         max_overflow=pool_size,
         pool_recycle=1800,
         isolation_level="AUTOCOMMIT",
+        hide_parameters=True,
     )

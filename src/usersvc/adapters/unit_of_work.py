@@ -86,7 +86,40 @@ def translate_db_error(err: BaseException) -> BaseException:
             return StorageUnavailable()
     if isinstance(err, TimeoutError | OSError | ConnectionError):
         return StorageUnavailable()
+    if isinstance(err, exc.DBAPIError):
+        return SanitizedDatabaseError.of(err)
     return err
+
+
+class SanitizedDatabaseError(Exception):
+    """An unexpected database error without the server's detail text.
+
+    PostgreSQL's DETAIL repeats the failing row ("Failing row contains (...)"), which may hold
+    a password hash; only the primary message, the SQLSTATE and the constraint are kept.
+    """
+
+    @classmethod
+    def of(cls, err: exc.DBAPIError) -> SanitizedDatabaseError:
+        orig = err.orig
+        diag = getattr(orig, "diag", None)
+        primary = getattr(diag, "message_primary", None) or str(orig).split("\n", 1)[0]
+        if diag is None and "Failing row" in primary:  # pragma: no cover - defensive
+            primary = primary.split("Failing row", 1)[0]
+        parts = [type(orig).__name__, f"sqlstate={getattr(orig, 'sqlstate', None) or '-'}"]
+        constraint = getattr(diag, "constraint_name", None)
+        if constraint:
+            parts.append(f"constraint={constraint}")
+        return cls(f"{' '.join(parts)}: {primary}")
+
+
+def _raise_translated(err: BaseException) -> None:
+    translated = translate_db_error(err)
+    if translated is err:
+        return
+    if isinstance(translated, SanitizedDatabaseError):
+        # "from None": the original text must not reach a traceback in the log.
+        raise translated from None
+    raise translated from err
 
 
 class SqlUnitOfWork:
@@ -111,7 +144,8 @@ class SqlUnitOfWork:
                 await conn.execution_options(**{SQLITE_WRITE: True})
             await conn.begin()
         except Exception as err:
-            raise translate_db_error(err) from err
+            _raise_translated(err)
+            raise
         self._conn = conn
         self.users = UserRepository(conn)
         self.outbox = OutboxRepository(conn)
@@ -125,7 +159,8 @@ class SqlUnitOfWork:
         try:
             await self._conn.commit()
         except Exception as err:
-            raise translate_db_error(err) from err
+            _raise_translated(err)
+            raise
         self._committed = True
 
     async def __aexit__(
@@ -140,12 +175,13 @@ class SqlUnitOfWork:
         try:
             if not self._committed:
                 await conn.rollback()
+        except Exception as err:
+            # The connection may be gone; the error that got us here matters more.
+            log.warning("rollback failed: %s", type(err).__name__)
         finally:
             await conn.close()
         if exc_value is not None and not isinstance(exc_value, StorageUnavailable):
-            translated = translate_db_error(exc_value)
-            if translated is not exc_value:
-                raise translated from exc_value
+            _raise_translated(exc_value)
 
 
 class SqlUnitOfWorkFactory:

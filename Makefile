@@ -59,6 +59,8 @@ buf-breaking:
 
 # Throughput ratios measured in one run: authenticated GetUser against a bare grpc.aio server.
 bench: $(STAMP)
+	@command -v h2load >/dev/null || apt-get install -y -qq nghttp2-client >/dev/null 2>&1 \
+	  || echo "h2load unavailable: falling back to the Python load generator"
 	$(BIN)/python -m tests.bench.get_user --database postgresql
 	$(BIN)/python -m tests.bench.get_user --database sqlite
 

@@ -62,8 +62,10 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        write = conn.get_execution_options().get(SQLITE_WRITE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        # Writers take the write lock up front; readers run each statement on its own
+        # (autocommit), which saves two trips through aiosqlite's thread per read.
+        if conn.get_execution_options().get(SQLITE_WRITE, False):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_read_engine(url: str, *, pool_size: int = 10) -> AsyncEngine | None:

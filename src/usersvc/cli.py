@@ -78,6 +78,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from usersvc.migrate import upgrade
 
         upgrade(settings.effective_database_url)
+    if settings.workers > 1:
+        from usersvc.workers import serve_workers
+
+        return serve_workers(settings)
     from usersvc.server import serve
 
     asyncio.run(serve(settings))

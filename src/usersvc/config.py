@@ -21,6 +21,8 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "production"] = "development"
     listen_address: str = "127.0.0.1:50051"
+    # Server processes sharing the listen address (SO_REUSEPORT); one per core is typical.
+    workers: int = Field(default=1, ge=1, le=64)
     # Empty: an embedded SQLite file under data_dir.
     database_url: str = ""
     data_dir: Path = DEFAULT_DATA_DIR

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 
@@ -66,7 +67,9 @@ class RunningServer:
         await self.components.close()
 
 
-async def build_server(settings: Settings, *, clock: Clock = utc_now) -> RunningServer:
+async def build_server(
+    settings: Settings, *, clock: Clock = utc_now, reuse_port: bool = False
+) -> RunningServer:
     """Wire every component from `settings` and bind the listen address (port 0: any)."""
     c = build_components(settings, clock=clock)
     policies = policies_from([user_service_pb2.DESCRIPTOR, auth_service_pb2.DESCRIPTOR])
@@ -83,7 +86,9 @@ async def build_server(settings: Settings, *, clock: Clock = utc_now) -> Running
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.so_reuseport", 0),
+            # Off unless several worker processes share the port on purpose: otherwise a second
+            # server on the same address would silently take half the connections.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ],
     )
@@ -128,12 +133,12 @@ async def _purge_idempotency_keys(c: Components) -> None:
         await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL_SECONDS)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    running = await build_server(settings)
+    running = await build_server(settings, reuse_port=reuse_port)
     await running.start()
     host = settings.listen_address.rsplit(":", 1)[0]
-    log.info("serving", extra={"address": f"{host}:{running.port}"})
+    log.info("serving", extra={"address": f"{host}:{running.port}", "pid": os.getpid()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

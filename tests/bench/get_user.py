@@ -219,6 +219,7 @@ def _run(database_url: str, args: argparse.Namespace) -> dict[str, float]:
             "USERSVC_SECRET_KEY": TEST_SECRET,
             "USERSVC_JWT_SIGNING_KEY_FILE": str(TEST_SIGNING_KEY),
             "USERSVC_LOG_LEVEL": "INFO",
+            "USERSVC_WORKERS": str(args.workers),
         }
         svc, svc_address = _start(
             [sys.executable, "-m", "usersvc", "serve"], env, Path(data_dir) / "usersvc.log"
@@ -285,6 +286,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="postgresql")
+    parser.add_argument("--workers", type=int, default=1, help="usersvc server processes")
     parser.add_argument(
         "--load",
         choices=["h2load", "python"],
@@ -321,6 +323,7 @@ def main() -> int:
                 "seconds": args.seconds,
                 "concurrency": args.concurrency,
                 "load": args.load,
+                "usersvc_workers": args.workers,
                 **{k: round(v, 3) for k, v in result.items()},
             }
         )

@@ -296,3 +296,53 @@ def test_serve_migrates_sqlite_and_exits_zero_on_sigterm(
         assert user.email == "first@example.com"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+def test_workers_share_one_address_and_stop_cleanly_on_sigterm() -> None:
+    with tempfile.TemporaryDirectory() as data_dir:
+        env = {
+            **os.environ,
+            "USERSVC_LISTEN_ADDRESS": "127.0.0.1:0",
+            "USERSVC_DATA_DIR": data_dir,
+            "USERSVC_WORKERS": "2",
+        }
+        env.pop("USERSVC_DATABASE_URL", None)
+        log_path = Path(data_dir) / "serve.log"
+        with log_path.open("w") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "usersvc", "serve", "--migrate"],
+                env=env,
+                stderr=log_file,
+                text=True,
+                cwd=ROOT,
+            )
+        try:
+            serving: list[dict[str, object]] = []
+            deadline = time.monotonic() + 30
+            while len(serving) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+                serving = [
+                    json.loads(line)
+                    for line in log_path.read_text().splitlines()
+                    if '"message": "serving"' in line
+                ]
+            assert len(serving) == 2, log_path.read_text()
+            assert serving[0]["address"] == serving[1]["address"]
+            assert serving[0]["pid"] != serving[1]["pid"]
+            address = str(serving[0]["address"])
+            for _ in range(8):  # new connections, spread over the workers by the kernel
+                with grpc.insecure_channel(address) as channel:
+                    status = (
+                        health_pb2_grpc.HealthStub(channel)
+                        .Check(health_pb2.HealthCheckRequest(service="userservice.v1.UserService"))
+                        .status
+                    )
+                    assert status == health_pb2.HealthCheckResponse.SERVING
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            stopped = [line for line in log_path.read_text().splitlines() if '"stopped"' in line]
+            assert len(stopped) == 2
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -105,9 +105,18 @@ async def build_server(
             (USER_SERVICE, AUTH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
 
-    port = server.add_insecure_port(settings.listen_address)
+    try:
+        port = server.add_insecure_port(settings.listen_address)
+    except RuntimeError as err:  # grpc's way of saying the bind failed
+        port = 0
+        bind_error: Exception | None = err
+    else:
+        bind_error = None
     if port == 0:
-        raise OSError(f"could not bind {settings.listen_address}")
+        await c.close()
+        raise OSError(f"could not bind {settings.listen_address}: address in use or invalid") from (
+            bind_error
+        )
     running = RunningServer(server=server, port=port, health=health_servicer, components=c)
     running.background.append(asyncio.create_task(_purge_idempotency_keys(c)))
     dispatcher = build_dispatcher(settings, c.engine, running.metrics, clock=clock)

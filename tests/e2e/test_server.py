@@ -346,3 +346,14 @@ def test_workers_share_one_address_and_stop_cleanly_on_sigterm() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_second_server_on_a_taken_address_fails_to_start(sqlite_url: str) -> None:
+    with tempfile.TemporaryDirectory() as data_dir:
+        first = ServerThread(make_settings(sqlite_url, data_dir)).start()
+        try:
+            second = ServerThread(make_settings(sqlite_url, data_dir, listen_address=first.address))
+            with pytest.raises(OSError, match="could not bind"):
+                second.start()
+        finally:
+            first.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from usersvc.adapters.db import create_engine, create_read_engine
 from usersvc.adapters.jwt_tokens import AccessTokenCodec, load_or_create_keys
 from usersvc.adapters.page_tokens import PageTokenCodec
 from usersvc.adapters.password_hasher import Argon2PasswordHasher
+from usersvc.adapters.secret_files import create_once
 from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
 from usersvc.config import Settings
 from usersvc.services.audit import AuditService
@@ -52,11 +52,7 @@ def load_or_create_secret(settings: Settings) -> bytes:
     if configured:
         return configured.encode()
     path = Path(settings.data_dir) / "secret_key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(48))
+    if not path.exists() and create_once(path, secrets.token_urlsafe(48).encode()):
         log.warning("no USERSVC_SECRET_KEY set: generated a development secret in %s", path)
     return path.read_text().strip().encode()
 

@@ -49,6 +49,16 @@ def _run_worker(settings: Settings) -> None:
 def serve_workers(settings: Settings) -> int:
     """Fork `settings.workers` servers on one address; forward SIGTERM/SIGINT; 0 if all
     stopped cleanly."""
+    from pathlib import Path
+
+    from usersvc.adapters.jwt_tokens import load_or_create_keys
+    from usersvc.bootstrap import load_or_create_secret
+
+    # Development secrets are made here, once, not by every worker at the same moment.
+    load_or_create_secret(settings)
+    load_or_create_keys(
+        settings.jwt_signing_key_file, settings.verification_key_paths, Path(settings.data_dir)
+    )
     reserved, address = _reserve(settings.listen_address)
     worker_settings = settings.model_copy(update={"listen_address": address})
     children: list[int] = []

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from usersvc.adapters.secret_files import create_once
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,16 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey | ec.EllipticCurvePublic
     return key
 
 
-def generate_private_key_file(path: Path) -> None:
-    """Write a new P-256 private key, readable by the owner only."""
+def generate_private_key_file(path: Path) -> bool:
+    """Write a new P-256 private key, readable by the owner only, unless `path` exists;
+    True if this call created it."""
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    return create_once(path, pem)
 
 
 @dataclass(frozen=True)
@@ -204,8 +203,7 @@ def load_or_create_keys(
     """The configured keys; in development without one, a key generated into data_dir."""
     if signing_key_file is None:
         signing_key_file = data_dir / "jwt_signing_key.pem"
-        if not signing_key_file.exists():
-            generate_private_key_file(signing_key_file)
+        if not signing_key_file.exists() and generate_private_key_file(signing_key_file):
             log.warning(
                 "no USERSVC_JWT_SIGNING_KEY_FILE set: generated a development signing key in %s",
                 signing_key_file,

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from usersvc.context import request_id_var
+from usersvc.domain.audit import REDACTED_FIELDS
 
 # Attributes every LogRecord has; anything else passed through `extra=` is logged as a field.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -16,20 +17,8 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)
     "asctime",
     "taskName",
 }
-# Never written, whatever a caller passes in `extra=`.
-SENSITIVE_KEYS = frozenset(
-    {
-        "password",
-        "new_password",
-        "current_password",
-        "password_hash",
-        "token",
-        "access_token",
-        "refresh_token",
-        "authorization",
-        "secret",
-    }
-)
+# Never written, whatever a caller passes in `extra=`: the audit redaction list and more.
+SENSITIVE_KEYS = REDACTED_FIELDS | {"authorization", "secret"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -110,14 +110,11 @@ class FakeUserRepository(_Writes, UserRepository):
         self,
         user_id: uuid.UUID,
         expected_version: int | None,
-        require_state: UserState | None = None,
     ) -> User | None:
         current = self.db.users.get(user_id)
         if current is None:
             return None
         if expected_version is not None and current.version != expected_version:
-            return None
-        if require_state is not None and current.state is not require_state:
             return None
         return current
 
@@ -127,14 +124,13 @@ class FakeUserRepository(_Writes, UserRepository):
         values: Mapping[str, Any],
         *,
         expected_version: int | None = None,
-        require_state: UserState | None = None,
         revoke_tokens: bool = False,
     ) -> User | None:
         self._require_writable()
         unknown = set(values) - WRITABLE_COLUMNS
         if unknown:
             raise ValueError(f"not writable: {sorted(unknown)}")
-        current = self._matching(user_id, expected_version, require_state)
+        current = self._matching(user_id, expected_version)
         if current is None:
             return None
         if "email" in values:

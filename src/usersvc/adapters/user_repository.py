@@ -116,7 +116,6 @@ class UserRepository:
         values: Mapping[str, Any],
         *,
         expected_version: int | None = None,
-        require_state: UserState | None = None,
         revoke_tokens: bool = False,
     ) -> User | None:
         """Apply `values` and bump the version in one statement.
@@ -131,8 +130,6 @@ class UserRepository:
         stmt = update(users).where(users.c.id == user_id)
         if expected_version is not None:
             stmt = stmt.where(users.c.version == expected_version)
-        if require_state is not None:
-            stmt = stmt.where(users.c.state == require_state.value)
         bumps: dict[str, Any] = {"version": users.c.version + 1}
         if revoke_tokens:
             bumps["token_version"] = users.c.token_version + 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor
@@ -17,7 +17,7 @@ from google.protobuf.descriptor import FileDescriptor
 from userservice.v1 import options_pb2
 from usersvc.context import principal_var
 from usersvc.domain.errors import PermissionDenied
-from usersvc.interceptors.base import Context, UnaryBehavior
+from usersvc.interceptors.base import Context, UnaryBehavior, UnaryWrappingInterceptor, rebuild
 from usersvc.services.auth import Authenticator
 
 # Infrastructure services whose protos we do not own; public so probes and tools work.
@@ -74,50 +74,27 @@ def _denied(message: str) -> Callable[..., Awaitable[Any]]:
     return deny
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(UnaryWrappingInterceptor):
     """Verifies the bearer token and applies the method's policy before the servicer runs."""
 
     def __init__(self, authenticator: Authenticator, policies: dict[str, MethodPolicy]) -> None:
+        super().__init__()
         self._authenticator = authenticator
         self._policies = policies
-        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method: str = handler_call_details.method
-        cached = self._handlers.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+    def handler_for(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         policy = self._policies.get(method)
         if policy is not None and policy.public:
-            wrapped = handler
-        elif handler.unary_unary is None:
+            return handler
+        if handler.unary_unary is None:
             # No streaming method of ours needs a caller; refuse rather than guess.
-            wrapped = grpc.unary_unary_rpc_method_handler(_denied("method not allowed"))
-        elif policy is None:
-            wrapped = self._rebuild(handler, _denied("method has no access policy"))
-        else:
-            wrapped = self._rebuild(handler, self._guard(policy, handler.unary_unary))  # type: ignore[arg-type]
-        self._handlers[method] = wrapped
-        return wrapped
-
-    @staticmethod
-    def _rebuild(
-        handler: grpc.RpcMethodHandler[Any, Any], behavior: Callable[..., Awaitable[Any]]
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            return grpc.unary_unary_rpc_method_handler(_denied("method not allowed"))
+        if policy is None:
+            return rebuild(handler, _denied("method has no access policy"))
+        # grpc.aio handlers are coroutine functions; the stubs type them as sync.
+        return rebuild(handler, self._guard(policy, cast(UnaryBehavior, handler.unary_unary)))
 
     def _guard(self, policy: MethodPolicy, behavior: UnaryBehavior) -> UnaryBehavior:
         authenticate = self._authenticator.authenticate

@@ -24,6 +24,16 @@ class UnaryWrappingInterceptor(grpc.aio.ServerInterceptor):
     def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         raise NotImplementedError
 
+    def handler_for(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler to serve `method` with, built once; by default `wrap` around unary
+        behaviour, streaming handlers unchanged."""
+        if handler.unary_unary is None:
+            return handler
+        # grpc.aio handlers are coroutine functions; the stubs type them as sync.
+        return rebuild(handler, self.wrap(method, cast(UnaryBehavior, handler.unary_unary)))
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -37,13 +47,19 @@ class UnaryWrappingInterceptor(grpc.aio.ServerInterceptor):
             return cached
         handler = await continuation(handler_call_details)
         # Unknown methods are not cached, so callers cannot grow the cache without bound.
-        if handler is None or handler.unary_unary is None:
-            return handler
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            # grpc.aio handlers are coroutine functions; the stubs type them as sync.
-            self.wrap(method, cast(UnaryBehavior, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        self._handlers[method] = wrapped
-        return wrapped
+        if handler is None:
+            return None
+        built = self.handler_for(method, handler)
+        self._handlers[method] = built
+        return built
+
+
+def rebuild(
+    handler: grpc.RpcMethodHandler[Any, Any], behavior: Callable[..., Awaitable[Any]]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary handler with `handler`'s (de)serialisers around other behaviour."""
+    return grpc.unary_unary_rpc_method_handler(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -41,12 +41,7 @@ from usersvc.domain.validation import (
     normalize_email,
     parse_user_id,
 )
-from usersvc.services.paging import (  # noqa: F401  (re-exported page limits)
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
-    cut_page,
-    parse_page_request,
-)
+from usersvc.services.paging import cut_page, parse_page_request
 from usersvc.services.transactions import in_transaction
 
 # Paths of User an UpdateUser mask may name, and the ones it may never name.
@@ -449,7 +444,7 @@ class UserService:
             if expected is not None and current.version != expected:
                 raise EtagMismatch()
             if not await uow.users.delete(uid, expected_version=current.version):
-                await self._explain_miss(uow, uid, expected, None)
+                raise EtagMismatch()  # guard only: the row is locked
             await uow.audit.add(
                 self._event(
                     actor,
@@ -489,22 +484,27 @@ class UserService:
                 raise UserNotFound(str(uid))
             if expected is not None and current.version != expected:
                 raise EtagMismatch()
+            if require_state is not None and current.state is not require_state:
+                raise FailedPrecondition(
+                    f"user is already {current.state.value}",
+                    reason="USER_ALREADY_" + current.state.value.upper(),
+                )
             changes = _changes(current, values)
             if not changes and require_state is None:
                 # Nothing would change: no new version, no audit record (AIP-134 allows it).
                 return current, False
             revoke = bool({"password_hash", "state"} & set(values)) or "roles" in changes
             now = self._clock()
+            # The row is locked (SQLite: the write lock is held), so the version still matches;
+            # the condition stays in the statement as a guard all the same.
             updated = await uow.users.update(
                 uid,
                 {**values, "update_time": now},
                 expected_version=current.version,
-                require_state=require_state,
                 revoke_tokens=revoke,
             )
             if updated is None:
-                await self._explain_miss(uow, uid, expected, require_state)
-                raise AssertionError("unreachable")
+                raise EtagMismatch()
             if revoke:
                 await uow.refresh_tokens.revoke_user(uid)
             event_action = audit.USER_ROLES_CHANGED if "roles" in changes else action
@@ -533,23 +533,6 @@ class UserService:
             request_id=request_id_var.get(),
             create_time=now,
         )
-
-    @staticmethod
-    async def _explain_miss(
-        uow: UnitOfWork, uid: uuid.UUID, expected: int | None, state: UserState | None
-    ) -> None:
-        """Raise why a conditional write matched no row."""
-        current = await uow.users.get(uid)
-        if current is None:
-            raise UserNotFound(str(uid))
-        if expected is not None and current.version != expected:
-            raise EtagMismatch()
-        if state is not None and current.state is not state:
-            raise FailedPrecondition(
-                f"user is already {current.state.value}",
-                reason="USER_ALREADY_" + current.state.value.upper(),
-            )
-        raise EtagMismatch()  # changed between the write and this read
 
     @staticmethod
     def _expected_version(etag: str) -> int | None:

@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 help:
 	@echo "make run        serve on 127.0.0.1:50051 with an embedded SQLite database"
 	@echo "make test       create the venv, install, run the whole suite"
-	@echo "make lint       ruff, mypy --strict, buf lint, generated-code drift"
+	@echo "make lint       ruff, mypy --strict, import layering, buf lint, generated-code drift"
 	@echo "make generate   rebuild generated/ from proto/"
 	@echo "make bench      benchmarks"
 
@@ -49,6 +49,7 @@ lint: $(STAMP) check-generated buf-lint
 	$(BIN)/ruff check src tests migrations scripts
 	$(BIN)/ruff format --check src tests migrations scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 buf-lint:
 	$(BUF) lint

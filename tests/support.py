@@ -105,15 +105,17 @@ def postgres_server() -> Iterator[tuple[str | None, str]]:
 
 
 @contextlib.contextmanager
-def throwaway_database(admin_url: str) -> Iterator[str]:
-    """A new, migrated database on the server of `admin_url`, dropped afterwards."""
+def throwaway_database(admin_url: str, *, migrated: bool = True) -> Iterator[str]:
+    """A new database (migrated unless told otherwise) on the server of `admin_url`, dropped
+    afterwards."""
     name = f"usersvc_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(_libpq(admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = make_url(admin_url).set(drivername="postgresql+psycopg", database=name)
     rendered = url.render_as_string(hide_password=False)
     try:
-        upgrade(rendered)
+        if migrated:
+            upgrade(rendered)
         yield rendered
     finally:
         with psycopg.connect(_libpq(admin_url), autocommit=True) as conn:
@@ -121,10 +123,11 @@ def throwaway_database(admin_url: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def throwaway_sqlite() -> Iterator[str]:
+def throwaway_sqlite(*, migrated: bool = True) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite+aiosqlite:///{tmp}/usersvc.sqlite3"
-        upgrade(url)
+        if migrated:
+            upgrade(url)
         yield url
 
 

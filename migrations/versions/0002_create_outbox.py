@@ -11,8 +11,6 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from usersvc.adapters.tables import UTCDateTime
-
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
@@ -31,11 +29,11 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(128), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("next_attempt_time", UTCDateTime(), nullable=False),
-        sa.Column("claimed_until", UTCDateTime(), nullable=True),
+        sa.Column("next_attempt_time", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("claimed_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("create_time", UTCDateTime(), nullable=False),
-        sa.Column("update_time", UTCDateTime(), nullable=False),
+        sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_outbox"),
     )
     op.create_index("ix_outbox_status_next_attempt_time", "outbox", ["status", "next_attempt_time"])

@@ -10,8 +10,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from usersvc.adapters.tables import UTCDateTime
-
 revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
@@ -25,7 +23,7 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("failed_login_count", sa.Integer(), nullable=False, server_default="0")
         )
-        batch.add_column(sa.Column("locked_until", UTCDateTime(), nullable=True))
+        batch.add_column(sa.Column("locked_until", sa.DateTime(timezone=True), nullable=True))
     op.create_table(
         "refresh_tokens",
         sa.Column("id", sa.Uuid(), nullable=False),
@@ -33,8 +31,8 @@ def upgrade() -> None:
         sa.Column("user_id", sa.Uuid(), nullable=False),
         sa.Column("family_id", sa.Uuid(), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
-        sa.Column("create_time", UTCDateTime(), nullable=False),
-        sa.Column("expire_time", UTCDateTime(), nullable=False),
+        sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expire_time", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_refresh_tokens"),
         sa.UniqueConstraint("token_hash", name="uq_refresh_tokens_token_hash"),
         sa.ForeignKeyConstraint(

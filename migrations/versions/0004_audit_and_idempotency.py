@@ -11,8 +11,6 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from usersvc.adapters.tables import UTCDateTime
-
 revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
@@ -30,7 +28,7 @@ def upgrade() -> None:
         sa.Column("changes", JSON, nullable=False),
         sa.Column("actor", sa.String(64), nullable=False),
         sa.Column("request_id", sa.String(128), nullable=False),
-        sa.Column("create_time", UTCDateTime(), nullable=False),
+        sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_audit_events"),
     )
     op.create_index(
@@ -45,7 +43,7 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(64), nullable=False),
         sa.Column("fingerprint", sa.String(64), nullable=False),
         sa.Column("result", JSON, nullable=False),
-        sa.Column("create_time", UTCDateTime(), nullable=False),
+        sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("caller", "request_id", name="pk_idempotency_keys"),
     )
     op.create_index("ix_idempotency_keys_create_time", "idempotency_keys", ["create_time"])

@@ -18,11 +18,18 @@ from usersvc.adapters.password_hasher import Argon2PasswordHasher
 from usersvc.adapters.secret_files import create_once
 from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
 from usersvc.config import Settings
+from usersvc.metrics import Metrics
+from usersvc.notifications.dispatcher import OutboxDispatcher
+from usersvc.notifications.smtp import SmtpSender
 from usersvc.services.audit import AuditService
 from usersvc.services.auth import AuthService, TokenStateCache
-from usersvc.services.users import Clock, UserService, utc_now
+from usersvc.services.clock import utc_now
+from usersvc.services.ports import Clock
+from usersvc.services.users import UserService
 
 log = logging.getLogger(__name__)
+
+DISPATCHER_OFF_MESSAGE = "welcome e-mail dispatcher is off: USERSVC_SMTP_HOST is not set"
 
 
 @dataclass
@@ -57,12 +64,42 @@ def load_or_create_secret(settings: Settings) -> bytes:
     return path.read_text().strip().encode()
 
 
+def create_engines(settings: Settings) -> tuple[AsyncEngine, AsyncEngine | None]:
+    """The write engine and, on PostgreSQL, the autocommit read engine; together they hold at
+    most `db_pool_size` connections (the read engine gets half, rounded down)."""
+    url = settings.effective_database_url
+    read_share = settings.db_pool_size // 2
+    read_engine = create_read_engine(url, pool_size=read_share) if read_share else None
+    write_share = settings.db_pool_size - (read_share if read_engine is not None else 0)
+    return create_engine(url, pool_size=write_share), read_engine
+
+
+def build_dispatcher(
+    settings: Settings, engine: AsyncEngine, metrics: Metrics, *, clock: Clock = utc_now
+) -> OutboxDispatcher | None:
+    """The dispatcher `settings` describe, or None (said once in the log) without an SMTP host."""
+    if not settings.smtp_host:
+        log.info(DISPATCHER_OFF_MESSAGE)
+        return None
+    return OutboxDispatcher(
+        uow=SqlUnitOfWorkFactory(engine),
+        sender=SmtpSender.from_settings(settings),
+        metrics=metrics,
+        sender_address=settings.smtp_sender,
+        clock=clock,
+        batch_size=settings.outbox_batch_size,
+        poll_seconds=settings.outbox_poll_seconds,
+        lease_seconds=settings.outbox_lease_seconds,
+        send_timeout_seconds=settings.smtp_timeout_seconds,
+        max_attempts=settings.outbox_max_attempts,
+        backoff_base_seconds=settings.outbox_backoff_base_seconds,
+        backoff_max_seconds=settings.outbox_backoff_max_seconds,
+    )
+
+
 def build_components(settings: Settings, *, clock: Clock = utc_now) -> Components:
     """Create the engine, hasher, token codecs and use cases described by `settings`."""
-    engine = create_engine(settings.effective_database_url, pool_size=settings.db_pool_size)
-    read_engine = create_read_engine(
-        settings.effective_database_url, pool_size=settings.db_pool_size
-    )
+    engine, read_engine = create_engines(settings)
     hasher = Argon2PasswordHasher(
         time_cost=settings.argon2_time_cost,
         memory_kib=settings.argon2_memory_kib,

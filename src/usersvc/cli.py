@@ -101,7 +101,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_dispatch(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.log_level)
-    from usersvc.notifications.dispatcher import dispatch_until_signalled
+    from usersvc.jobs import dispatch_until_signalled
 
     return asyncio.run(dispatch_until_signalled(settings))
 

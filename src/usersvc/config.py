@@ -93,6 +93,17 @@ class Settings(BaseSettings):
                 raise ValueError("USERSVC_JWT_SIGNING_KEY_FILE must be set in production")
         return self
 
+    @model_validator(mode="after")
+    def _outbox_lease_outlasts_a_send(self) -> Settings:
+        # Otherwise no send could ever start with its lease safely ahead of it, and a second
+        # dispatcher could claim the message while the first is still sending it.
+        if self.outbox_lease_seconds <= self.smtp_timeout_seconds:
+            raise ValueError(
+                f"USERSVC_OUTBOX_LEASE_SECONDS ({self.outbox_lease_seconds}) must be longer than "
+                f"USERSVC_SMTP_TIMEOUT_SECONDS ({self.smtp_timeout_seconds})"
+            )
+        return self
+
     @property
     def verification_key_paths(self) -> list[Path]:
         return [Path(p.strip()) for p in self.jwt_verification_key_files.split(",") if p.strip()]

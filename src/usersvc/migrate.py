@@ -27,3 +27,8 @@ def alembic_config(database_url: str) -> Config:
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Bring the schema to `revision`; safe to run on every start."""
     command.upgrade(alembic_config(database_url), revision)
+
+
+def downgrade(database_url: str, revision: str) -> None:
+    """Take the schema back to `revision` ("base": nothing)."""
+    command.downgrade(alembic_config(database_url), revision)

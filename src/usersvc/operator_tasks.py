@@ -6,9 +6,10 @@ import re
 from dataclasses import dataclass
 
 from usersvc.bootstrap import Components
-from usersvc.domain.auth import ADMIN, SERVICE, SYSTEM
+from usersvc.context import request_id_var
+from usersvc.domain.auth import ADMIN, SERVICE, SYSTEM, RequestContext
 from usersvc.domain.errors import FailedPrecondition, FieldViolation, ValidationFailed
-from usersvc.domain.models import User, UserState
+from usersvc.domain.models import UserState, UserView
 
 SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SERVICE_EMAIL_DOMAIN = "service.invalid"  # RFC 2606: can never receive mail
@@ -16,7 +17,7 @@ SERVICE_EMAIL_DOMAIN = "service.invalid"  # RFC 2606: can never receive mail
 
 @dataclass(frozen=True)
 class AdminResult:
-    user: User
+    user: UserView
     created: bool
     already_admin: bool = False
 
@@ -28,9 +29,10 @@ async def create_admin(c: Components, *, email: str, name: str, password: str) -
     if existing is not None:
         if ADMIN in existing.roles:
             return AdminResult(existing, created=False, already_admin=True)
-        return AdminResult(await c.users.add_roles(user_id=existing.id, roles=[ADMIN]), False)
+        granted = await c.users.add_roles(user_id=existing.id, roles=[ADMIN], ctx=_operator())
+        return AdminResult(granted, False)
     user = await c.users.create_user(
-        actor=SYSTEM, email=email, name=name, password=password, roles=[ADMIN]
+        ctx=_operator(), email=email, name=name, password=password, roles=[ADMIN]
     )
     return AdminResult(user, True)
 
@@ -50,7 +52,7 @@ async def issue_service_token(c: Components, *, subject: str, ttl_seconds: int) 
     if user is None:
         name = subject if len(subject) >= 2 else f"{subject}-service"
         user = await c.users.create_user(
-            actor=SYSTEM, email=email, name=name, password=None, roles=[SERVICE]
+            ctx=_operator(), email=email, name=name, password=None, roles=[SERVICE]
         )
     if SERVICE not in user.roles:
         raise FailedPrecondition(f"{email} exists but is not a service account")
@@ -60,3 +62,8 @@ async def issue_service_token(c: Components, *, subject: str, ttl_seconds: int) 
         subject=user.id, roles=user.roles, version=user.token_version, ttl_seconds=ttl_seconds
     )
     return token
+
+
+def _operator() -> RequestContext:
+    """The operator tooling acting on its own authority, under the CLI's request id."""
+    return RequestContext(SYSTEM, request_id=request_id_var.get())

@@ -18,18 +18,19 @@ from userservice.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
-from usersvc.bootstrap import Components, build_components
+from usersvc.bootstrap import Components, build_components, build_dispatcher
 from usersvc.config import Settings
 from usersvc.interceptors.access_log import AccessLogInterceptor
 from usersvc.interceptors.auth import AuthInterceptor, policies_from
 from usersvc.interceptors.errors import ErrorInterceptor
 from usersvc.interceptors.request_id import RequestIdInterceptor
+from usersvc.jobs import purge_idempotency_keys_forever
 from usersvc.metrics import Metrics
-from usersvc.notifications.dispatcher import build_dispatcher
 from usersvc.servicers.auth_servicer import AuthServicer
 from usersvc.servicers.user_servicer import UserServicer
 from usersvc.services.auth import Authenticator
-from usersvc.services.users import Clock, utc_now
+from usersvc.services.clock import utc_now
+from usersvc.services.ports import Clock
 
 log = logging.getLogger(__name__)
 
@@ -118,28 +119,15 @@ async def build_server(
             bind_error
         )
     running = RunningServer(server=server, port=port, health=health_servicer, components=c)
-    running.background.append(asyncio.create_task(_purge_idempotency_keys(c)))
+    running.background.append(
+        asyncio.create_task(purge_idempotency_keys_forever(c.users), name="idempotency-purge")
+    )
     dispatcher = build_dispatcher(settings, c.engine, running.metrics, clock=clock)
     if dispatcher is not None:
         running.background.append(
             asyncio.create_task(dispatcher.run_forever(running.stopping), name="outbox-dispatcher")
         )
     return running
-
-
-IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 3600.0
-
-
-async def _purge_idempotency_keys(c: Components) -> None:
-    """Forget expired CreateUser request ids, hourly, for as long as the server runs."""
-    while True:
-        try:
-            purged = await c.users.purge_idempotency_keys()
-            if purged:
-                log.info("purged idempotency keys", extra={"count": purged})
-        except Exception:
-            log.exception("purging idempotency keys failed; will try again")
-        await asyncio.sleep(IDEMPOTENCY_PURGE_INTERVAL_SECONDS)
 
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:

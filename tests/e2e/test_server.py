@@ -33,7 +33,7 @@ from tests.support import (
 )
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
-from usersvc.domain.models import User
+from usersvc.domain.models import UserView
 from usersvc.services.users import UserService
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,7 +194,7 @@ def test_graceful_shutdown_finishes_in_flight_calls(sqlite_url: str) -> None:
     started = threading.Event()
     original = UserService.get_user
 
-    async def slow_get(self: UserService, user_id: str) -> User:
+    async def slow_get(self: UserService, user_id: str) -> UserView:
         started.set()
         await asyncio.sleep(0.5)
         return await original(self, user_id)

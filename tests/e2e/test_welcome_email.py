@@ -36,7 +36,7 @@ from userservice.v1 import user_pb2
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
 from usersvc.adapters.tables import outbox
-from usersvc.notifications.dispatcher import OFF_MESSAGE
+from usersvc.bootstrap import DISPATCHER_OFF_MESSAGE
 from usersvc.notifications.welcome_email import WELCOME_SUBJECT
 
 SENDER = "usersvc <welcome@example.com>"
@@ -223,7 +223,7 @@ def test_without_smtp_host_the_server_serves_and_says_once_that_mail_is_off(
                 grpc.channel_ready_future(channel).result(timeout=10)
         finally:
             thread.stop()
-    assert [line["message"] for line in logs.lines()].count(OFF_MESSAGE) == 1
+    assert [line["message"] for line in logs.lines()].count(DISPATCHER_OFF_MESSAGE) == 1
 
 
 def _dispatch_env(database_url: str, data_dir: str, **env: str) -> dict[str, str]:
@@ -278,4 +278,4 @@ def test_usersvc_dispatch_without_smtp_host_says_why_and_exits() -> None:
             check=False,
         )
     assert done.returncode == 2
-    assert done.stderr.count(OFF_MESSAGE) == 1
+    assert done.stderr.count(DISPATCHER_OFF_MESSAGE) == 1

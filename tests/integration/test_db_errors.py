@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 import pytest
 
 from usersvc.adapters.db import create_engine, create_read_engine
-from usersvc.adapters.unit_of_work import SanitizedDatabaseError, SqlUnitOfWorkFactory
+from usersvc.adapters.db_errors import SanitizedDatabaseError
+from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
 from usersvc.domain.models import User, UserState
 
 

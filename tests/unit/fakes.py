@@ -1,8 +1,7 @@
-"""In-memory stand-ins for the database side of the service layer, for fast unit tests.
+"""In-memory stand-ins for the service layer's ports, for fast unit tests.
 
-The fake repositories subclass the SQL ones only because the UnitOfWork protocol names those
-classes; in exchange mypy checks every overriding method against the real signature. No
-parent code runs: there is no connection, and a method not faked here fails loudly.
+Each fake implements its Protocol from `usersvc.services.ports` directly; mypy checks them
+against it, and `tests/contract` runs one set of tests over these fakes and both databases.
 """
 
 from __future__ import annotations
@@ -10,29 +9,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from usersvc.adapters.audit_repository import AuditRepository
-from usersvc.adapters.idempotency_repository import IdempotencyRecord, IdempotencyRepository
-from usersvc.adapters.outbox_repository import OutboxRepository
-from usersvc.adapters.refresh_token_repository import (
-    ACTIVE,
-    REVOKED,
-    RefreshTokenRecord,
-    RefreshTokenRepository,
-)
-from usersvc.adapters.user_repository import WRITABLE_COLUMNS, UserRepository
 from usersvc.domain.audit import AuditEvent
 from usersvc.domain.errors import DuplicateRequest, EmailTaken
 from usersvc.domain.events import OutboxMessage
-from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.models import (
+    SERVICE_ACCOUNT_PASSWORD_HASH,
+    PageCursor,
+    User,
+    UserState,
+    UserView,
+)
+from usersvc.domain.records import (
+    ClaimedOutboxMessage,
+    IdempotencyRecord,
+    OutboxStatus,
+    RefreshTokenRecord,
+    RefreshTokenStatus,
+)
+from usersvc.services import ports
+
+# Columns an update may write (the SQL repository refuses anything else the same way).
+WRITABLE_COLUMNS = frozenset({"email", "name", "password_hash", "roles", "state", "update_time"})
 
 
-def list_order_key(user: User) -> tuple[datetime, uuid.UUID]:
+def list_order_key(user: User | UserView) -> tuple[datetime, uuid.UUID]:
     """The list order of the real repository is this key, descending."""
     return (user.create_time, user.id)
 
@@ -40,6 +46,22 @@ def list_order_key(user: User) -> tuple[datetime, uuid.UUID]:
 def audit_order_key(event: AuditEvent) -> tuple[datetime, uuid.UUID]:
     """The list order of the real audit repository is this key, descending."""
     return (event.create_time, event.id)
+
+
+# As in the SQL repository: an operator needs the gist of an error, not a transcript.
+ERROR_MAX_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """What the outbox table holds beside the message itself."""
+
+    message: OutboxMessage
+    status: OutboxStatus
+    attempts: int
+    next_attempt_time: datetime
+    claimed_until: datetime | None = None
+    last_error: str | None = None
 
 
 @dataclass
@@ -56,6 +78,8 @@ class FakeDatabase:
     audit: list[AuditEvent] = field(default_factory=list)
     # Remembered CreateUser results by (caller, request_id).
     idempotency: dict[tuple[str, str], IdempotencyRecord] = field(default_factory=dict)
+    # Outbox rows with their delivery state, by message id.
+    outbox_rows: dict[uuid.UUID, OutboxRow] = field(default_factory=dict)
 
     def copy(self) -> FakeDatabase:
         return FakeDatabase(
@@ -65,6 +89,7 @@ class FakeDatabase:
             dict(self.refresh_tokens),
             list(self.audit),
             dict(self.idempotency),
+            dict(self.outbox_rows),
         )
 
 
@@ -78,7 +103,7 @@ class _Writes:
             raise AssertionError("write through a unit of work opened with write=False")
 
 
-class FakeUserRepository(_Writes, UserRepository):
+class FakeUserRepository(_Writes):
     """Users in a dict, with the database's unique email, list order and version checks."""
 
     def _require_email_free(self, email: str, owner: uuid.UUID) -> None:
@@ -205,13 +230,132 @@ class FakeUserRepository(_Writes, UserRepository):
         return found[:limit]
 
 
-class FakeOutboxRepository(_Writes, OutboxRepository):
+class FakeOutboxRepository(_Writes):
+    """Outbox rows with the SQL repository's claim, lease fencing and settling rules."""
+
     async def add(self, message: OutboxMessage) -> None:
         self._require_writable()
         self.db.outbox.append(message)
+        self.db.outbox_rows[message.id] = OutboxRow(
+            message=message,
+            status=OutboxStatus.PENDING,
+            attempts=0,
+            next_attempt_time=message.create_time,
+        )
+
+    async def claim_due(
+        self, *, topics: Collection[str], now: datetime, lease_until: datetime, limit: int
+    ) -> list[ClaimedOutboxMessage]:
+        self._require_writable()
+        due = sorted(
+            (
+                row
+                for row in self.db.outbox_rows.values()
+                if row.status is OutboxStatus.PENDING
+                and row.message.topic in topics
+                and row.next_attempt_time <= now
+                and (row.claimed_until is None or row.claimed_until < now)
+            ),
+            key=lambda row: (row.next_attempt_time, row.message.id),
+        )[:limit]
+        claimed = []
+        for row in due:
+            self.db.outbox_rows[row.message.id] = dataclasses.replace(
+                row, claimed_until=lease_until
+            )
+            user = self.db.users.get(row.message.aggregate_id)
+            claimed.append(
+                ClaimedOutboxMessage(
+                    id=row.message.id,
+                    topic=row.message.topic,
+                    aggregate_id=row.message.aggregate_id,
+                    payload=dict(row.message.payload),
+                    request_id=row.message.request_id,
+                    attempts=row.attempts,
+                    create_time=row.message.create_time,
+                    claimed_until=lease_until,
+                    user_email=user.email if user else None,
+                    user_name=user.name if user else None,
+                )
+            )
+        return claimed
+
+    async def mark_delivered(self, message_id: uuid.UUID, *, now: datetime) -> bool:
+        self._require_writable()
+        row = self.db.outbox_rows.get(message_id)
+        if row is None or row.status is not OutboxStatus.PENDING:
+            return False
+        self.db.outbox_rows[message_id] = dataclasses.replace(
+            row,
+            status=OutboxStatus.DELIVERED,
+            attempts=row.attempts + 1,
+            claimed_until=None,
+            last_error=None,
+        )
+        return True
+
+    def _settle_claimed(
+        self, message_id: uuid.UUID, claimed_until: datetime, **values: Any
+    ) -> bool:
+        self._require_writable()
+        row = self.db.outbox_rows.get(message_id)
+        if row is None or row.status is not OutboxStatus.PENDING:
+            return False
+        if row.claimed_until != claimed_until:
+            return False
+        self.db.outbox_rows[message_id] = dataclasses.replace(row, claimed_until=None, **values)
+        return True
+
+    async def schedule_retry(
+        self,
+        message_id: uuid.UUID,
+        *,
+        claimed_until: datetime,
+        attempts: int,
+        next_attempt_time: datetime,
+        error: str,
+        now: datetime,
+    ) -> bool:
+        return self._settle_claimed(
+            message_id,
+            claimed_until,
+            attempts=attempts,
+            next_attempt_time=next_attempt_time,
+            last_error=error[:ERROR_MAX_CHARS],
+        )
+
+    async def mark_failed(
+        self,
+        message_id: uuid.UUID,
+        *,
+        claimed_until: datetime,
+        attempts: int,
+        error: str,
+        now: datetime,
+    ) -> bool:
+        return self._settle_claimed(
+            message_id,
+            claimed_until,
+            status=OutboxStatus.FAILED,
+            attempts=attempts,
+            last_error=error[:ERROR_MAX_CHARS],
+        )
+
+    async def mark_skipped(
+        self, message_id: uuid.UUID, *, claimed_until: datetime, reason: str, now: datetime
+    ) -> bool:
+        return self._settle_claimed(
+            message_id,
+            claimed_until,
+            status=OutboxStatus.SKIPPED,
+            last_error=reason[:ERROR_MAX_CHARS],
+        )
+
+    async def release(self, message_id: uuid.UUID, *, claimed_until: datetime) -> bool:
+        return self._settle_claimed(message_id, claimed_until)
 
 
-class FakeRefreshTokenRepository(_Writes, RefreshTokenRepository):
+class FakeRefreshTokenRepository(_Writes):
     """Refresh tokens by hash; revoking a user's tokens is also recorded as an event."""
 
     async def add(
@@ -232,7 +376,7 @@ class FakeRefreshTokenRepository(_Writes, RefreshTokenRepository):
             id=uuid.uuid4(),
             user_id=user_id,
             family_id=family_id,
-            status=ACTIVE,
+            status=RefreshTokenStatus.ACTIVE,
             expire_time=expire_time,
         )
 
@@ -243,11 +387,31 @@ class FakeRefreshTokenRepository(_Writes, RefreshTokenRepository):
         self._require_writable()
         self.db.refresh_tokens_revoked.append(user_id)
         for token_hash, record in self.db.refresh_tokens.items():
-            if record.user_id == user_id and record.status != REVOKED:
-                self.db.refresh_tokens[token_hash] = dataclasses.replace(record, status=REVOKED)
+            if record.user_id == user_id and record.status is not RefreshTokenStatus.REVOKED:
+                self.db.refresh_tokens[token_hash] = dataclasses.replace(
+                    record, status=RefreshTokenStatus.REVOKED
+                )
+
+    async def mark_used(self, token_id: uuid.UUID) -> bool:
+        self._require_writable()
+        for token_hash, record in self.db.refresh_tokens.items():
+            if record.id == token_id and record.status is RefreshTokenStatus.ACTIVE:
+                self.db.refresh_tokens[token_hash] = dataclasses.replace(
+                    record, status=RefreshTokenStatus.USED
+                )
+                return True
+        return False
+
+    async def revoke_family(self, family_id: uuid.UUID) -> None:
+        self._require_writable()
+        for token_hash, record in self.db.refresh_tokens.items():
+            if record.family_id == family_id and record.status is not RefreshTokenStatus.REVOKED:
+                self.db.refresh_tokens[token_hash] = dataclasses.replace(
+                    record, status=RefreshTokenStatus.REVOKED
+                )
 
 
-class FakeAuditRepository(_Writes, AuditRepository):
+class FakeAuditRepository(_Writes):
     """Append-only, like the real one: there is no update or delete to fake."""
 
     async def add(self, event: AuditEvent) -> None:
@@ -271,7 +435,7 @@ class FakeAuditRepository(_Writes, AuditRepository):
         return found[:limit]
 
 
-class FakeIdempotencyRepository(_Writes, IdempotencyRepository):
+class FakeIdempotencyRepository(_Writes):
     """Remembered creates keyed by (caller, request_id), unique like the primary key."""
 
     async def get(self, *, caller: str, request_id: str) -> IdempotencyRecord | None:
@@ -313,11 +477,11 @@ class FakeIdempotencyRepository(_Writes, IdempotencyRepository):
 class FakeUnitOfWork:
     """A transaction over a copy of the database: commit publishes it, leaving drops the rest."""
 
-    users: UserRepository
-    outbox: OutboxRepository
-    refresh_tokens: RefreshTokenRepository
-    audit: AuditRepository
-    idempotency: IdempotencyRepository
+    users: FakeUserRepository
+    outbox: FakeOutboxRepository
+    refresh_tokens: FakeRefreshTokenRepository
+    audit: FakeAuditRepository
+    idempotency: FakeIdempotencyRepository
 
     def __init__(self, factory: FakeUnitOfWorkFactory, *, write: bool) -> None:
         self.write = write
@@ -382,6 +546,11 @@ class FakeUnitOfWorkFactory:
         return self.db.users
 
     @property
+    def views(self) -> dict[uuid.UUID, UserView]:
+        """The committed users as the service layer hands them out."""
+        return {user_id: user.view() for user_id, user in self.db.users.items()}
+
+    @property
     def outbox(self) -> list[OutboxMessage]:
         """The committed outbox messages."""
         return self.db.outbox
@@ -417,6 +586,10 @@ class FakePasswordHasher:
     def needs_rehash(self, password_hash: str) -> bool:
         return not password_hash.startswith("fake-sha256$")
 
+    def allows_password_login(self, password_hash: str) -> bool:
+        # Like the real hasher: every hash it makes can log in; the service-account marker not.
+        return password_hash != SERVICE_ACCOUNT_PASSWORD_HASH
+
 
 class FakeClock:
     """A clock that moves only when told to."""
@@ -431,3 +604,25 @@ class FakeClock:
     def advance(self, delta: timedelta) -> datetime:
         self.now += delta
         return self.now
+
+
+# mypy proves here that every fake implements its port.
+_checks: tuple[
+    type[ports.UserStore],
+    type[ports.Outbox],
+    type[ports.RefreshTokenStore],
+    type[ports.AuditLog],
+    type[ports.IdempotencyKeys],
+    type[ports.UnitOfWorkFactory],
+    type[ports.PasswordHasher],
+    type[ports.Clock],
+] = (
+    FakeUserRepository,
+    FakeOutboxRepository,
+    FakeRefreshTokenRepository,
+    FakeAuditRepository,
+    FakeIdempotencyRepository,
+    FakeUnitOfWorkFactory,
+    FakePasswordHasher,
+    FakeClock,
+)

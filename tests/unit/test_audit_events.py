@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,9 @@ from tests.unit.fakes import (
 )
 from usersvc.adapters.jwt_tokens import AccessTokenCodec, KeySet, generate_private_key_file
 from usersvc.adapters.page_tokens import PageTokenCodec
-from usersvc.context import request_id_var
 from usersvc.domain import audit
 from usersvc.domain.audit import REDACTED, REDACTED_FIELDS, AuditEvent, redact
-from usersvc.domain.auth import SYSTEM, Principal, TokenPair
+from usersvc.domain.auth import SYSTEM, Principal, RequestContext, TokenPair
 from usersvc.domain.errors import (
     EmailTaken,
     EtagMismatch,
@@ -31,7 +29,7 @@ from usersvc.domain.errors import (
     UserNotFound,
     ValidationFailed,
 )
-from usersvc.domain.models import User
+from usersvc.domain.models import UserView
 from usersvc.services.audit import AuditService
 from usersvc.services.auth import AuthService, TokenStateCache, hash_refresh_token
 from usersvc.services.users import UserService
@@ -44,7 +42,7 @@ REQUEST_ID = "req-audit-1"
 
 
 class ArgonLookingHasher(FakePasswordHasher):
-    """Fast fake hashes that look like Argon2 ones, as AuthService.login expects."""
+    """Fast fake hashes that look like Argon2 ones and never need a rehash."""
 
     @staticmethod
     def hash_of(password: str) -> str:
@@ -107,14 +105,6 @@ def auth_service(
     )
 
 
-@pytest.fixture(autouse=True)
-def request_id() -> Iterator[str]:
-    """Every call of a test runs as if inside a request with this id."""
-    token = request_id_var.set(REQUEST_ID)
-    yield REQUEST_ID
-    request_id_var.reset(token)
-
-
 @pytest.fixture
 def failing_audit(monkeypatch: pytest.MonkeyPatch) -> None:
     async def fail(self: FakeAuditRepository, event: AuditEvent) -> None:
@@ -123,8 +113,13 @@ def failing_audit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FakeAuditRepository, "add", fail)
 
 
-async def _create(service: UserService, email: str = "alice@example.com") -> User:
-    return await service.create_user(actor=ADMIN, email=email, name="Alice", password=PASSWORD)
+async def _create(service: UserService, email: str = "alice@example.com") -> UserView:
+    return await service.create_user(
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
+        email=email,
+        name="Alice",
+        password=PASSWORD,
+    )
 
 
 def _only_event(uow: FakeUnitOfWorkFactory, after: int) -> AuditEvent:
@@ -194,14 +189,18 @@ async def test_create_writes_a_user_created_event(
         "state": _change(None, "active"),
         "password": _change(REDACTED, REDACTED),
     }
-    _assert_no_secrets(event, PASSWORD, user.password_hash)
+    _assert_no_secrets(event, PASSWORD, uow.store[user.id].password_hash)
 
 
 async def test_create_by_operator_tooling_names_the_system_as_actor(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
     await service.create_user(
-        actor=SYSTEM, email="svc@service.invalid", name="svc", password=None, roles=["service"]
+        ctx=RequestContext(SYSTEM, request_id=REQUEST_ID),
+        email="svc@service.invalid",
+        name="svc",
+        password=None,
+        roles=["service"],
     )
     event = _only_event(uow, 0)
     assert event.actor == audit.SYSTEM_ACTOR == "system"
@@ -214,7 +213,7 @@ async def test_update_records_old_and_new_values_of_changed_fields_only(
     user = await _create(service)
     later = clock.advance(timedelta(minutes=1))
     await service.update_user(
-        actor=ADMIN,
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
         user_id=str(user.id),
         paths=["name", "email"],
         email="alice@example.com",  # unchanged: not a change
@@ -236,7 +235,12 @@ async def test_self_update_names_the_user_as_actor(
     user = await _create(service)
     me = Principal(user_id=user.id, roles=frozenset())
     await service.update_user(
-        actor=me, user_id=str(user.id), paths=["email"], email="NEW@example.com", name="", etag=""
+        ctx=RequestContext(me, request_id=REQUEST_ID),
+        user_id=str(user.id),
+        paths=["email"],
+        email="NEW@example.com",
+        name="",
+        etag="",
     )
     event = _only_event(uow, 1)
     assert event.actor == str(user.id)
@@ -248,7 +252,7 @@ async def test_a_change_of_roles_is_a_roles_changed_event(
 ) -> None:
     user = await _create(service)
     await service.update_user(
-        actor=ADMIN,
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
         user_id=str(user.id),
         paths=["roles", "name"],
         email="",
@@ -269,9 +273,10 @@ async def test_password_change_is_recorded_without_any_password_or_hash(
     service: UserService, uow: FakeUnitOfWorkFactory, by_admin: bool
 ) -> None:
     user = await _create(service)
+    old_hash = uow.store[user.id].password_hash
     actor = ADMIN if by_admin else Principal(user_id=user.id, roles=frozenset())
-    changed = await service.change_password(
-        actor=actor,
+    await service.change_password(
+        ctx=RequestContext(actor, request_id=REQUEST_ID),
         user_id=str(user.id),
         current_password="" if by_admin else PASSWORD,
         new_password=NEW_PASSWORD,
@@ -281,16 +286,21 @@ async def test_password_change_is_recorded_without_any_password_or_hash(
     assert event.action == audit.USER_PASSWORD_CHANGED
     assert event.actor == str(actor.user_id)
     assert event.changes == {"password": _change(REDACTED, REDACTED)}
-    _assert_no_secrets(event, PASSWORD, NEW_PASSWORD, user.password_hash, changed.password_hash)
+    new_hash = uow.store[user.id].password_hash
+    _assert_no_secrets(event, PASSWORD, NEW_PASSWORD, old_hash, new_hash)
 
 
 async def test_disable_and_enable_record_the_state_change(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
     user = await _create(service)
-    await service.disable_user(actor=ADMIN, user_id=str(user.id), etag="")
+    await service.disable_user(
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id), etag=""
+    )
     disabled = _only_event(uow, 1)
-    await service.enable_user(actor=ADMIN, user_id=str(user.id), etag="")
+    await service.enable_user(
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id), etag=""
+    )
     enabled = _only_event(uow, 2)
     assert (disabled.action, disabled.changes) == (
         audit.USER_DISABLED,
@@ -307,9 +317,13 @@ async def test_delete_records_the_old_values_and_every_event_outlives_the_user(
 ) -> None:
     user = await _create(service)
     clock.advance(timedelta(seconds=1))
-    await service.disable_user(actor=ADMIN, user_id=str(user.id), etag="")
+    await service.disable_user(
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id), etag=""
+    )
     clock.advance(timedelta(seconds=1))
-    await service.delete_user(actor=ADMIN, user_id=str(user.id))
+    await service.delete_user(
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id)
+    )
     event = _only_event(uow, 2)
     assert (event.action, event.user_id, event.actor) == (
         audit.USER_DELETED,
@@ -352,20 +366,34 @@ async def test_refused_changes_write_no_event(
     other = await _create(service, "bob@example.com")
     stale = user.etag
     await service.update_user(
-        actor=ADMIN, user_id=str(user.id), paths=["name"], email="", name="Al", etag=""
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
+        user_id=str(user.id),
+        paths=["name"],
+        email="",
+        name="Al",
+        etag="",
     )
     before = list(uow.audit)
     with pytest.raises(EtagMismatch):
         await service.update_user(
-            actor=ADMIN, user_id=str(user.id), paths=["name"], email="", name="X y", etag=stale
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
+            user_id=str(user.id),
+            paths=["name"],
+            email="",
+            name="X y",
+            etag=stale,
         )
     with pytest.raises(EtagMismatch):
-        await service.delete_user(actor=ADMIN, user_id=str(user.id), etag=stale)
+        await service.delete_user(
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id), etag=stale
+        )
     with pytest.raises(EtagMismatch):
-        await service.disable_user(actor=ADMIN, user_id=str(user.id), etag=stale)
+        await service.disable_user(
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id), etag=stale
+        )
     with pytest.raises(EtagMismatch):
         await service.change_password(
-            actor=ADMIN,
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
             user_id=str(user.id),
             current_password="",
             new_password=NEW_PASSWORD,
@@ -373,7 +401,7 @@ async def test_refused_changes_write_no_event(
         )
     with pytest.raises(EmailTaken):
         await service.update_user(
-            actor=ADMIN,
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
             user_id=str(other.id),
             paths=["email"],
             email=user.email,
@@ -383,12 +411,16 @@ async def test_refused_changes_write_no_event(
     with pytest.raises(EmailTaken):
         await _create(service, "ALICE@example.com")
     with pytest.raises(FailedPrecondition):
-        await service.enable_user(actor=ADMIN, user_id=str(user.id), etag="")
+        await service.enable_user(
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id), etag=""
+        )
     with pytest.raises(UserNotFound):
-        await service.delete_user(actor=ADMIN, user_id=str(uuid.uuid4()))
+        await service.delete_user(
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(uuid.uuid4())
+        )
     with pytest.raises(ValidationFailed):
         await service.change_password(
-            actor=Principal(user_id=user.id, roles=frozenset()),
+            ctx=RequestContext(Principal(user_id=user.id, roles=frozenset())),
             user_id=str(user.id),
             current_password="wrong current password",
             new_password=NEW_PASSWORD,
@@ -406,7 +438,7 @@ async def test_create_is_rolled_back_when_its_audit_event_cannot_be_written(
 ) -> None:
     with pytest.raises(AuditFailure):
         await service.create_user(
-            actor=ADMIN,
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
             email="carol@example.com",
             name="Carol",
             password=PASSWORD,
@@ -422,20 +454,37 @@ async def test_create_is_rolled_back_when_its_audit_event_cannot_be_written(
 async def _run_use_case(service: UserService, use_case: str, uid: str) -> None:
     if use_case == "update":
         await service.update_user(
-            actor=ADMIN, user_id=uid, paths=["name"], email="", name="Changed", etag=""
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
+            user_id=uid,
+            paths=["name"],
+            email="",
+            name="Changed",
+            etag="",
         )
     elif use_case == "roles":
         await service.update_user(
-            actor=ADMIN, user_id=uid, paths=["roles"], email="", name="", roles=["admin"], etag=""
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
+            user_id=uid,
+            paths=["roles"],
+            email="",
+            name="",
+            roles=["admin"],
+            etag="",
         )
     elif use_case == "password":
         await service.change_password(
-            actor=ADMIN, user_id=uid, current_password="", new_password=NEW_PASSWORD, etag=""
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
+            user_id=uid,
+            current_password="",
+            new_password=NEW_PASSWORD,
+            etag="",
         )
     elif use_case == "disable":
-        await service.disable_user(actor=ADMIN, user_id=uid, etag="")
+        await service.disable_user(
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=uid, etag=""
+        )
     else:
-        await service.delete_user(actor=ADMIN, user_id=uid)
+        await service.delete_user(ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=uid)
 
 
 @pytest.mark.parametrize("use_case", ["update", "roles", "password", "disable", "delete"])
@@ -459,7 +508,7 @@ async def test_changes_are_rolled_back_when_their_audit_event_cannot_be_written(
     monkeypatch.setattr(FakeAuditRepository, "add", fail)
     with pytest.raises(AuditFailure):
         await _run_use_case(service, use_case, str(user.id))
-    assert uow.store == {user.id: user}
+    assert uow.views == {user.id: user}
     assert uow.db.refresh_tokens_revoked == []
     assert revoked == []  # no revocation hook for a change that did not happen
     assert [e.action for e in uow.audit] == [audit.USER_CREATED]
@@ -470,7 +519,7 @@ async def test_changes_are_rolled_back_when_their_audit_event_cannot_be_written(
 
 
 async def _login(auth_service: AuthService, email: str, password: str) -> TokenPair:
-    return await auth_service.login(email=email, password=password)
+    return await auth_service.login(email=email, password=password, request_id=REQUEST_ID)
 
 
 async def test_successful_login_writes_an_event_without_password_hash_or_tokens(
@@ -488,7 +537,7 @@ async def test_successful_login_writes_an_event_without_password_hash_or_tokens(
     _assert_no_secrets(
         event,
         PASSWORD,
-        user.password_hash,
+        uow.store[user.id].password_hash,
         pair.access_token,
         pair.refresh_token,
         hash_refresh_token(pair.refresh_token),
@@ -521,14 +570,16 @@ async def test_failed_login_writes_an_event_without_the_password(
     assert event.actor == "anonymous"
     assert event.request_id == REQUEST_ID
     assert event.changes == {"email": _change(None, email), "outcome": _change(None, outcome)}
-    _assert_no_secrets(event, password, user.password_hash)
+    _assert_no_secrets(event, password, uow.store[user.id].password_hash)
 
 
 async def test_failed_login_of_a_disabled_user_is_recorded(
     service: UserService, auth_service: AuthService, uow: FakeUnitOfWorkFactory
 ) -> None:
     user = await _create(service)
-    await service.disable_user(actor=ADMIN, user_id=str(user.id), etag="")
+    await service.disable_user(
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id), etag=""
+    )
     with pytest.raises(Unauthenticated):
         await _login(auth_service, user.email, PASSWORD)
     event = _only_event(uow, 2)
@@ -563,7 +614,7 @@ async def test_login_changes_are_rolled_back_when_the_event_cannot_be_written(
     with pytest.raises(AuditFailure):
         await _login(auth_service, user.email, PASSWORD if succeed else "wrong password here")
     assert uow.db.refresh_tokens == {}  # no token issued
-    assert uow.store[user.id] == user  # no failure counted
+    assert uow.store[user.id].view() == user  # no failure counted
     assert [e.action for e in uow.audit] == [audit.USER_CREATED]
 
 
@@ -578,7 +629,12 @@ async def test_list_events_is_newest_first_and_pages_with_tokens_bound_to_the_fi
     for n in range(4):
         clock.advance(timedelta(seconds=(n + 1) % 2))  # pairs share a time: id breaks ties
         await service.update_user(
-            actor=ADMIN, user_id=str(alice.id), paths=["name"], email="", name=f"Al {n}", etag=""
+            ctx=RequestContext(ADMIN, request_id=REQUEST_ID),
+            user_id=str(alice.id),
+            paths=["name"],
+            email="",
+            name=f"Al {n}",
+            etag="",
         )
     events = AuditService(uow=uow, page_tokens=codec)
     seen: list[AuditEvent] = []

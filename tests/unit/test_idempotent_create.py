@@ -11,9 +11,9 @@ import pytest
 from tests.unit.fakes import FakeClock, FakePasswordHasher, FakeUnitOfWorkFactory
 from usersvc.adapters.page_tokens import PageTokenCodec
 from usersvc.domain import audit
-from usersvc.domain.auth import Principal
+from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import DuplicateRequest, EmailTaken, ValidationFailed
-from usersvc.domain.models import User
+from usersvc.domain.models import UserView
 from usersvc.services.users import UserService
 
 START = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -74,13 +74,13 @@ async def _create(
     email: str = "alice@example.com",
     name: str = "Alice",
     password: str = PASSWORD,
-) -> User:
+) -> UserView:
     return await service.create_user(
-        actor=actor, email=email, name=name, password=password, request_id=request_id
+        ctx=RequestContext(actor), email=email, name=name, password=password, request_id=request_id
     )
 
 
-def _public(user: User) -> tuple[object, ...]:
+def _public(user: UserView) -> tuple[object, ...]:
     """What CreateUserResponse shows of a user."""
     return (
         user.id,
@@ -205,7 +205,7 @@ async def test_the_remembered_request_holds_no_password_or_hash(
     (record,) = uow.db.idempotency.values()
     stored = repr(record)
     assert PASSWORD not in stored
-    assert user.password_hash not in stored
+    assert uow.store[user.id].password_hash not in stored
     assert "password" not in record.result
 
 
@@ -278,7 +278,7 @@ async def test_concurrent_creates_with_one_request_id_and_different_payloads(
         _create(service, request_id, email="two@example.com"),
         return_exceptions=True,
     )
-    users = [r for r in results if isinstance(r, User)]
+    users = [r for r in results if isinstance(r, UserView)]
     errors = [r for r in results if isinstance(r, BaseException)]
     assert len(users) == 1
     assert len(errors) == 1

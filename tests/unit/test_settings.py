@@ -188,3 +188,11 @@ def test_a_settings_error_shows_no_secret(
         Settings()
     secret = short_secret if secret_name == "secret_key" else extra[secret_name]
     assert not _shows_part_of(secret, str(err.value))
+
+
+def test_an_outbox_lease_not_longer_than_the_smtp_timeout_is_refused() -> None:
+    with pytest.raises(ValidationError, match="USERSVC_OUTBOX_LEASE_SECONDS"):
+        Settings(smtp_host="127.0.0.1", smtp_timeout_seconds=30, outbox_lease_seconds=20)
+    with pytest.raises(ValidationError, match="LEASE"):
+        Settings(smtp_timeout_seconds=10, outbox_lease_seconds=10)
+    assert Settings(smtp_timeout_seconds=10, outbox_lease_seconds=10.5).outbox_lease_seconds == 10.5

@@ -9,9 +9,8 @@ import pytest
 
 from tests.unit.fakes import FakeClock, FakePasswordHasher, FakeUnitOfWorkFactory
 from usersvc.adapters.page_tokens import PageTokenCodec
-from usersvc.adapters.unit_of_work import UnitOfWork
 from usersvc.domain import audit
-from usersvc.domain.auth import Principal
+from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import (
     ConcurrencyConflict,
     EmailTaken,
@@ -21,6 +20,7 @@ from usersvc.domain.errors import (
 )
 from usersvc.domain.models import User, UserState
 from usersvc.services import transactions
+from usersvc.services.ports import UnitOfWork
 from usersvc.services.transactions import BASE_DELAY_SECONDS, MAX_ATTEMPTS, in_transaction
 from usersvc.services.users import UserService
 
@@ -217,7 +217,10 @@ async def test_a_use_case_retried_after_a_conflict_writes_once_with_one_audit_ev
         clock=FakeClock(START),
     )
     created = await service.create_user(
-        actor=ADMIN, email="retry@example.com", name="Retry", password="correct horse battery"
+        ctx=RequestContext(ADMIN),
+        email="retry@example.com",
+        name="Retry",
+        password="correct horse battery",
     )
     calls = 0
     original = type(uow.last.users).update
@@ -231,7 +234,7 @@ async def test_a_use_case_retried_after_a_conflict_writes_once_with_one_audit_ev
 
     monkeypatch.setattr(type(uow.last.users), "update", conflicting_once)
     updated = await service.update_user(
-        actor=ADMIN,
+        ctx=RequestContext(ADMIN),
         user_id=str(created.id),
         paths=["name"],
         email="",
@@ -240,7 +243,7 @@ async def test_a_use_case_retried_after_a_conflict_writes_once_with_one_audit_ev
     )
     assert calls == 2
     assert (updated.name, updated.version) == ("Retried", 2)
-    assert uow.store[created.id] == updated
+    assert uow.store[created.id].view() == updated
     assert [e.action for e in uow.audit] == [audit.USER_CREATED, audit.USER_UPDATED]
 
 
@@ -255,7 +258,10 @@ async def test_a_use_case_that_keeps_conflicting_surfaces_concurrency_conflict(
         clock=FakeClock(START),
     )
     created = await service.create_user(
-        actor=ADMIN, email="stuck@example.com", name="Stuck", password="correct horse battery"
+        ctx=RequestContext(ADMIN),
+        email="stuck@example.com",
+        name="Stuck",
+        password="correct horse battery",
     )
 
     async def always_conflicting(self: object, *args: object, **kwargs: object) -> object:
@@ -264,8 +270,8 @@ async def test_a_use_case_that_keeps_conflicting_surfaces_concurrency_conflict(
     monkeypatch.setattr(type(uow.last.users), "update", always_conflicting)
     opened_before = len(uow.opened)
     with pytest.raises(ConcurrencyConflict) as err:
-        await service.disable_user(actor=ADMIN, user_id=str(created.id), etag="")
+        await service.disable_user(ctx=RequestContext(ADMIN), user_id=str(created.id), etag="")
     assert err.value.reason == "CONCURRENT_MODIFICATION"
     assert len(uow.opened) - opened_before == MAX_ATTEMPTS
-    assert uow.store[created.id] == created
+    assert uow.store[created.id].view() == created
     assert [e.action for e in uow.audit] == [audit.USER_CREATED]

@@ -15,8 +15,7 @@ from tests.unit.fakes import (
     list_order_key,
 )
 from usersvc.adapters.page_tokens import PageTokenCodec
-from usersvc.context import request_id_var
-from usersvc.domain.auth import Principal
+from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import (
     EmailTaken,
     EtagMismatch,
@@ -24,8 +23,8 @@ from usersvc.domain.errors import (
     UserNotFound,
     ValidationFailed,
 )
-from usersvc.domain.events import USER_CREATED
-from usersvc.domain.models import User, UserState
+from usersvc.domain.events import TOPIC_USER_CREATED
+from usersvc.domain.models import User, UserState, UserView
 from usersvc.services.users import ListUsersResult, UserService
 
 START = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -62,8 +61,10 @@ def service(
     return UserService(uow=uow, hasher=hasher, page_tokens=codec, clock=clock)
 
 
-async def _create(service: UserService, email: str, name: str = "Some One") -> User:
-    return await service.create_user(actor=ADMIN, email=email, name=name, password=PASSWORD)
+async def _create(service: UserService, email: str, name: str = "Some One") -> UserView:
+    return await service.create_user(
+        ctx=RequestContext(ADMIN), email=email, name=name, password=PASSWORD
+    )
 
 
 def _stored_user(n: int, create_time: datetime) -> User:
@@ -103,7 +104,10 @@ async def test_create_normalises_and_stores_the_user(
     service: UserService, uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher
 ) -> None:
     user = await service.create_user(
-        actor=ADMIN, email="  Alice@Example.COM ", name="  Alice Liddell  ", password=PASSWORD
+        ctx=RequestContext(ADMIN),
+        email="  Alice@Example.COM ",
+        name="  Alice Liddell  ",
+        password=PASSWORD,
     )
     assert user.email == "alice@example.com"
     assert user.name == "Alice Liddell"
@@ -111,8 +115,8 @@ async def test_create_normalises_and_stores_the_user(
     assert user.state is UserState.ACTIVE
     assert user.create_time == user.update_time == START
     assert (user.version, user.etag) == (1, '"1"')
-    assert user.password_hash == hasher.hash_of(PASSWORD)
-    assert uow.store == {user.id: user}
+    assert uow.store[user.id].password_hash == hasher.hash_of(PASSWORD)
+    assert uow.views == {user.id: user}
     assert len(uow.opened) == 1
     _assert_committed_once(uow.last)
 
@@ -120,19 +124,20 @@ async def test_create_normalises_and_stores_the_user(
 async def test_create_writes_one_welcome_message_in_the_same_transaction(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
-    token = request_id_var.set("req-123")
-    try:
-        user = await _create(service, "welcome@example.com", "Wendy")
-    finally:
-        request_id_var.reset(token)
+    user = await service.create_user(
+        ctx=RequestContext(ADMIN, request_id="req-123"),
+        email="welcome@example.com",
+        name="Wendy",
+        password=PASSWORD,
+    )
     assert len(uow.outbox) == 1
     message = uow.outbox[0]
-    assert (message.topic, message.aggregate_id) == (USER_CREATED, user.id)
+    assert (message.topic, message.aggregate_id) == (TOPIC_USER_CREATED, user.id)
     assert message.payload == {"user_id": str(user.id), "email": user.email, "name": "Wendy"}
     assert message.request_id == "req-123"
     assert message.create_time == START
     assert PASSWORD not in repr(message)
-    assert user.password_hash not in repr(message)
+    assert uow.store[user.id].password_hash not in repr(message)
 
 
 async def test_create_ids_are_distinct(service: UserService) -> None:
@@ -142,21 +147,23 @@ async def test_create_ids_are_distinct(service: UserService) -> None:
 
 
 async def test_create_hashes_the_password_as_given(
-    service: UserService, hasher: FakePasswordHasher
+    service: UserService, uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher
 ) -> None:
     password = " 🔑" * 64  # 128 code points with spaces at both ends: no trimming, no truncation
     user = await service.create_user(
-        actor=ADMIN, email="k@example.com", name="Key", password=password
+        ctx=RequestContext(ADMIN), email="k@example.com", name="Key", password=password
     )
     assert hasher.hashed == [password]
-    assert user.password_hash == hasher.hash_of(password)
+    assert uow.store[user.id].password_hash == hasher.hash_of(password)
 
 
 async def test_create_reports_every_violation_at_once(
     service: UserService, uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher
 ) -> None:
     with pytest.raises(ValidationFailed) as err:
-        await service.create_user(actor=ADMIN, email="not-an-email", name=" A ", password="short")
+        await service.create_user(
+            ctx=RequestContext(ADMIN), email="not-an-email", name=" A ", password="short"
+        )
     assert _violations(err) == [
         ("email", "INVALID_FORMAT"),
         ("name", "OUT_OF_RANGE"),
@@ -165,7 +172,7 @@ async def test_create_reports_every_violation_at_once(
     assert "short" not in str(err.value)
     assert hasher.hashed == []  # no hashing work for a request that is refused anyway
     assert uow.opened == []
-    assert uow.store == {}
+    assert uow.views == {}
 
 
 async def test_create_refuses_a_common_password_in_any_case(
@@ -180,10 +187,10 @@ async def test_create_refuses_a_common_password_in_any_case(
     )
     with pytest.raises(ValidationFailed) as err:
         await service.create_user(
-            actor=ADMIN, email="a@example.com", name="Al", password="PassWord123"
+            ctx=RequestContext(ADMIN), email="a@example.com", name="Al", password="PassWord123"
         )
     assert _violations(err) == [("password", "COMMON_PASSWORD")]
-    assert uow.store == {}
+    assert uow.views == {}
 
 
 async def test_create_refuses_a_password_of_129_code_points(
@@ -191,10 +198,10 @@ async def test_create_refuses_a_password_of_129_code_points(
 ) -> None:
     with pytest.raises(ValidationFailed) as err:
         await service.create_user(
-            actor=ADMIN, email="a@example.com", name="Al", password="🔑" * 129
+            ctx=RequestContext(ADMIN), email="a@example.com", name="Al", password="🔑" * 129
         )
     assert _violations(err) == [("password", "OUT_OF_RANGE")]
-    assert uow.store == {}
+    assert uow.views == {}
 
 
 async def test_create_with_a_case_variant_of_a_taken_email_fails_and_rolls_back(
@@ -203,7 +210,7 @@ async def test_create_with_a_case_variant_of_a_taken_email_fails_and_rolls_back(
     first = await _create(service, "bob@example.com", "Bob")
     with pytest.raises(EmailTaken):
         await _create(service, "  BOB@Example.com ", "Other Bob")
-    assert uow.store == {first.id: first}
+    assert uow.views == {first.id: first}
     assert [m.aggregate_id for m in uow.outbox] == [first.id]  # no welcome for the refused one
     _assert_rolled_back(uow.last)
 
@@ -310,7 +317,7 @@ async def _all_pages(
 async def test_paging_through_23_users_returns_each_once_in_order(
     service: UserService, clock: FakeClock
 ) -> None:
-    created: list[User] = []
+    created: list[UserView] = []
     for n in range(23):
         if n % 3 == 0:  # groups of three share a create_time: the id breaks the tie
             clock.advance(timedelta(seconds=1))
@@ -375,7 +382,7 @@ async def test_update_writes_only_the_masked_field(
     created = await _create(service, "erin@example.com", "Erin")
     later = clock.advance(timedelta(minutes=5))
     updated = await service.update_user(
-        actor=MEMBER,
+        ctx=RequestContext(MEMBER),
         user_id=str(created.id),
         paths=["name"],
         email="ignored: not in the mask",
@@ -387,15 +394,15 @@ async def test_update_writes_only_the_masked_field(
     assert updated.update_time == later > created.update_time
     assert updated.create_time == created.create_time == START
     assert (updated.version, updated.etag) == (2, '"2"')
-    assert updated.password_hash == created.password_hash
-    assert uow.store[created.id] == updated
+    assert uow.store[created.id].password_hash == FakePasswordHasher.hash_of(PASSWORD)
+    assert uow.store[created.id].view() == updated
     _assert_committed_once(uow.last)
 
 
 async def test_update_normalises_a_new_email(service: UserService) -> None:
     created = await _create(service, "frank@example.com")
     updated = await service.update_user(
-        actor=MEMBER,
+        ctx=RequestContext(MEMBER),
         user_id=str(created.id),
         paths=["email"],
         email=" Frank@New.Example ",
@@ -412,7 +419,7 @@ async def test_update_with_the_current_etag_succeeds(
     created = await _create(service, "gina@example.com")
     clock.advance(timedelta(seconds=1))
     first = await service.update_user(
-        actor=MEMBER,
+        ctx=RequestContext(MEMBER),
         user_id=str(created.id),
         paths=["name"],
         email="",
@@ -420,7 +427,7 @@ async def test_update_with_the_current_etag_succeeds(
         etag=created.etag,
     )
     second = await service.update_user(
-        actor=MEMBER,
+        ctx=RequestContext(MEMBER),
         user_id=str(created.id),
         paths=["name"],
         email="",
@@ -440,19 +447,24 @@ async def test_update_with_a_stale_or_foreign_etag_is_etag_mismatch(
 ) -> None:
     created = await _create(service, "hank@example.com", "Hank")
     current = await service.update_user(
-        actor=MEMBER, user_id=str(created.id), paths=["name"], email="", name="Hank Two", etag=""
+        ctx=RequestContext(MEMBER),
+        user_id=str(created.id),
+        paths=["name"],
+        email="",
+        name="Hank Two",
+        etag="",
     )
     assert current.etag == '"2"'
     with pytest.raises(EtagMismatch):
         await service.update_user(
-            actor=MEMBER,
+            ctx=RequestContext(MEMBER),
             user_id=str(created.id),
             paths=["name"],
             email="",
             name="Lost Update",
             etag=etag,
         )
-    assert uow.store[created.id] == current
+    assert uow.store[created.id].view() == current
     # Even an etag this server never issues is checked in the transaction, after existence.
     assert len(uow.opened) == (3 if checked_in_a_transaction else 2)
     if checked_in_a_transaction:
@@ -465,7 +477,7 @@ async def test_update_of_an_unknown_user_is_user_not_found(
     for etag in ("", '"1"'):
         with pytest.raises(UserNotFound):
             await service.update_user(
-                actor=MEMBER,
+                ctx=RequestContext(MEMBER),
                 user_id=str(uuid.uuid4()),
                 paths=["name"],
                 email="",
@@ -473,7 +485,7 @@ async def test_update_of_an_unknown_user_is_user_not_found(
                 etag=etag,
             )
         _assert_rolled_back(uow.last)
-    assert uow.store == {}
+    assert uow.views == {}
 
 
 async def test_update_with_an_empty_mask_is_a_validation_error(
@@ -482,7 +494,7 @@ async def test_update_with_an_empty_mask_is_a_validation_error(
     created = await _create(service, "ivy@example.com")
     with pytest.raises(ValidationFailed) as err:
         await service.update_user(
-            actor=MEMBER,
+            ctx=RequestContext(MEMBER),
             user_id=str(created.id),
             paths=[],
             email="x@example.com",
@@ -490,7 +502,7 @@ async def test_update_with_an_empty_mask_is_a_validation_error(
             etag="",
         )
     assert _violations(err) == [("update_mask", "REQUIRED")]
-    assert uow.store[created.id] == created
+    assert uow.store[created.id].view() == created
     assert len(uow.opened) == 1  # only the create's
 
 
@@ -501,7 +513,7 @@ async def test_update_with_an_unknown_path_is_a_validation_error(
     created = await _create(service, "jack@example.com")
     with pytest.raises(ValidationFailed) as err:
         await service.update_user(
-            actor=MEMBER,
+            ctx=RequestContext(MEMBER),
             user_id=str(created.id),
             paths=["name", path],
             email="",
@@ -509,7 +521,7 @@ async def test_update_with_an_unknown_path_is_a_validation_error(
             etag="",
         )
     assert _violations(err) == [("update_mask", "UNKNOWN_FIELD")]
-    assert uow.store[created.id] == created
+    assert uow.store[created.id].view() == created
 
 
 @pytest.mark.parametrize("path", ["id", "state", "create_time", "update_time", "etag"])
@@ -519,17 +531,22 @@ async def test_update_of_an_immutable_path_is_a_validation_error(
     created = await _create(service, "kate@example.com")
     with pytest.raises(ValidationFailed) as err:
         await service.update_user(
-            actor=MEMBER, user_id=str(created.id), paths=[path], email="", name="", etag=""
+            ctx=RequestContext(MEMBER),
+            user_id=str(created.id),
+            paths=[path],
+            email="",
+            name="",
+            etag="",
         )
     assert _violations(err) == [("update_mask", "IMMUTABLE_FIELD")]
-    assert uow.store[created.id] == created
+    assert uow.store[created.id].view() == created
     assert len(uow.opened) == 1
 
 
 async def test_update_reports_every_violation_at_once(service: UserService) -> None:
     with pytest.raises(ValidationFailed) as err:
         await service.update_user(
-            actor=MEMBER,
+            ctx=RequestContext(MEMBER),
             user_id="not-a-uuid",
             paths=["email", "name", "state"],
             email="bad",
@@ -551,14 +568,14 @@ async def test_update_to_a_case_variant_of_another_users_email_is_email_taken(
     mia = await _create(service, "mia@example.com")
     with pytest.raises(EmailTaken):
         await service.update_user(
-            actor=MEMBER,
+            ctx=RequestContext(MEMBER),
             user_id=str(mia.id),
             paths=["email"],
             email="LIAM@example.com",
             name="",
             etag="",
         )
-    assert uow.store[mia.id] == mia
+    assert uow.store[mia.id].view() == mia
     _assert_rolled_back(uow.last)
 
 
@@ -568,7 +585,7 @@ async def test_update_of_roles_by_a_non_admin_is_permission_denied(
     created = await _create(service, "rob@example.com")
     with pytest.raises(PermissionDenied):
         await service.update_user(
-            actor=MEMBER,
+            ctx=RequestContext(MEMBER),
             user_id=str(created.id),
             paths=["roles"],
             email="",
@@ -576,7 +593,7 @@ async def test_update_of_roles_by_a_non_admin_is_permission_denied(
             roles=["admin"],
             etag="",
         )
-    assert uow.store[created.id] == created
+    assert uow.store[created.id].view() == created
     assert len(uow.opened) == 1
 
 
@@ -598,7 +615,7 @@ async def test_admin_changes_roles_and_the_users_tokens_are_revoked(
     service, calls = revoked
     created = await _create(service, "sam@example.com")
     updated = await service.update_user(
-        actor=ADMIN,
+        ctx=RequestContext(ADMIN),
         user_id=str(created.id),
         paths=["roles"],
         email="",
@@ -608,7 +625,7 @@ async def test_admin_changes_roles_and_the_users_tokens_are_revoked(
     )
     assert updated.roles == ("admin", "service")
     assert updated.token_version == created.token_version + 1
-    assert uow.store[created.id] == updated
+    assert uow.store[created.id].view() == updated
     assert uow.db.refresh_tokens_revoked == [created.id]
     assert calls == [created.id]
 
@@ -619,7 +636,12 @@ async def test_setting_the_same_roles_again_revokes_nothing(
     service, calls = revoked
     created = await _create(service, "tia@example.com")
     updated = await service.update_user(
-        actor=ADMIN, user_id=str(created.id), paths=["roles"], email="", name="", etag=""
+        ctx=RequestContext(ADMIN),
+        user_id=str(created.id),
+        paths=["roles"],
+        email="",
+        name="",
+        etag="",
     )
     assert updated.roles == ()
     assert updated.token_version == created.token_version
@@ -633,7 +655,7 @@ async def test_an_unknown_role_is_a_validation_error(
     created = await _create(service, "uma@example.com")
     with pytest.raises(ValidationFailed) as err:
         await service.update_user(
-            actor=ADMIN,
+            ctx=RequestContext(ADMIN),
             user_id=str(created.id),
             paths=["roles"],
             email="",
@@ -642,7 +664,7 @@ async def test_an_unknown_role_is_a_validation_error(
             etag="",
         )
     assert _violations(err) == [("user.roles", "UNKNOWN_ROLE")]
-    assert uow.store[created.id] == created
+    assert uow.store[created.id].view() == created
 
 
 # --- delete ----------------------------------------------------------------------------------
@@ -650,9 +672,9 @@ async def test_an_unknown_role_is_a_validation_error(
 
 async def test_delete_removes_the_user(service: UserService, uow: FakeUnitOfWorkFactory) -> None:
     created = await _create(service, "nina@example.com")
-    await service.delete_user(actor=ADMIN, user_id=str(created.id))
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
     _assert_committed_once(uow.last)
-    assert uow.store == {}
+    assert uow.views == {}
     with pytest.raises(UserNotFound):
         await service.get_user(str(created.id))
 
@@ -661,8 +683,8 @@ async def test_delete_with_the_current_etag_removes_the_user(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
     created = await _create(service, "omar@example.com")
-    await service.delete_user(actor=ADMIN, user_id=str(created.id), etag=created.etag)
-    assert uow.store == {}
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id), etag=created.etag)
+    assert uow.views == {}
 
 
 async def test_delete_with_a_stale_etag_is_etag_mismatch_and_keeps_the_user(
@@ -670,11 +692,18 @@ async def test_delete_with_a_stale_etag_is_etag_mismatch_and_keeps_the_user(
 ) -> None:
     created = await _create(service, "pia@example.com")
     updated = await service.update_user(
-        actor=MEMBER, user_id=str(created.id), paths=["name"], email="", name="Pia", etag=""
+        ctx=RequestContext(MEMBER),
+        user_id=str(created.id),
+        paths=["name"],
+        email="",
+        name="Pia",
+        etag="",
     )
     with pytest.raises(EtagMismatch):
-        await service.delete_user(actor=ADMIN, user_id=str(created.id), etag=created.etag)
-    assert uow.store == {created.id: updated}
+        await service.delete_user(
+            ctx=RequestContext(ADMIN), user_id=str(created.id), etag=created.etag
+        )
+    assert uow.views == {created.id: updated}
     _assert_rolled_back(uow.last)
 
 
@@ -683,8 +712,8 @@ async def test_delete_of_an_unknown_user_is_user_not_found(
 ) -> None:
     kept = await _create(service, "quinn@example.com")
     with pytest.raises(UserNotFound):
-        await service.delete_user(actor=ADMIN, user_id=str(uuid.uuid4()))
-    assert uow.store == {kept.id: kept}
+        await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(uuid.uuid4()))
+    assert uow.views == {kept.id: kept}
     _assert_rolled_back(uow.last)
 
 
@@ -692,7 +721,7 @@ async def test_delete_with_a_malformed_id_is_a_validation_error(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
     with pytest.raises(ValidationFailed) as err:
-        await service.delete_user(actor=ADMIN, user_id="nope")
+        await service.delete_user(ctx=RequestContext(ADMIN), user_id="nope")
     assert _violations(err) == [("id", "INVALID_FORMAT")]
     assert uow.opened == []
 

@@ -19,7 +19,8 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout, foreign keys and BEGIN IMMEDIATE.
+    """An engine for `url` holding at most `pool_size` connections (no overflow); SQLite gets
+    WAL, a busy timeout, foreign keys and BEGIN IMMEDIATE.
 
     hide_parameters: a database error's text must never carry a password hash or a token
     hash into a log line.
@@ -39,7 +40,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
         pool_pre_ping=False,
         pool_recycle=1800,
         hide_parameters=True,
@@ -78,7 +79,7 @@ def create_read_engine(url: str, *, pool_size: int = 10) -> AsyncEngine | None:
     return create_async_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=0,
         pool_recycle=1800,
         isolation_level="AUTOCOMMIT",
         hide_parameters=True,

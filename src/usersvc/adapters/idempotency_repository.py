@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -10,15 +9,9 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.tables import idempotency_keys
+from usersvc.domain.records import IdempotencyRecord
 
 k = idempotency_keys.c
-
-
-@dataclass(frozen=True, slots=True)
-class IdempotencyRecord:
-    fingerprint: str
-    result: dict[str, Any]
-    create_time: datetime
 
 
 class IdempotencyRepository:

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from usersvc.adapters.secret_files import create_once
+from usersvc.domain.errors import InvalidAccessToken
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ ACCESS = "access"
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
 VERIFIED_CACHE_SIZE = 10_000
-
-
-class InvalidAccessToken(Exception):
-    """Any reason a token is refused; the reason is for the server log only."""
 
 
 def _b64(value: int) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,36 +18,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.tables import outbox, users
 from usersvc.domain.events import OutboxMessage
+from usersvc.domain.records import ClaimedOutboxMessage, OutboxStatus
 
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
-SKIPPED = "skipped"
+PENDING = OutboxStatus.PENDING.value
+DELIVERED = OutboxStatus.DELIVERED.value
+FAILED = OutboxStatus.FAILED.value
+SKIPPED = OutboxStatus.SKIPPED.value
 
 # last_error is for operators; a whole SMTP transcript is not needed to see what went wrong.
 ERROR_MAX_CHARS = 1000
 
 _INSERT = insert(outbox)
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedOutboxMessage:
-    """A pending row this dispatcher holds until `claimed_until`, with its user as of the claim.
-
-    `user_email`/`user_name` are the user's current values (None when the user no longer
-    exists), so an address corrected before delivery gets the mail, a deleted user none.
-    """
-
-    id: uuid.UUID
-    topic: str
-    aggregate_id: uuid.UUID
-    payload: dict[str, Any]
-    request_id: str
-    attempts: int
-    create_time: datetime
-    claimed_until: datetime
-    user_email: str | None
-    user_name: str | None
 
 
 class OutboxRepository:

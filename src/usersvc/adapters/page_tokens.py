@@ -12,13 +12,12 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from usersvc.domain.errors import InvalidPageToken
 from usersvc.domain.models import PageCursor
 
+__all__ = ["InvalidPageToken", "PageTokenCodec"]
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class InvalidPageToken(ValueError):
-    """Garbage, tampered, expired, or issued for another query."""
 
 
 class PageTokenCodec:

@@ -62,5 +62,9 @@ class Argon2PasswordHasher:
             or params.salt_len < current.salt_len
         )
 
+    def allows_password_login(self, password_hash: str) -> bool:
+        """Only Argon2 hashes verify passwords; service accounts store a marker instead."""
+        return password_hash.startswith("$argon2")
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.tables import refresh_tokens
+from usersvc.domain.records import RefreshTokenRecord, RefreshTokenStatus
 
-ACTIVE, USED, REVOKED = "active", "used", "revoked"
+ACTIVE, USED, REVOKED = (
+    RefreshTokenStatus.ACTIVE.value,
+    RefreshTokenStatus.USED.value,
+    RefreshTokenStatus.REVOKED.value,
+)
 
 _GET_BY_HASH = select(refresh_tokens).where(refresh_tokens.c.token_hash == bindparam("h"))
-
-
-@dataclass(frozen=True, slots=True)
-class RefreshTokenRecord:
-    id: uuid.UUID
-    user_id: uuid.UUID
-    family_id: uuid.UUID
-    status: str
-    expire_time: datetime
 
 
 class RefreshTokenRepository:
@@ -60,7 +55,7 @@ class RefreshTokenRepository:
             id=m["id"],
             user_id=m["user_id"],
             family_id=m["family_id"],
-            status=m["status"],
+            status=RefreshTokenStatus(m["status"]),
             expire_time=m["expire_time"],
         )
 

@@ -70,8 +70,14 @@ users = Table(
     Column("update_time", UTCDateTime(), nullable=False),
     # Bumped on every change; the etag is derived from it.
     Column("version", BigInteger().with_variant(Integer(), "sqlite"), nullable=False),
-    Column("token_version", BigInteger().with_variant(Integer(), "sqlite"), nullable=False),
-    Column("failed_login_count", Integer(), nullable=False),
+    # Server defaults as migration 0003 created them (it backfilled existing rows with them).
+    Column(
+        "token_version",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        nullable=False,
+        server_default="1",
+    ),
+    Column("failed_login_count", Integer(), nullable=False, server_default="0"),
     Column("locked_until", UTCDateTime(), nullable=True),
     # The list order (newest first, id as tiebreaker) served by one index scan.
     Index("ix_users_create_time_id", "create_time", "id"),
@@ -88,7 +94,7 @@ outbox = Table(
     Column("aggregate_id", Uuid(), nullable=False),
     Column("payload", JsonList, nullable=False),
     Column("request_id", String(128), nullable=False),
-    # pending -> delivered | failed
+    # pending -> delivered | failed | skipped (OutboxStatus)
     Column("status", String(16), nullable=False),
     Column("attempts", Integer(), nullable=False),
     Column("next_attempt_time", UTCDateTime(), nullable=False),
@@ -108,7 +114,7 @@ refresh_tokens = Table(
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("user_id", Uuid(), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
     Column("family_id", Uuid(), nullable=False),
-    # active -> used | revoked
+    # active -> used | revoked (RefreshTokenStatus)
     Column("status", String(16), nullable=False),
     Column("create_time", UTCDateTime(), nullable=False),
     Column("expire_time", UTCDateTime(), nullable=False),

@@ -41,3 +41,11 @@ class TokenPair:
     access_expires_at: float
     refresh_token: str
     refresh_expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who is asking, and the request id every record of the call carries."""
+
+    actor: Principal
+    request_id: str = "-"

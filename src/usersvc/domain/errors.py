@@ -105,16 +105,16 @@ class PermissionDenied(DomainError):
         super().__init__(message)
 
 
-class ResourceExhausted(DomainError):
-    reason = "RESOURCE_EXHAUSTED"
-
-    def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_seconds = retry_after_seconds
-
-
 class StorageUnavailable(DomainError):
     reason = "STORAGE_UNAVAILABLE"
 
     def __init__(self, message: str = "the database is unavailable; retry later") -> None:
         super().__init__(message)
+
+
+class InvalidPageToken(ValueError):
+    """Garbage, tampered, expired, or issued for another query."""
+
+
+class InvalidAccessToken(Exception):
+    """Any reason a token is refused; the reason is for the server log only."""

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-USER_CREATED = "user.created"
+# Outbox topic announcing a new user (the welcome e-mail); not the audit action of that name.
+TOPIC_USER_CREATED = "user.created"
 
 
 @dataclass(frozen=True, slots=True)

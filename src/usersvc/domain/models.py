@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 
@@ -15,7 +15,7 @@ class UserState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class User:
-    """A user as stored; password_hash never leaves the service layer."""
+    """A user as stored, with its password hash; the service layer answers with UserView."""
 
     id: uuid.UUID
     email: str
@@ -30,6 +30,38 @@ class User:
     token_version: int = 1
     failed_login_count: int = 0
     locked_until: datetime | None = None
+
+    @property
+    def etag(self) -> str:
+        return etag_of(self.version)
+
+    def view(self) -> UserView:
+        return UserView(
+            id=self.id,
+            email=self.email,
+            name=self.name,
+            roles=self.roles,
+            state=self.state,
+            create_time=self.create_time,
+            update_time=self.update_time,
+            version=self.version,
+            token_version=self.token_version,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UserView:
+    """A user as the service layer hands it out: no password hash, no login counters."""
+
+    id: uuid.UUID
+    email: str
+    name: str
+    roles: tuple[str, ...]
+    state: UserState
+    create_time: datetime
+    update_time: datetime
+    version: int
+    token_version: int = 1
 
     @property
     def etag(self) -> str:
@@ -56,10 +88,3 @@ class PageCursor:
 
     create_time: datetime
     id: uuid.UUID
-
-
-@dataclass(frozen=True, slots=True)
-class UserPage:
-    users: list[User] = field(default_factory=list)
-    next_cursor: PageCursor | None = None
-    total_size: int = 0

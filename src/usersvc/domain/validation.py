@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
+from collections.abc import Sequence
 
+from usersvc.domain.auth import KNOWN_ROLES
 from usersvc.domain.errors import FieldViolation
 
 EMAIL_MAX = 254
@@ -74,3 +76,16 @@ def parse_user_id(raw: str, field: str = "id") -> tuple[uuid.UUID | None, FieldV
     if not isinstance(raw, str) or not _UUID_RE.fullmatch(raw):
         return None, FieldViolation(field, "id must be a UUID", "INVALID_FORMAT")
     return uuid.UUID(raw), None
+
+
+def check_roles(
+    raw: Sequence[str], field: str = "roles"
+) -> tuple[tuple[str, ...], FieldViolation | None]:
+    """The roles sorted and without duplicates; a violation naming any unknown role."""
+    roles = tuple(sorted(set(raw)))
+    unknown = sorted(set(roles) - KNOWN_ROLES)
+    if unknown:
+        return roles, FieldViolation(
+            field, f"unknown roles {unknown}; known: {sorted(KNOWN_ROLES)}", "UNKNOWN_ROLE"
+        )
+    return roles, None

@@ -34,7 +34,6 @@ STATUS_OF: tuple[tuple[type[e.DomainError], grpc.StatusCode], ...] = (
     (e.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (e.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 UNAVAILABLE_RETRY_SECONDS = 1.0
@@ -95,9 +94,7 @@ def status_for(error: e.DomainError) -> grpc.Status:
         log.error("unmapped domain error %s: %s", type(error).__name__, error.message)
         return build_status(code, "internal error", "INTERNAL")
     retry_after: float | None = None
-    if isinstance(error, e.ResourceExhausted):
-        retry_after = error.retry_after_seconds
-    elif isinstance(error, e.StorageUnavailable):
+    if isinstance(error, e.StorageUnavailable):
         retry_after = UNAVAILABLE_RETRY_SECONDS
     return build_status(
         code,

@@ -12,26 +12,21 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 from datetime import timedelta
 from email.message import EmailMessage
 from typing import Protocol
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from usersvc.adapters.outbox_repository import ClaimedOutboxMessage
-from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory, UnitOfWorkFactory
-from usersvc.config import Settings
 from usersvc.domain.errors import StorageUnavailable
-from usersvc.domain.events import USER_CREATED
+from usersvc.domain.events import TOPIC_USER_CREATED
+from usersvc.domain.records import ClaimedOutboxMessage
 from usersvc.metrics import Metrics
-from usersvc.notifications.smtp import DeliveryFailed, SmtpSender
+from usersvc.notifications.smtp import DeliveryFailed
 from usersvc.notifications.welcome_email import build_welcome_email
-from usersvc.services.users import Clock, utc_now
+from usersvc.services.clock import utc_now
+from usersvc.services.ports import Clock, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
 
-OFF_MESSAGE = "welcome e-mail dispatcher is off: USERSVC_SMTP_HOST is not set"
 # RFC 6761: names under .invalid never resolve, so mail to them can never be delivered (the
 # operator tasks give service accounts such addresses); no point retrying for hours.
 UNDELIVERABLE_DOMAIN_SUFFIX = ".invalid"
@@ -59,7 +54,7 @@ def backoff_delay(attempt: int, *, base: float, maximum: float, rng: random.Rand
 class OutboxDispatcher:
     """Claims due user.created records, sends the welcome e-mail, records the outcome."""
 
-    topics = (USER_CREATED,)
+    topics = (TOPIC_USER_CREATED,)
 
     def __init__(
         self,
@@ -80,7 +75,7 @@ class OutboxDispatcher:
         rng: random.Random | None = None,
     ) -> None:
         if lease_seconds <= send_timeout_seconds:
-            # Otherwise no send could ever start with its lease safely ahead of it.
+            # Settings refuse this at start-up; the guard is for other callers.
             raise ValueError(
                 f"the outbox lease ({lease_seconds} s) must be longer than the SMTP timeout "
                 f"({send_timeout_seconds} s)"
@@ -269,48 +264,3 @@ class OutboxDispatcher:
         log.warning(
             "welcome e-mail not sent; will retry", extra={**fields, "retry_in_seconds": delay}
         )
-
-
-def build_dispatcher(
-    settings: Settings, engine: AsyncEngine, metrics: Metrics, *, clock: Clock = utc_now
-) -> OutboxDispatcher | None:
-    """The dispatcher `settings` describe, or None (said once in the log) without an SMTP host."""
-    if not settings.smtp_host:
-        log.info(OFF_MESSAGE)
-        return None
-    return OutboxDispatcher(
-        uow=SqlUnitOfWorkFactory(engine),
-        sender=SmtpSender.from_settings(settings),
-        metrics=metrics,
-        sender_address=settings.smtp_sender,
-        clock=clock,
-        batch_size=settings.outbox_batch_size,
-        poll_seconds=settings.outbox_poll_seconds,
-        lease_seconds=settings.outbox_lease_seconds,
-        send_timeout_seconds=settings.smtp_timeout_seconds,
-        max_attempts=settings.outbox_max_attempts,
-        backoff_base_seconds=settings.outbox_backoff_base_seconds,
-        backoff_max_seconds=settings.outbox_backoff_max_seconds,
-    )
-
-
-async def dispatch_until_signalled(settings: Settings) -> int:
-    """`usersvc dispatch`: run the dispatcher alone until SIGTERM or SIGINT.
-
-    Returns the exit status: 0 after a clean stop, 2 when no SMTP host is configured.
-    """
-    from usersvc.adapters.db import create_engine
-
-    engine = create_engine(settings.effective_database_url, pool_size=settings.db_pool_size)
-    try:
-        dispatcher = build_dispatcher(settings, engine, Metrics())
-        if dispatcher is None:
-            return 2
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await dispatcher.run_forever(stop)
-        return 0
-    finally:
-        await engine.dispose()

@@ -23,11 +23,6 @@ class DeliveryFailed(Exception):
         self.reason = reason
         self.smtp_code = smtp_code
 
-    @property
-    def permanent(self) -> bool:
-        """Whether the server called it permanent (5xx); still retried, but worth a look."""
-        return self.smtp_code is not None and 500 <= self.smtp_code < 600
-
 
 class SmtpSender:
     """One SMTP connection per message: simple, and nothing to keep alive between polls."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from userservice.v1 import auth_service_pb2 as pb
 from userservice.v1 import auth_service_pb2_grpc as pb_grpc
+from usersvc.context import request_id_var
 from usersvc.domain.auth import TokenPair
 from usersvc.interceptors.base import Context
 from usersvc.servicers.mapping import timestamp_from_epoch
@@ -25,7 +26,9 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         self._auth = auth
 
     async def Login(self, request: pb.LoginRequest, context: Context) -> pb.LoginResponse:
-        pair = await self._auth.login(email=request.email, password=request.password)
+        pair = await self._auth.login(
+            email=request.email, password=request.password, request_id=request_id_var.get()
+        )
         return pb.LoginResponse(tokens=_pair(pair))
 
     async def RefreshToken(

@@ -7,7 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from userservice.v1 import user_pb2
 from usersvc.domain.audit import AuditEvent
-from usersvc.domain.models import User, UserState
+from usersvc.domain.models import UserState, UserView
 
 _STATE = {
     UserState.ACTIVE: user_pb2.USER_STATE_ACTIVE,
@@ -21,7 +21,7 @@ def timestamp(value: object) -> Timestamp:
     return ts
 
 
-def user_to_proto(user: User) -> user_pb2.User:
+def user_to_proto(user: UserView) -> user_pb2.User:
     return user_pb2.User(
         id=str(user.id),
         email=user.email,

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1 import user_service_pb2_grpc as pb_grpc
-from usersvc.context import current_principal
+from usersvc.context import current_principal, request_id_var
+from usersvc.domain.auth import RequestContext
 from usersvc.interceptors.base import Context
 from usersvc.servicers.mapping import audit_event_to_proto, user_to_proto
 from usersvc.services.audit import AuditService
 from usersvc.services.users import UserService
+
+
+def _request_context() -> RequestContext:
+    """The caller and request id the interceptors established for this call."""
+    return RequestContext(current_principal(), request_id=request_id_var.get())
 
 
 class UserServicer(pb_grpc.UserServiceServicer):
@@ -20,7 +26,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
         self, request: pb.CreateUserRequest, context: Context
     ) -> pb.CreateUserResponse:
         user = await self._users.create_user(
-            actor=current_principal(),
+            ctx=_request_context(),
             email=request.email,
             name=request.name,
             password=request.password,
@@ -47,7 +53,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
         self, request: pb.UpdateUserRequest, context: Context
     ) -> pb.UpdateUserResponse:
         user = await self._users.update_user(
-            actor=current_principal(),
+            ctx=_request_context(),
             user_id=request.user.id,
             paths=list(request.update_mask.paths),
             email=request.user.email,
@@ -60,16 +66,14 @@ class UserServicer(pb_grpc.UserServiceServicer):
     async def DeleteUser(
         self, request: pb.DeleteUserRequest, context: Context
     ) -> pb.DeleteUserResponse:
-        await self._users.delete_user(
-            actor=current_principal(), user_id=request.id, etag=request.etag
-        )
+        await self._users.delete_user(ctx=_request_context(), user_id=request.id, etag=request.etag)
         return pb.DeleteUserResponse()
 
     async def ChangePassword(
         self, request: pb.ChangePasswordRequest, context: Context
     ) -> pb.ChangePasswordResponse:
         user = await self._users.change_password(
-            actor=current_principal(),
+            ctx=_request_context(),
             user_id=request.id,
             current_password=request.current_password,
             new_password=request.new_password,
@@ -81,7 +85,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
         self, request: pb.DisableUserRequest, context: Context
     ) -> pb.DisableUserResponse:
         user = await self._users.disable_user(
-            actor=current_principal(), user_id=request.id, etag=request.etag
+            ctx=_request_context(), user_id=request.id, etag=request.etag
         )
         return pb.DisableUserResponse(user=user_to_proto(user))
 
@@ -89,7 +93,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
         self, request: pb.EnableUserRequest, context: Context
     ) -> pb.EnableUserResponse:
         user = await self._users.enable_user(
-            actor=current_principal(), user_id=request.id, etag=request.etag
+            ctx=_request_context(), user_id=request.id, etag=request.etag
         )
         return pb.EnableUserResponse(user=user_to_proto(user))
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from usersvc.adapters.page_tokens import PageTokenCodec
-from usersvc.adapters.unit_of_work import UnitOfWorkFactory
 from usersvc.domain.audit import AuditEvent
 from usersvc.domain.errors import FieldViolation, ValidationFailed
 from usersvc.domain.validation import parse_user_id
 from usersvc.services.paging import cut_page, parse_page_request
+from usersvc.services.ports import PageCursorCodec, UnitOfWorkFactory
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +21,7 @@ class AuditPage:
 class AuditService:
     """Lists audit events, newest first, with the same keyset page tokens as ListUsers."""
 
-    def __init__(self, *, uow: UnitOfWorkFactory, page_tokens: PageTokenCodec) -> None:
+    def __init__(self, *, uow: UnitOfWorkFactory, page_tokens: PageCursorCodec) -> None:
         self._uow = uow
         self._page_tokens = page_tokens
 

@@ -11,18 +11,22 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from usersvc.adapters.jwt_tokens import AccessTokenCodec, InvalidAccessToken
-from usersvc.adapters.refresh_token_repository import ACTIVE, USED
-from usersvc.adapters.unit_of_work import UnitOfWork, UnitOfWorkFactory
-from usersvc.context import request_id_var
 from usersvc.domain import audit
 from usersvc.domain.audit import AuditEvent, redact
 from usersvc.domain.auth import Principal, TokenPair
-from usersvc.domain.errors import Unauthenticated
+from usersvc.domain.errors import InvalidAccessToken, Unauthenticated
 from usersvc.domain.models import User, UserState
+from usersvc.domain.records import RefreshTokenStatus
 from usersvc.domain.validation import check_email, normalize_email, parse_user_id
+from usersvc.services.clock import utc_now
+from usersvc.services.ports import (
+    AccessTokenCodec,
+    Clock,
+    PasswordHasher,
+    UnitOfWork,
+    UnitOfWorkFactory,
+)
 from usersvc.services.transactions import in_transaction
-from usersvc.services.users import Clock, PasswordHasher, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +135,16 @@ class AuthService:
         self._lock = timedelta(seconds=lock_seconds)
         self._clock = clock
 
-    async def login(self, *, email: str, password: str) -> TokenPair:
+    async def login(self, *, email: str, password: str, request_id: str = "-") -> TokenPair:
         """A new token pair; one generic Unauthenticated for every kind of failure.
 
-        Every attempt leaves an audit record; failures count towards a lock of the account.
+        Every attempt leaves an audit record (carrying `request_id`); failures count towards
+        a lock of the account.
         """
         normalized = normalize_email(email)
         async with self._uow(write=False) as uow:
             user = await uow.users.get_by_email(normalized) if normalized else None
-        if user is None or not user.password_hash.startswith("$argon2"):
+        if user is None or not self._hasher.allows_password_login(user.password_hash):
             # Same hashing work as for a real account, so timing does not reveal which exist.
             await self._hasher.verify(self._dummy_hash, password)
             reason = "unknown_email" if user is None else "no_password_login"
@@ -147,7 +152,7 @@ class AuthService:
             # must not land in the audit trail.
             shown, bad = check_email(email)
             await self._record_failure(
-                user.id if user else None, "[invalid]" if bad else shown, reason
+                user.id if user else None, "[invalid]" if bad else shown, reason, request_id
             )
             raise Unauthenticated()
         now = self._clock()
@@ -155,11 +160,15 @@ class AuthService:
         valid = await self._hasher.verify(user.password_hash, password)
         if locked or not valid:
             await self._record_failure(
-                user.id, normalized, "locked" if locked else "wrong_password", count=not locked
+                user.id,
+                normalized,
+                "locked" if locked else "wrong_password",
+                request_id,
+                count=not locked,
             )
             raise Unauthenticated()
         if user.state is not UserState.ACTIVE:
-            await self._record_failure(user.id, normalized, "disabled", count=False)
+            await self._record_failure(user.id, normalized, "disabled", request_id, count=False)
             raise Unauthenticated()
         new_hash = None
         if self._hasher.needs_rehash(user.password_hash):
@@ -173,7 +182,9 @@ class AuthService:
                 await uow.users.replace_password_hash(user.id, new_hash)
             pair = await self._issue(uow, user, family_id=uuid.uuid4())
             await uow.audit.add(
-                self._event(user.id, audit.LOGIN_SUCCEEDED, {"email": (None, normalized)})
+                self._event(
+                    user.id, audit.LOGIN_SUCCEEDED, {"email": (None, normalized)}, request_id
+                )
             )
             await uow.commit()
             return pair
@@ -181,7 +192,13 @@ class AuthService:
         return await in_transaction(self._uow, succeed)
 
     async def _record_failure(
-        self, user_id: uuid.UUID | None, email: str, reason: str, *, count: bool = False
+        self,
+        user_id: uuid.UUID | None,
+        email: str,
+        reason: str,
+        request_id: str,
+        *,
+        count: bool = False,
     ) -> None:
         now = self._clock()
 
@@ -192,7 +209,10 @@ class AuthService:
                 )
             await uow.audit.add(
                 self._event(
-                    user_id, audit.LOGIN_FAILED, {"email": (None, email), "outcome": (None, reason)}
+                    user_id,
+                    audit.LOGIN_FAILED,
+                    {"email": (None, email), "outcome": (None, reason)},
+                    request_id,
                 )
             )
             await uow.commit()
@@ -200,14 +220,18 @@ class AuthService:
         await in_transaction(self._uow, record)
 
     def _event(
-        self, user_id: uuid.UUID | None, action: str, changes: dict[str, tuple[Any, Any]]
+        self,
+        user_id: uuid.UUID | None,
+        action: str,
+        changes: dict[str, tuple[Any, Any]],
+        request_id: str,
     ) -> AuditEvent:
         return AuditEvent(
             user_id=user_id,
             action=action,
             changes=redact(changes),
             actor=audit.ANONYMOUS_ACTOR,
-            request_id=request_id_var.get(),
+            request_id=request_id,
             create_time=self._clock(),
         )
 
@@ -219,8 +243,9 @@ class AuthService:
             record = await uow.refresh_tokens.get_by_hash(token_hash)
             if record is None:
                 raise Unauthenticated()
-            if record.status == USED or (
-                record.status == ACTIVE and not await uow.refresh_tokens.mark_used(record.id)
+            if record.status is RefreshTokenStatus.USED or (
+                record.status is RefreshTokenStatus.ACTIVE
+                and not await uow.refresh_tokens.mark_used(record.id)
             ):
                 # Reuse: someone holds a copy. Revoke the whole login, and keep that revocation.
                 await uow.refresh_tokens.revoke_family(record.family_id)
@@ -230,7 +255,10 @@ class AuthService:
                     extra={"family_id": str(record.family_id)},
                 )
                 raise Unauthenticated()
-            if record.status != ACTIVE or record.expire_time <= self._clock():
+            if (
+                record.status is not RefreshTokenStatus.ACTIVE
+                or record.expire_time <= self._clock()
+            ):
                 raise Unauthenticated()
             user = await uow.users.get(record.user_id)
             if user is None or user.state is not UserState.ACTIVE:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, TypeVar
 
-from usersvc.adapters.page_tokens import InvalidPageToken, PageTokenCodec
-from usersvc.domain.errors import FieldViolation
+from usersvc.domain.errors import FieldViolation, InvalidPageToken
 from usersvc.domain.models import PageCursor
+from usersvc.services.ports import PageCursorCodec
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
@@ -37,7 +37,7 @@ class PageRequest:
 
 
 def parse_page_request(
-    codec: PageTokenCodec,
+    codec: PageCursorCodec,
     *,
     page_size: int,
     page_token: str,
@@ -59,7 +59,9 @@ def parse_page_request(
     return PageRequest(size=size, cursor=cursor, query=query)
 
 
-def cut_page(codec: PageTokenCodec, request: PageRequest, rows: Sequence[T]) -> tuple[list[T], str]:
+def cut_page(
+    codec: PageCursorCodec, request: PageRequest, rows: Sequence[T]
+) -> tuple[list[T], str]:
     """The page (rows were fetched with limit size + 1) and the next token, empty at the end."""
     page = list(rows[: request.size])
     if len(rows) <= request.size:

@@ -8,8 +8,8 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from usersvc.adapters.unit_of_work import UnitOfWork, UnitOfWorkFactory
 from usersvc.domain.errors import ConcurrencyConflict, RetryableConflict
+from usersvc.services.ports import UnitOfWork, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,22 +1,16 @@
-"""User management use cases."""
+"""User management use cases: create, read, list, update, delete, passwords, state."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any
 
-from usersvc.adapters.page_tokens import PageTokenCodec
-from usersvc.adapters.unit_of_work import UnitOfWork, UnitOfWorkFactory
-from usersvc.context import request_id_var
 from usersvc.domain import audit
 from usersvc.domain.audit import AuditEvent, redact
-from usersvc.domain.auth import KNOWN_ROLES, SYSTEM, Principal
+from usersvc.domain.auth import SYSTEM, RequestContext
 from usersvc.domain.errors import (
     DuplicateRequest,
     EtagMismatch,
@@ -26,47 +20,40 @@ from usersvc.domain.errors import (
     UserNotFound,
     ValidationFailed,
 )
-from usersvc.domain.events import USER_CREATED, OutboxMessage
+from usersvc.domain.events import TOPIC_USER_CREATED, OutboxMessage
 from usersvc.domain.models import (
     SERVICE_ACCOUNT_PASSWORD_HASH,
     User,
     UserState,
+    UserView,
     version_of_etag,
 )
+from usersvc.domain.update_mask import ADMIN_ONLY_PATHS, parse_update_mask
 from usersvc.domain.validation import (
     EMAIL_MAX,
     check_email,
     check_name,
     check_password,
+    check_roles,
     normalize_email,
     parse_user_id,
 )
+from usersvc.services.clock import utc_now
+from usersvc.services.idempotency import IdempotentCreates
 from usersvc.services.paging import cut_page, parse_page_request
+from usersvc.services.ports import (
+    Clock,
+    PageCursorCodec,
+    PasswordHasher,
+    UnitOfWork,
+    UnitOfWorkFactory,
+)
 from usersvc.services.transactions import in_transaction
-
-# Paths of User an UpdateUser mask may name, and the ones it may never name.
-UPDATABLE_PATHS = frozenset({"name", "email", "roles"})
-ADMIN_ONLY_PATHS = frozenset({"roles"})
-OUTPUT_ONLY_PATHS = frozenset({"id", "state", "create_time", "update_time", "etag"})
-
-Clock = Callable[[], datetime]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-class PasswordHasher(Protocol):
-    async def hash(self, password: str) -> str: ...
-
-    async def verify(self, password_hash: str, password: str) -> bool: ...
-
-    def needs_rehash(self, password_hash: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
 class ListUsersResult:
-    users: Sequence[User]
+    users: Sequence[UserView]
     next_page_token: str
     total_size: int
 
@@ -78,19 +65,27 @@ def require_user_id(raw: str, field: str = "id") -> uuid.UUID:
     return user_id
 
 
+# The operator tooling acting on its own authority, outside any request.
+OPERATOR = RequestContext(SYSTEM)
+
+
 def _no_revocation_hook(user_id: uuid.UUID) -> None:
     return None
 
 
 class UserService:
-    """Create, read, list, update and delete users; change passwords; disable and enable."""
+    """Create, read, list, update and delete users; change passwords; disable and enable.
+
+    Every use case that changes data takes the request context (caller and request id), which
+    the audit record and the outbox message carry.
+    """
 
     def __init__(
         self,
         *,
         uow: UnitOfWorkFactory,
         hasher: PasswordHasher,
-        page_tokens: PageTokenCodec,
+        page_tokens: PageCursorCodec,
         clock: Clock = utc_now,
         common_passwords: frozenset[str] = frozenset(),
         on_tokens_revoked: Callable[[uuid.UUID], None] = _no_revocation_hook,
@@ -103,8 +98,12 @@ class UserService:
         self._clock = clock
         self._common_passwords = common_passwords
         self._on_tokens_revoked = on_tokens_revoked
-        self._fingerprint_key = fingerprint_key
-        self._idempotency_ttl = timedelta(seconds=idempotency_ttl_seconds)
+        self._creates = IdempotentCreates(
+            uow=uow,
+            clock=clock,
+            fingerprint_key=fingerprint_key,
+            ttl_seconds=idempotency_ttl_seconds,
+        )
 
     def _check_new_password(self, password: str, field: str) -> FieldViolation | None:
         violation = check_password(password, field)
@@ -119,13 +118,13 @@ class UserService:
     async def create_user(
         self,
         *,
-        actor: Principal,
+        ctx: RequestContext,
         email: str,
         name: str,
         password: str | None,
         roles: Sequence[str] = (),
         request_id: str = "",
-    ) -> User:
+    ) -> UserView:
         """Validate every field at once, hash the password, insert; EmailTaken on a duplicate.
 
         `password=None` makes an account that cannot log in with a password (service accounts).
@@ -137,17 +136,20 @@ class UserService:
         password_violation = (
             self._check_new_password(password, "password") if password is not None else None
         )
-        violations = [v for v in (email_violation, name_violation, password_violation) if v]
+        checked_roles, roles_violation = check_roles(roles)
+        violations = [
+            v for v in (email_violation, name_violation, password_violation, roles_violation) if v
+        ]
         if request_id:
             _, id_violation = parse_user_id(request_id, "request_id")
             violations.extend([id_violation] if id_violation else [])
         if violations:
             raise ValidationFailed(violations)
-        roles = tuple(sorted(set(roles)))
-        caller = actor.audit_name
-        fingerprint = self._fingerprint(email, name, password, roles)
+        caller = ctx.actor.audit_name
+        key = request_id.lower()
+        fingerprint = self._creates.fingerprint(email, name, password, checked_roles)
         if request_id:
-            earlier = await self._remembered_create(caller, request_id.lower(), fingerprint)
+            earlier = await self._creates.remembered(caller, key, fingerprint)
             if earlier is not None:
                 return earlier
         password_hash = (
@@ -161,34 +163,30 @@ class UserService:
             email=email,
             name=name,
             password_hash=password_hash,
-            roles=roles,
+            roles=checked_roles,
             state=UserState.ACTIVE,
             create_time=now,
             update_time=now,
             version=1,
         )
         welcome = OutboxMessage(
-            topic=USER_CREATED,
+            topic=TOPIC_USER_CREATED,
             aggregate_id=user.id,
             payload={"user_id": str(user.id), "email": user.email, "name": user.name},
-            request_id=request_id_var.get(),
+            request_id=ctx.request_id,
             create_time=now,
         )
 
-        async def insert(uow: UnitOfWork) -> User:
+        async def insert(uow: UnitOfWork) -> UserView:
             if request_id:
                 # First, so that a concurrent retry waits on this key (and then answers with
                 # our result) instead of failing on the e-mail the first call takes.
-                await uow.idempotency.delete_expired(
+                await self._creates.remember(
+                    uow,
                     caller=caller,
-                    request_id=request_id.lower(),
-                    cutoff=now - self._idempotency_ttl,
-                )
-                await uow.idempotency.add(
-                    caller=caller,
-                    request_id=request_id.lower(),
+                    request_id=key,
                     fingerprint=fingerprint,
-                    result=_snapshot(user),
+                    user=user.view(),
                     now=now,
                 )
             await uow.users.add(user)
@@ -198,7 +196,7 @@ class UserService:
                 await uow.outbox.add(welcome)
             await uow.audit.add(
                 self._event(
-                    actor,
+                    ctx,
                     user.id,
                     audit.USER_CREATED,
                     {
@@ -212,66 +210,36 @@ class UserService:
                 )
             )
             await uow.commit()
-            return user
+            return user.view()
 
         try:
             return await in_transaction(self._uow, insert)
         except DuplicateRequest:
             # A concurrent call with the same request_id committed first: answer as it did.
-            earlier = await self._remembered_create(caller, request_id.lower(), fingerprint)
+            earlier = await self._creates.remembered(caller, key, fingerprint)
             if earlier is None:
                 raise
             return earlier
 
-    def _fingerprint(
-        self, email: str, name: str, password: str | None, roles: tuple[str, ...]
-    ) -> str:
-        # Keyed, so the stored value reveals nothing about the password without the key.
-        payload = json.dumps([email, name, password, list(roles)], ensure_ascii=False)
-        return hmac.new(self._fingerprint_key, payload.encode(), hashlib.sha256).hexdigest()
-
-    async def _remembered_create(
-        self, caller: str, request_id: str, fingerprint: str
-    ) -> User | None:
-        async with self._uow(write=False) as uow:
-            record = await uow.idempotency.get(caller=caller, request_id=request_id)
-        if record is None or record.create_time < self._clock() - self._idempotency_ttl:
-            return None
-        if not hmac.compare_digest(record.fingerprint, fingerprint):
-            raise ValidationFailed(
-                [
-                    FieldViolation(
-                        "request_id",
-                        "request_id was already used for a different request",
-                        "REQUEST_ID_REUSED",
-                    )
-                ],
-                reason="REQUEST_ID_REUSED",
-            )
-        return _from_snapshot(record.result)
-
     async def purge_idempotency_keys(self) -> int:
         """Forget request ids older than the retention period; returns how many."""
+        return await self._creates.purge()
 
-        async def purge(uow: UnitOfWork) -> int:
-            count = await uow.idempotency.purge_older_than(self._clock() - self._idempotency_ttl)
-            await uow.commit()
-            return count
-
-        return await in_transaction(self._uow, purge)
-
-    async def get_user(self, user_id: str) -> User:
+    async def get_user(self, user_id: str) -> UserView:
         """The user with this id; ValidationFailed for a malformed id, UserNotFound if none."""
-        uid = require_user_id(user_id)
+        return (await self._stored(require_user_id(user_id))).view()
+
+    async def _stored(self, uid: uuid.UUID) -> User:
         async with self._uow(write=False) as uow:
             user = await uow.users.get(uid)
         if user is None:
             raise UserNotFound(str(uid))
         return user
 
-    async def get_user_by_email(self, email: str) -> User | None:
+    async def get_user_by_email(self, email: str) -> UserView | None:
         async with self._uow(write=False) as uow:
-            return await uow.users.get_by_email(normalize_email(email))
+            user = await uow.users.get_by_email(normalize_email(email))
+        return user.view() if user is not None else None
 
     async def list_users(self, *, page_size: int, page_token: str, email: str) -> ListUsersResult:
         """One page, newest first, with a token for the next page (empty at the end)."""
@@ -296,84 +264,56 @@ class UserService:
             )
             total = await uow.users.count(email=email_filter)
         page, next_token = cut_page(self._page_tokens, page_request, rows)
-        return ListUsersResult(users=page, next_page_token=next_token, total_size=total)
+        return ListUsersResult(
+            users=[u.view() for u in page], next_page_token=next_token, total_size=total
+        )
 
     async def update_user(
         self,
         *,
-        actor: Principal,
+        ctx: RequestContext,
         user_id: str,
         paths: Sequence[str],
         email: str,
         name: str,
         roles: Sequence[str] = (),
         etag: str,
-    ) -> User:
+    ) -> UserView:
         """Write the masked fields only; checks etag and bumps the version atomically.
 
         Only admins may write `roles`; a change of roles revokes the user's tokens.
         """
-        if not actor.is_admin and ADMIN_ONLY_PATHS & set(paths):
+        if not ctx.actor.is_admin and ADMIN_ONLY_PATHS & set(paths):
             raise PermissionDenied("only admins may change roles")
         violations: list[FieldViolation] = []
         uid, id_violation = parse_user_id(user_id, "user.id")
         if id_violation:
             violations.append(id_violation)
-        if not paths:
-            violations.append(
-                FieldViolation(
-                    "update_mask", "update_mask must name at least one field", "REQUIRED"
-                )
-            )
-        values: dict[str, Any] = {}
-        for path in paths:
-            if path in OUTPUT_ONLY_PATHS:
-                violations.append(
-                    FieldViolation("update_mask", f"{path!r} cannot be updated", "IMMUTABLE_FIELD")
-                )
-            elif path not in UPDATABLE_PATHS:
-                violations.append(
-                    FieldViolation("update_mask", f"unknown field {path!r}", "UNKNOWN_FIELD")
-                )
-            elif path == "email":
-                values["email"], v = check_email(email, "user.email")
-                violations.extend([v] if v else [])
-            elif path == "name":
-                values["name"], v = check_name(name, "user.name")
-                violations.extend([v] if v else [])
-            elif path == "roles":
-                unknown = sorted(set(roles) - KNOWN_ROLES)
-                if unknown:
-                    violations.append(
-                        FieldViolation(
-                            "user.roles",
-                            f"unknown roles {unknown}; known: {sorted(KNOWN_ROLES)}",
-                            "UNKNOWN_ROLE",
-                        )
-                    )
-                values["roles"] = sorted(set(roles))
+        update = parse_update_mask(paths, email=email, name=name, roles=roles)
+        violations.extend(update.violations)
         if violations or uid is None:
             raise ValidationFailed(violations)
-        return await self._write(actor, uid, values, etag=etag, action=audit.USER_UPDATED)
+        return await self._write(ctx, uid, update.values, etag=etag, action=audit.USER_UPDATED)
 
     async def change_password(
         self,
         *,
-        actor: Principal,
+        ctx: RequestContext,
         user_id: str,
         current_password: str,
         new_password: str,
         etag: str,
-    ) -> User:
+    ) -> UserView:
         """Set a new password and revoke the user's tokens; self must prove the current one."""
         uid = require_user_id(user_id)
+        actor = ctx.actor
         if not actor.is_admin and not actor.is_self(uid):
             raise PermissionDenied()
         violation = self._check_new_password(new_password, "new_password")
         if violation is not None:
             raise ValidationFailed([violation])
         if not actor.is_admin:
-            user = await self.get_user(str(uid))
+            user = await self._stored(uid)
             if not current_password or not await self._hasher.verify(
                 user.password_hash, current_password
             ):
@@ -386,18 +326,18 @@ class UserService:
                 )
         password_hash = await self._hasher.hash(new_password)
         return await self._write(
-            actor,
+            ctx,
             uid,
             {"password_hash": password_hash},
             etag=etag,
             action=audit.USER_PASSWORD_CHANGED,
         )
 
-    async def disable_user(self, *, actor: Principal, user_id: str, etag: str) -> User:
+    async def disable_user(self, *, ctx: RequestContext, user_id: str, etag: str) -> UserView:
         """Disable; FailedPrecondition if already disabled. Revokes the user's tokens."""
         uid = require_user_id(user_id)
         return await self._write(
-            actor,
+            ctx,
             uid,
             {"state": UserState.DISABLED.value},
             etag=etag,
@@ -405,11 +345,11 @@ class UserService:
             action=audit.USER_DISABLED,
         )
 
-    async def enable_user(self, *, actor: Principal, user_id: str, etag: str) -> User:
+    async def enable_user(self, *, ctx: RequestContext, user_id: str, etag: str) -> UserView:
         """Enable; FailedPrecondition if already active."""
         uid = require_user_id(user_id)
         return await self._write(
-            actor,
+            ctx,
             uid,
             {"state": UserState.ACTIVE.value},
             etag=etag,
@@ -418,18 +358,22 @@ class UserService:
         )
 
     async def add_roles(
-        self, *, user_id: uuid.UUID, roles: Sequence[str], actor: Principal = SYSTEM
-    ) -> User:
+        self,
+        *,
+        user_id: uuid.UUID,
+        roles: Sequence[str],
+        ctx: RequestContext = OPERATOR,
+    ) -> UserView:
         """Grant roles (operator tooling); revokes tokens so new ones carry the roles."""
         current = await self.get_user(str(user_id))
         merged = sorted(set(current.roles) | set(roles))
         if tuple(merged) == current.roles:
             return current
         return await self._write(
-            actor, user_id, {"roles": merged}, etag="", action=audit.USER_UPDATED
+            ctx, user_id, {"roles": merged}, etag="", action=audit.USER_UPDATED
         )
 
-    async def delete_user(self, *, actor: Principal, user_id: str, etag: str = "") -> None:
+    async def delete_user(self, *, ctx: RequestContext, user_id: str, etag: str = "") -> None:
         """Delete; UserNotFound if absent, EtagMismatch if a given etag is stale.
 
         The audit record stays: audit rows have no foreign key to users.
@@ -447,7 +391,7 @@ class UserService:
                 raise EtagMismatch()  # guard only: the row is locked
             await uow.audit.add(
                 self._event(
-                    actor,
+                    ctx,
                     uid,
                     audit.USER_DELETED,
                     {
@@ -465,14 +409,14 @@ class UserService:
 
     async def _write(
         self,
-        actor: Principal,
+        ctx: RequestContext,
         uid: uuid.UUID,
         values: dict[str, Any],
         *,
         etag: str,
         action: str,
         require_state: UserState | None = None,
-    ) -> User:
+    ) -> UserView:
         """Apply `values` with the etag and state checks, the audit record and, where the
         change affects what tokens may do (password, roles, state), token revocation, all in
         one transaction."""
@@ -508,18 +452,18 @@ class UserService:
             if revoke:
                 await uow.refresh_tokens.revoke_user(uid)
             event_action = audit.USER_ROLES_CHANGED if "roles" in changes else action
-            await uow.audit.add(self._event(actor, uid, event_action, changes, now))
+            await uow.audit.add(self._event(ctx, uid, event_action, changes, now))
             await uow.commit()
             return updated, revoke
 
         updated, revoked = await in_transaction(self._uow, write)
         if revoked:
             self._on_tokens_revoked(uid)
-        return updated
+        return updated.view()
 
     @staticmethod
     def _event(
-        actor: Principal,
+        ctx: RequestContext,
         user_id: uuid.UUID,
         action: str,
         changes: dict[str, tuple[Any, Any]],
@@ -529,8 +473,8 @@ class UserService:
             user_id=user_id,
             action=action,
             changes=redact(changes),
-            actor=actor.audit_name,
-            request_id=request_id_var.get(),
+            actor=ctx.actor.audit_name,
+            request_id=ctx.request_id,
             create_time=now,
         )
 
@@ -558,31 +502,3 @@ def _changes(current: User, values: dict[str, Any]) -> dict[str, tuple[Any, Any]
         if old != new:
             changes[name] = (old, new)
     return changes
-
-
-def _snapshot(user: User) -> dict[str, Any]:
-    """The public fields of a created user, as remembered for idempotent retries."""
-    return {
-        "id": str(user.id),
-        "email": user.email,
-        "name": user.name,
-        "roles": list(user.roles),
-        "state": user.state.value,
-        "create_time": user.create_time.isoformat(),
-        "update_time": user.update_time.isoformat(),
-        "version": user.version,
-    }
-
-
-def _from_snapshot(data: dict[str, Any]) -> User:
-    return User(
-        id=uuid.UUID(data["id"]),
-        email=data["email"],
-        name=data["name"],
-        password_hash="",  # never remembered; this User only answers the retried call
-        roles=tuple(data["roles"]),
-        state=UserState(data["state"]),
-        create_time=datetime.fromisoformat(data["create_time"]),
-        update_time=datetime.fromisoformat(data["update_time"]),
-        version=int(data["version"]),
-    )

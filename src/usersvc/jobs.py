@@ -1,0 +1,54 @@
+"""Background jobs: the idempotency-key purge and the welcome e-mail dispatcher.
+
+The server runs both beside the gRPC service; `usersvc dispatch` runs the dispatcher alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from usersvc.adapters.db import create_engine
+from usersvc.bootstrap import build_dispatcher
+from usersvc.config import Settings
+from usersvc.metrics import Metrics
+from usersvc.services.users import UserService
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 3600.0
+
+
+async def purge_idempotency_keys_forever(
+    users: UserService, *, interval: float = IDEMPOTENCY_PURGE_INTERVAL_SECONDS
+) -> None:
+    """Forget expired CreateUser request ids every `interval` s until cancelled."""
+    while True:
+        try:
+            purged = await users.purge_idempotency_keys()
+            if purged:
+                log.info("purged idempotency keys", extra={"count": purged})
+        except Exception:
+            log.exception("purging idempotency keys failed; will try again")
+        await asyncio.sleep(interval)
+
+
+async def dispatch_until_signalled(settings: Settings) -> int:
+    """`usersvc dispatch`: run the dispatcher alone until SIGTERM or SIGINT.
+
+    Returns the exit status: 0 after a clean stop, 2 when no SMTP host is configured.
+    """
+    engine = create_engine(settings.effective_database_url, pool_size=settings.db_pool_size)
+    try:
+        dispatcher = build_dispatcher(settings, engine, Metrics())
+        if dispatcher is None:
+            return 2
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await dispatcher.run_forever(stop)
+        return 0
+    finally:
+        await engine.dispose()

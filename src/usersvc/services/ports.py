@@ -1,0 +1,250 @@
+"""Ports: what the service layer needs from the world, as Protocols the adapters implement.
+
+The service layer imports only `domain` and this module; adapters (SQL, Argon2, Fernet, JWT)
+implement these, and the unit-test fakes implement them too, without subclassing SQL code.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from usersvc.domain.audit import AuditEvent
+from usersvc.domain.events import OutboxMessage
+from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.records import ClaimedOutboxMessage, IdempotencyRecord, RefreshTokenRecord
+
+
+class Clock(Protocol):
+    """The current time, timezone-aware UTC."""
+
+    def __call__(self) -> datetime: ...
+
+
+class UserStore(Protocol):
+    """Users, with a unique e-mail, the list order (create_time, id) descending, and
+    version-checked writes."""
+
+    async def add(self, user: User) -> None:
+        """Insert; EmailTaken when the e-mail is taken."""
+
+    async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
+        """The user, or None; `for_update` locks the row until the unit of work ends."""
+
+    async def get_by_email(self, email: str) -> User | None: ...
+
+    async def list(
+        self, *, limit: int, after: PageCursor | None, email: str | None
+    ) -> Sequence[User]:
+        """Up to `limit` users in list order, strictly after `after`."""
+
+    async def count(self, *, email: str | None) -> int: ...
+
+    async def update(
+        self,
+        user_id: uuid.UUID,
+        values: Mapping[str, Any],
+        *,
+        expected_version: int | None = None,
+        revoke_tokens: bool = False,
+    ) -> User | None:
+        """Write `values` and bump the version (and the token version with `revoke_tokens`)
+        atomically; None when no row matched id and `expected_version`."""
+
+    async def delete(self, user_id: uuid.UUID, *, expected_version: int | None = None) -> bool:
+        """Delete (refresh tokens cascade, audit events stay); False when no row matched."""
+
+    async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
+        """(token_version, state), or None when the user does not exist."""
+
+    async def record_login_failure(
+        self, user_id: uuid.UUID, *, now: datetime, max_failures: int, lock_until: datetime
+    ) -> None:
+        """Count one failed login atomically; the max_failures-th locks until lock_until; a
+        locked account is left alone; after an expired lock counting starts again from one."""
+
+    async def replace_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
+        """Store a re-hash of the same password; not a change of the user (no new version)."""
+
+    async def reset_login_failures(self, user_id: uuid.UUID) -> None: ...
+
+
+class RefreshTokenStore(Protocol):
+    """Refresh tokens by hash; a family is every token descended from one login."""
+
+    async def add(
+        self,
+        *,
+        token_hash: str,
+        user_id: uuid.UUID,
+        family_id: uuid.UUID,
+        now: datetime,
+        expire_time: datetime,
+    ) -> None: ...
+
+    async def get_by_hash(self, token_hash: str) -> RefreshTokenRecord | None: ...
+
+    async def mark_used(self, token_id: uuid.UUID) -> bool:
+        """Move an active token to used atomically; False if it was not active any more."""
+
+    async def revoke_family(self, family_id: uuid.UUID) -> None: ...
+
+    async def revoke_user(self, user_id: uuid.UUID) -> None: ...
+
+
+class AuditLog(Protocol):
+    """Append-only audit events, listed newest first by (create_time, id)."""
+
+    async def add(self, event: AuditEvent) -> None: ...
+
+    async def list(
+        self, *, limit: int, after: PageCursor | None, user_id: uuid.UUID | None
+    ) -> Sequence[AuditEvent]: ...
+
+
+class IdempotencyKeys(Protocol):
+    """Remembered CreateUser results by (caller, request_id)."""
+
+    async def get(self, *, caller: str, request_id: str) -> IdempotencyRecord | None: ...
+
+    async def add(
+        self,
+        *,
+        caller: str,
+        request_id: str,
+        fingerprint: str,
+        result: dict[str, Any],
+        now: datetime,
+    ) -> None:
+        """Insert; DuplicateRequest (at the latest on commit) when the key exists."""
+
+    async def delete_expired(self, *, caller: str, request_id: str, cutoff: datetime) -> None:
+        """Forget one key if it was created before `cutoff`."""
+
+    async def purge_older_than(self, cutoff: datetime) -> int:
+        """Forget every key created before `cutoff`; how many."""
+
+
+class Outbox(Protocol):
+    """Messages written in the transaction of the change they announce, delivered later."""
+
+    async def add(self, message: OutboxMessage) -> None: ...
+
+    async def claim_due(
+        self, *, topics: Collection[str], now: datetime, lease_until: datetime, limit: int
+    ) -> list[ClaimedOutboxMessage]:
+        """Lease up to `limit` due pending messages of `topics`, oldest due first."""
+
+    async def mark_delivered(self, message_id: uuid.UUID, *, now: datetime) -> bool: ...
+
+    async def schedule_retry(
+        self,
+        message_id: uuid.UUID,
+        *,
+        claimed_until: datetime,
+        attempts: int,
+        next_attempt_time: datetime,
+        error: str,
+        now: datetime,
+    ) -> bool: ...
+
+    async def mark_failed(
+        self,
+        message_id: uuid.UUID,
+        *,
+        claimed_until: datetime,
+        attempts: int,
+        error: str,
+        now: datetime,
+    ) -> bool: ...
+
+    async def mark_skipped(
+        self, message_id: uuid.UUID, *, claimed_until: datetime, reason: str, now: datetime
+    ) -> bool: ...
+
+    async def release(self, message_id: uuid.UUID, *, claimed_until: datetime) -> bool: ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction: the stores bound to it; rolled back unless committed explicitly.
+
+    Store errors the caller can act on arrive as domain errors (EmailTaken, DuplicateRequest,
+    RetryableConflict, StorageUnavailable).
+    """
+
+    @property
+    def users(self) -> UserStore: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+    @property
+    def refresh_tokens(self) -> RefreshTokenStore: ...
+
+    @property
+    def audit(self) -> AuditLog: ...
+
+    @property
+    def idempotency(self) -> IdempotencyKeys: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def commit(self) -> None: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    """Makes a unit of work; `write=False` for read-only use cases."""
+
+    def __call__(self, *, write: bool = True) -> UnitOfWork: ...
+
+
+class PasswordHasher(Protocol):
+    async def hash(self, password: str) -> str: ...
+
+    async def verify(self, password_hash: str, password: str) -> bool:
+        """False for a wrong password and for a hash that cannot verify any password."""
+
+    def needs_rehash(self, password_hash: str) -> bool: ...
+
+    def allows_password_login(self, password_hash: str) -> bool:
+        """Whether this stored hash can ever verify a password (service accounts: no)."""
+
+
+class PageCursorCodec(Protocol):
+    """Opaque page tokens bound to the query they were issued for."""
+
+    def encode(self, cursor: PageCursor, *, query: str) -> str: ...
+
+    def decode(self, token: str, *, query: str) -> PageCursor:
+        """The cursor; InvalidPageToken for garbage, tampering, expiry or another query."""
+
+
+class AccessTokenCodec(Protocol):
+    """Signs and verifies access tokens."""
+
+    @property
+    def jwks(self) -> list[dict[str, str]]: ...
+
+    def issue(
+        self,
+        *,
+        subject: uuid.UUID,
+        roles: tuple[str, ...],
+        version: int,
+        now: float | None = None,
+        ttl_seconds: int | None = None,
+    ) -> tuple[str, float]:
+        """A signed token and its expiry (epoch seconds)."""
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """The claims of a valid token; InvalidAccessToken otherwise."""

@@ -8,11 +8,12 @@ PROTOS := $(shell find proto -name '*.proto')
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help venv install generate check-generated run migrate test test-unit lint buf-lint buf-breaking bench clean
+.PHONY: help venv install generate check-generated run migrate test test-unit test-integration test-e2e lint buf-lint buf-breaking bench clean
 
 help:
 	@echo "make run        serve on 127.0.0.1:50051 with an embedded SQLite database"
 	@echo "make test       create the venv, install, run the whole suite"
+	@echo "make test-unit | test-integration | test-e2e   one tier of it"
 	@echo "make lint       ruff, mypy --strict, import layering, buf lint, generated-code drift"
 	@echo "make generate   rebuild generated/ from proto/"
 	@echo "make bench      benchmarks"
@@ -44,6 +45,14 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
+
+# Stores against the fakes and both databases, repositories, migrations, the dispatcher.
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/contract tests/integration
+
+# Real servers on free ports, real stubs.
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest tests/e2e
 
 lint: $(STAMP) check-generated buf-lint
 	$(BIN)/ruff check src tests migrations scripts

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.audit_scan import scan
 from tests.support import postgres_server, throwaway_database, throwaway_sqlite
 
 BACKENDS = ("sqlite", "postgresql")
@@ -23,16 +24,27 @@ def postgres_admin_url() -> Iterator[str]:
         yield url
 
 
+def _no_secret_in_the_audit_trail(url: str) -> None:
+    """Session finalizer: after every test that used the database, no audit row it wrote may
+    hold a password, hash or token of the suite."""
+    count, problems = scan(url)
+    if problems:
+        shown = "\n".join(problems[:20])
+        pytest.fail(f"{len(problems)} secrets in {count} audit rows:\n{shown}", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def sqlite_url() -> Iterator[str]:
     with throwaway_sqlite() as url:
         yield url
+        _no_secret_in_the_audit_trail(url)
 
 
 @pytest.fixture(scope="session")
 def postgres_url(postgres_admin_url: str) -> Iterator[str]:
     with throwaway_database(postgres_admin_url) as url:
         yield url
+        _no_secret_in_the_audit_trail(url)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

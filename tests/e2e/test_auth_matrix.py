@@ -138,6 +138,7 @@ def _request(
     return "auth", auth_requests[rpc]()
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(("method", "actor"), CELLS, ids=[f"{m}-{a}" for m, a in CELLS])
 def test_role_method_matrix(
     method: str,
@@ -336,6 +337,7 @@ def test_disable_and_enable_check_the_current_state(users: UserServiceStub) -> N
     assert users.GetUser(pb.GetUserRequest(id=user.id)).user == disabled
 
 
+@pytest.mark.one_backend
 def test_public_methods_ignore_a_bad_token(users: UserServiceStub, channel: grpc.Channel) -> None:
     user = create_user(users)
     garbage = bearer("not.a.token")
@@ -345,6 +347,7 @@ def test_public_methods_ignore_a_bad_token(users: UserServiceStub, channel: grpc
     assert pair.tokens.access_token
 
 
+@pytest.mark.one_backend
 async def test_a_method_without_policy_is_denied_even_to_an_admin(
     database_url: str, tmp_path: Path
 ) -> None:

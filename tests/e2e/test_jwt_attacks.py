@@ -76,11 +76,13 @@ def assert_refused(call: Callable[[], object], generic: Refusal) -> None:
 # --- Controls: the hand-made tokens are accepted when nothing is wrong with them ----------------
 
 
+@pytest.mark.one_backend
 def test_control_token_signed_by_hand_is_accepted(channel: grpc.Channel, victim: Victim) -> None:
     token = sign_es256(access_claims(victim.id))
     assert code_of(get_self(channel, victim, f"Bearer {token}")) == grpc.StatusCode.OK
 
 
+@pytest.mark.one_backend
 def test_control_raw_es256_signature_is_accepted(channel: grpc.Channel, victim: Victim) -> None:
     """Header, payload and signature assembled without PyJWT, as the attacks below are."""
     key = signing_private_key()
@@ -92,6 +94,7 @@ def test_control_raw_es256_signature_is_accepted(channel: grpc.Channel, victim: 
     assert code_of(get_self(channel, victim, f"Bearer {token}")) == grpc.StatusCode.OK
 
 
+@pytest.mark.one_backend
 def test_control_clock_skew_within_leeway_is_accepted(
     channel: grpc.Channel, victim: Victim
 ) -> None:
@@ -105,6 +108,7 @@ def test_control_clock_skew_within_leeway_is_accepted(
         assert code_of(get_self(channel, victim, f"Bearer {token}")) == grpc.StatusCode.OK, claims
 
 
+@pytest.mark.one_backend
 def test_control_real_token_is_accepted(channel: grpc.Channel, victim: Victim) -> None:
     token = login_pair(channel, victim.email).access_token
     assert code_of(get_self(channel, victim, f"Bearer {token}")) == grpc.StatusCode.OK
@@ -219,6 +223,7 @@ CRAFTED: dict[str, Callable[[str], str]] = {
 }
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("attack", list(CRAFTED))
 def test_crafted_token_is_refused(
     attack: str, channel: grpc.Channel, victim: Victim, generic: Refusal
@@ -268,6 +273,7 @@ def test_token_with_a_stale_version_is_refused(
     assert code_of(get_self(channel, target, f"Bearer {current}")) == grpc.StatusCode.OK
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     "header",
     [
@@ -301,6 +307,7 @@ def test_malformed_authorization_header_is_refused(
 # --- Verification by another service, from GetJwks alone ----------------------------------------
 
 
+@pytest.mark.one_backend
 def test_another_service_verifies_tokens_with_get_jwks_only(
     channel: grpc.Channel, victim: Victim
 ) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.unit.conftest import START, UserServiceFactory
 from tests.unit.fakes import (
     FakeAuditRepository,
     FakeClock,
@@ -34,7 +35,6 @@ from usersvc.services.audit import AuditService
 from usersvc.services.auth import AuthService, TokenStateCache, hash_refresh_token
 from usersvc.services.users import UserService
 
-START = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 ADMIN = Principal(user_id=uuid.uuid4(), roles=frozenset({"admin"}))
 PASSWORD = "correct horse battery staple"
 NEW_PASSWORD = "a brand new passphrase 42"
@@ -57,30 +57,8 @@ class AuditFailure(Exception):
 
 
 @pytest.fixture
-def uow() -> FakeUnitOfWorkFactory:
-    return FakeUnitOfWorkFactory()
-
-
-@pytest.fixture
 def hasher() -> ArgonLookingHasher:
     return ArgonLookingHasher()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(START)
-
-
-@pytest.fixture
-def codec() -> PageTokenCodec:
-    return PageTokenCodec(b"unit-test-secret")
-
-
-@pytest.fixture
-def service(
-    uow: FakeUnitOfWorkFactory, hasher: ArgonLookingHasher, clock: FakeClock, codec: PageTokenCodec
-) -> UserService:
-    return UserService(uow=uow, hasher=hasher, page_tokens=codec, clock=clock)
 
 
 @pytest.fixture
@@ -490,16 +468,12 @@ async def _run_use_case(service: UserService, use_case: str, uid: str) -> None:
 @pytest.mark.parametrize("use_case", ["update", "roles", "password", "disable", "delete"])
 async def test_changes_are_rolled_back_when_their_audit_event_cannot_be_written(
     uow: FakeUnitOfWorkFactory,
-    hasher: ArgonLookingHasher,
-    clock: FakeClock,
-    codec: PageTokenCodec,
+    make_user_service: UserServiceFactory,
     monkeypatch: pytest.MonkeyPatch,
     use_case: str,
 ) -> None:
     revoked: list[uuid.UUID] = []
-    service = UserService(
-        uow=uow, hasher=hasher, page_tokens=codec, clock=clock, on_tokens_revoked=revoked.append
-    )
+    service = make_user_service(on_tokens_revoked=revoked.append)
     user = await _create(service)
 
     async def fail(self: FakeAuditRepository, event: AuditEvent) -> None:

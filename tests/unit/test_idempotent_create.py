@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
+from tests.unit.conftest import START, UserServiceFactory
 from tests.unit.fakes import FakeClock, FakePasswordHasher, FakeUnitOfWorkFactory
-from usersvc.adapters.page_tokens import PageTokenCodec
 from usersvc.domain import audit
 from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import DuplicateRequest, EmailTaken, ValidationFailed
 from usersvc.domain.models import UserView
 from usersvc.services.users import UserService
 
-START = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 ADMIN = Principal(user_id=uuid.uuid4(), roles=frozenset({"admin"}))
 SERVICE = Principal(user_id=uuid.uuid4(), roles=frozenset({"service"}))
 PASSWORD = "correct horse battery staple"
@@ -33,29 +32,8 @@ class YieldingHasher(FakePasswordHasher):
 
 
 @pytest.fixture
-def uow() -> FakeUnitOfWorkFactory:
-    return FakeUnitOfWorkFactory()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(START)
-
-
-@pytest.fixture
-def hasher() -> FakePasswordHasher:
-    return FakePasswordHasher()
-
-
-@pytest.fixture
-def service(
-    uow: FakeUnitOfWorkFactory, clock: FakeClock, hasher: FakePasswordHasher
-) -> UserService:
-    return UserService(
-        uow=uow,
-        hasher=hasher,
-        page_tokens=PageTokenCodec(b"unit-test-secret"),
-        clock=clock,
+def service(make_user_service: UserServiceFactory) -> UserService:
+    return make_user_service(
         fingerprint_key=b"unit-test-fingerprint-key",
         idempotency_ttl_seconds=int(TTL.total_seconds()),
     )
@@ -239,15 +217,12 @@ async def test_purge_forgets_keys_older_than_the_retention_period_only(
 
 
 async def test_the_retention_period_is_a_setting(
-    uow: FakeUnitOfWorkFactory, clock: FakeClock, request_id: str
+    uow: FakeUnitOfWorkFactory,
+    make_user_service: UserServiceFactory,
+    clock: FakeClock,
+    request_id: str,
 ) -> None:
-    service = UserService(
-        uow=uow,
-        hasher=FakePasswordHasher(),
-        page_tokens=PageTokenCodec(b"unit-test-secret"),
-        clock=clock,
-        idempotency_ttl_seconds=3600,
-    )
+    service = make_user_service(idempotency_ttl_seconds=3600)
     await _create(service, request_id)
     clock.advance(timedelta(minutes=59))
     assert await service.purge_idempotency_keys() == 0
@@ -267,12 +242,10 @@ async def test_an_expired_but_unpurged_request_id_is_a_new_request(
 
 
 async def test_concurrent_creates_with_one_request_id_and_different_payloads(
-    uow: FakeUnitOfWorkFactory, clock: FakeClock, request_id: str
+    uow: FakeUnitOfWorkFactory, make_user_service: UserServiceFactory, request_id: str
 ) -> None:
     """The loser's insert of the key fails (DuplicateRequest): it answers REQUEST_ID_REUSED."""
-    service = UserService(
-        uow=uow, hasher=YieldingHasher(), page_tokens=PageTokenCodec(b"k"), clock=clock
-    )
+    service = make_user_service(hasher=YieldingHasher())
     results = await asyncio.gather(
         _create(service, request_id, email="one@example.com"),
         _create(service, request_id, email="two@example.com"),
@@ -288,11 +261,9 @@ async def test_concurrent_creates_with_one_request_id_and_different_payloads(
 
 
 async def test_concurrent_retries_with_one_request_id_return_the_same_user(
-    uow: FakeUnitOfWorkFactory, clock: FakeClock, request_id: str
+    uow: FakeUnitOfWorkFactory, make_user_service: UserServiceFactory, request_id: str
 ) -> None:
-    service = UserService(
-        uow=uow, hasher=YieldingHasher(), page_tokens=PageTokenCodec(b"k"), clock=clock
-    )
+    service = make_user_service(hasher=YieldingHasher())
     first, second = await asyncio.gather(_create(service, request_id), _create(service, request_id))
     assert _public(first) == _public(second)
     assert len(uow.store) == 1

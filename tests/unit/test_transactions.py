@@ -7,8 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.unit.fakes import FakeClock, FakePasswordHasher, FakeUnitOfWorkFactory
-from usersvc.adapters.page_tokens import PageTokenCodec
+from tests.unit.fakes import FakeUnitOfWorkFactory
 from usersvc.domain import audit
 from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import (
@@ -71,11 +70,6 @@ def _user(email: str) -> User:
         update_time=START,
         version=1,
     )
-
-
-@pytest.fixture
-def uow() -> FakeUnitOfWorkFactory:
-    return FakeUnitOfWorkFactory()
 
 
 @pytest.fixture
@@ -206,16 +200,10 @@ async def test_a_read_only_body_gets_a_read_only_unit_of_work(
 
 
 async def test_a_use_case_retried_after_a_conflict_writes_once_with_one_audit_event(
-    uow: FakeUnitOfWorkFactory, monkeypatch: pytest.MonkeyPatch
+    uow: FakeUnitOfWorkFactory, service: UserService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The service's bodies are safe to run again: no double write, no second audit event."""
     monkeypatch.setattr(transactions, "BASE_DELAY_SECONDS", 0.0)  # asyncio.sleep(0)
-    service = UserService(
-        uow=uow,
-        hasher=FakePasswordHasher(),
-        page_tokens=PageTokenCodec(b"unit-test-secret"),
-        clock=FakeClock(START),
-    )
     created = await service.create_user(
         ctx=RequestContext(ADMIN),
         email="retry@example.com",
@@ -248,15 +236,9 @@ async def test_a_use_case_retried_after_a_conflict_writes_once_with_one_audit_ev
 
 
 async def test_a_use_case_that_keeps_conflicting_surfaces_concurrency_conflict(
-    uow: FakeUnitOfWorkFactory, monkeypatch: pytest.MonkeyPatch
+    uow: FakeUnitOfWorkFactory, service: UserService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(transactions, "BASE_DELAY_SECONDS", 0.0)
-    service = UserService(
-        uow=uow,
-        hasher=FakePasswordHasher(),
-        page_tokens=PageTokenCodec(b"unit-test-secret"),
-        clock=FakeClock(START),
-    )
     created = await service.create_user(
         ctx=RequestContext(ADMIN),
         email="stuck@example.com",

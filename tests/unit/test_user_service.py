@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
+from tests.unit.conftest import START, UserServiceFactory
 from tests.unit.fakes import (
     FakeClock,
     FakePasswordHasher,
@@ -14,7 +15,6 @@ from tests.unit.fakes import (
     FakeUnitOfWorkFactory,
     list_order_key,
 )
-from usersvc.adapters.page_tokens import PageTokenCodec
 from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import (
     EmailTaken,
@@ -27,43 +27,38 @@ from usersvc.domain.events import TOPIC_USER_CREATED
 from usersvc.domain.models import User, UserState, UserView
 from usersvc.services.users import ListUsersResult, UserService
 
-START = datetime(2030, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
 # Callers: the service leaves who-may-touch-whom to the access layer, except for roles.
 MEMBER = Principal(user_id=uuid.uuid4(), roles=frozenset())
 ADMIN = Principal(user_id=uuid.uuid4(), roles=frozenset({"admin"}))
 PASSWORD = "correct horse battery staple"
 
 
-@pytest.fixture
-def uow() -> FakeUnitOfWorkFactory:
-    return FakeUnitOfWorkFactory()
-
-
-@pytest.fixture
-def hasher() -> FakePasswordHasher:
-    return FakePasswordHasher()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(START)
-
-
-@pytest.fixture
-def codec() -> PageTokenCodec:
-    return PageTokenCodec(b"unit-test-secret")
-
-
-@pytest.fixture
-def service(
-    uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher, clock: FakeClock, codec: PageTokenCodec
-) -> UserService:
-    return UserService(uow=uow, hasher=hasher, page_tokens=codec, clock=clock)
-
-
 async def _create(service: UserService, email: str, name: str = "Some One") -> UserView:
     return await service.create_user(
         ctx=RequestContext(ADMIN), email=email, name=name, password=PASSWORD
+    )
+
+
+async def _update(
+    service: UserService,
+    actor: Principal,
+    *,
+    user_id: str,
+    paths: list[str],
+    email: str = "",
+    name: str = "",
+    roles: list[str] | tuple[str, ...] = (),
+    etag: str = "",
+) -> UserView:
+    """UpdateUser as `actor`; fields the mask does not name may be left out."""
+    return await service.update_user(
+        ctx=RequestContext(actor),
+        user_id=user_id,
+        paths=paths,
+        email=email,
+        name=name,
+        roles=roles,
+        etag=etag,
     )
 
 
@@ -176,15 +171,9 @@ async def test_create_reports_every_violation_at_once(
 
 
 async def test_create_refuses_a_common_password_in_any_case(
-    uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher, clock: FakeClock, codec: PageTokenCodec
+    uow: FakeUnitOfWorkFactory, make_user_service: UserServiceFactory
 ) -> None:
-    service = UserService(
-        uow=uow,
-        hasher=hasher,
-        page_tokens=codec,
-        clock=clock,
-        common_passwords=frozenset({"password123"}),
-    )
+    service = make_user_service(common_passwords=frozenset({"password123"}))
     with pytest.raises(ValidationFailed) as err:
         await service.create_user(
             ctx=RequestContext(ADMIN), email="a@example.com", name="Al", password="PassWord123"
@@ -381,8 +370,9 @@ async def test_update_writes_only_the_masked_field(
 ) -> None:
     created = await _create(service, "erin@example.com", "Erin")
     later = clock.advance(timedelta(minutes=5))
-    updated = await service.update_user(
-        ctx=RequestContext(MEMBER),
+    updated = await _update(
+        service,
+        MEMBER,
         user_id=str(created.id),
         paths=["name"],
         email="ignored: not in the mask",
@@ -401,8 +391,9 @@ async def test_update_writes_only_the_masked_field(
 
 async def test_update_normalises_a_new_email(service: UserService) -> None:
     created = await _create(service, "frank@example.com")
-    updated = await service.update_user(
-        ctx=RequestContext(MEMBER),
+    updated = await _update(
+        service,
+        MEMBER,
         user_id=str(created.id),
         paths=["email"],
         email=" Frank@New.Example ",
@@ -418,16 +409,18 @@ async def test_update_with_the_current_etag_succeeds(
 ) -> None:
     created = await _create(service, "gina@example.com")
     clock.advance(timedelta(seconds=1))
-    first = await service.update_user(
-        ctx=RequestContext(MEMBER),
+    first = await _update(
+        service,
+        MEMBER,
         user_id=str(created.id),
         paths=["name"],
         email="",
         name="Gina",
         etag=created.etag,
     )
-    second = await service.update_user(
-        ctx=RequestContext(MEMBER),
+    second = await _update(
+        service,
+        MEMBER,
         user_id=str(created.id),
         paths=["name"],
         email="",
@@ -446,8 +439,9 @@ async def test_update_with_a_stale_or_foreign_etag_is_etag_mismatch(
     service: UserService, uow: FakeUnitOfWorkFactory, etag: str, checked_in_a_transaction: bool
 ) -> None:
     created = await _create(service, "hank@example.com", "Hank")
-    current = await service.update_user(
-        ctx=RequestContext(MEMBER),
+    current = await _update(
+        service,
+        MEMBER,
         user_id=str(created.id),
         paths=["name"],
         email="",
@@ -456,8 +450,9 @@ async def test_update_with_a_stale_or_foreign_etag_is_etag_mismatch(
     )
     assert current.etag == '"2"'
     with pytest.raises(EtagMismatch):
-        await service.update_user(
-            ctx=RequestContext(MEMBER),
+        await _update(
+            service,
+            MEMBER,
             user_id=str(created.id),
             paths=["name"],
             email="",
@@ -476,8 +471,9 @@ async def test_update_of_an_unknown_user_is_user_not_found(
 ) -> None:
     for etag in ("", '"1"'):
         with pytest.raises(UserNotFound):
-            await service.update_user(
-                ctx=RequestContext(MEMBER),
+            await _update(
+                service,
+                MEMBER,
                 user_id=str(uuid.uuid4()),
                 paths=["name"],
                 email="",
@@ -493,8 +489,9 @@ async def test_update_with_an_empty_mask_is_a_validation_error(
 ) -> None:
     created = await _create(service, "ivy@example.com")
     with pytest.raises(ValidationFailed) as err:
-        await service.update_user(
-            ctx=RequestContext(MEMBER),
+        await _update(
+            service,
+            MEMBER,
             user_id=str(created.id),
             paths=[],
             email="x@example.com",
@@ -512,8 +509,9 @@ async def test_update_with_an_unknown_path_is_a_validation_error(
 ) -> None:
     created = await _create(service, "jack@example.com")
     with pytest.raises(ValidationFailed) as err:
-        await service.update_user(
-            ctx=RequestContext(MEMBER),
+        await _update(
+            service,
+            MEMBER,
             user_id=str(created.id),
             paths=["name", path],
             email="",
@@ -530,8 +528,9 @@ async def test_update_of_an_immutable_path_is_a_validation_error(
 ) -> None:
     created = await _create(service, "kate@example.com")
     with pytest.raises(ValidationFailed) as err:
-        await service.update_user(
-            ctx=RequestContext(MEMBER),
+        await _update(
+            service,
+            MEMBER,
             user_id=str(created.id),
             paths=[path],
             email="",
@@ -545,8 +544,9 @@ async def test_update_of_an_immutable_path_is_a_validation_error(
 
 async def test_update_reports_every_violation_at_once(service: UserService) -> None:
     with pytest.raises(ValidationFailed) as err:
-        await service.update_user(
-            ctx=RequestContext(MEMBER),
+        await _update(
+            service,
+            MEMBER,
             user_id="not-a-uuid",
             paths=["email", "name", "state"],
             email="bad",
@@ -567,8 +567,9 @@ async def test_update_to_a_case_variant_of_another_users_email_is_email_taken(
     await _create(service, "liam@example.com")
     mia = await _create(service, "mia@example.com")
     with pytest.raises(EmailTaken):
-        await service.update_user(
-            ctx=RequestContext(MEMBER),
+        await _update(
+            service,
+            MEMBER,
             user_id=str(mia.id),
             paths=["email"],
             email="LIAM@example.com",
@@ -584,8 +585,9 @@ async def test_update_of_roles_by_a_non_admin_is_permission_denied(
 ) -> None:
     created = await _create(service, "rob@example.com")
     with pytest.raises(PermissionDenied):
-        await service.update_user(
-            ctx=RequestContext(MEMBER),
+        await _update(
+            service,
+            MEMBER,
             user_id=str(created.id),
             paths=["roles"],
             email="",
@@ -598,14 +600,10 @@ async def test_update_of_roles_by_a_non_admin_is_permission_denied(
 
 
 @pytest.fixture
-def revoked(
-    uow: FakeUnitOfWorkFactory, hasher: FakePasswordHasher, clock: FakeClock, codec: PageTokenCodec
-) -> tuple[UserService, list[uuid.UUID]]:
+def revoked(make_user_service: UserServiceFactory) -> tuple[UserService, list[uuid.UUID]]:
     """A service whose token-revocation hook records the users it was called for."""
     calls: list[uuid.UUID] = []
-    service = UserService(
-        uow=uow, hasher=hasher, page_tokens=codec, clock=clock, on_tokens_revoked=calls.append
-    )
+    service = make_user_service(on_tokens_revoked=calls.append)
     return service, calls
 
 
@@ -614,8 +612,9 @@ async def test_admin_changes_roles_and_the_users_tokens_are_revoked(
 ) -> None:
     service, calls = revoked
     created = await _create(service, "sam@example.com")
-    updated = await service.update_user(
-        ctx=RequestContext(ADMIN),
+    updated = await _update(
+        service,
+        ADMIN,
         user_id=str(created.id),
         paths=["roles"],
         email="",
@@ -635,8 +634,9 @@ async def test_setting_the_same_roles_again_revokes_nothing(
 ) -> None:
     service, calls = revoked
     created = await _create(service, "tia@example.com")
-    updated = await service.update_user(
-        ctx=RequestContext(ADMIN),
+    updated = await _update(
+        service,
+        ADMIN,
         user_id=str(created.id),
         paths=["roles"],
         email="",
@@ -654,8 +654,9 @@ async def test_an_unknown_role_is_a_validation_error(
 ) -> None:
     created = await _create(service, "uma@example.com")
     with pytest.raises(ValidationFailed) as err:
-        await service.update_user(
-            ctx=RequestContext(ADMIN),
+        await _update(
+            service,
+            ADMIN,
             user_id=str(created.id),
             paths=["roles"],
             email="",
@@ -691,8 +692,9 @@ async def test_delete_with_a_stale_etag_is_etag_mismatch_and_keeps_the_user(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
     created = await _create(service, "pia@example.com")
-    updated = await service.update_user(
-        ctx=RequestContext(MEMBER),
+    updated = await _update(
+        service,
+        MEMBER,
         user_id=str(created.id),
         paths=["name"],
         email="",

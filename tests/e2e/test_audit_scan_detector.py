@@ -1,10 +1,6 @@
-"""The last check of the suite: no audit row written by any test holds a secret.
+"""The audit scan can fail: its detector on planted and on ordinary rows.
 
-Named so that it is collected after every other end-to-end module, and not parametrized by
-`database_url`, so pytest orders it after the tests of both backends. It reads every row of
-audit_events on the session's SQLite and PostgreSQL databases and looks for the passwords the
-tests used, Argon2 hashes, the stored password and refresh-token hashes, JWTs and refresh
-tokens (see tests/secrets_registry.py for where each comes from).
+The scan itself runs at the end of the session, once per database (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,60 +11,8 @@ import re
 import secrets
 import uuid
 
-import pytest
-from sqlalchemy import select
-
-from tests.e2e.integrity_helpers import row_text
 from tests.secrets_registry import Detector, literal_secrets_in_tests, remember, remembered
-from tests.support import ADMIN_PASSWORD, TEST_SECRET, mint_token, sync_engine
-from usersvc.adapters.tables import audit_events, refresh_tokens, users
-
-# Shorter stored "hashes" are markers such as the service accounts' "!service-account".
-MIN_HASH_LENGTH = 20
-
-
-def _scan(url: str) -> tuple[int, list[str]]:
-    engine = sync_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = list(conn.execute(select(audit_events)).mappings())
-            token_hashes = set(conn.execute(select(refresh_tokens.c.token_hash)).scalars())
-            password_hashes = {
-                h
-                for h in conn.execute(select(users.c.password_hash)).scalars()
-                if len(h) >= MIN_HASH_LENGTH
-            }
-    finally:
-        engine.dispose()
-    detector = Detector.for_suite(
-        refresh_token_hashes=token_hashes,
-        password_hashes=password_hashes,
-        also=[ADMIN_PASSWORD, TEST_SECRET],
-    )
-    problems = [
-        f"audit row {row['id']} ({row['action']}): {finding}"
-        for row in rows
-        for finding in detector.findings(row_text(row))
-    ]
-    return len(rows), problems
-
-
-def _assert_clean(url: str) -> None:
-    count, problems = _scan(url)
-    if count == 0:
-        pytest.skip("no audit rows: run this module together with the rest of the suite")
-    assert problems == [], f"{len(problems)} findings in {count} audit rows"
-
-
-def test_no_audit_row_on_sqlite_holds_a_secret(sqlite_url: str) -> None:
-    _assert_clean(sqlite_url)
-
-
-def test_no_audit_row_on_postgresql_holds_a_secret(postgres_url: str) -> None:
-    _assert_clean(postgres_url)
-
-
-# --- the scan can fail: the detector on planted rows ------------------------------------------
+from tests.support import ADMIN_PASSWORD, mint_token
 
 
 def _row(changes: dict[str, object], request_id: str = "req-1") -> str:

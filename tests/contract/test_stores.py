@@ -1,0 +1,412 @@
+"""Every store behaves alike on the fake, SQLite and PostgreSQL.
+
+The service layer's unit tests run on the fakes; these tests are what entitles them to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from usersvc.domain.audit import AuditEvent
+from usersvc.domain.errors import DuplicateRequest, EmailTaken
+from usersvc.domain.events import OutboxMessage
+from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.records import RefreshTokenStatus
+from usersvc.services.ports import UnitOfWorkFactory
+
+# In the past, so that nothing here is ever the newest row another test on the same
+# database lists, and no pending outbox row waits for anyone's dispatcher.
+NOW = datetime(1991, 5, 4, 12, 0, tzinfo=UTC)
+
+
+def new_user(**overrides: Any) -> User:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "email": f"{uuid.uuid4().hex}@example.com",
+        "name": "Contract Test",
+        "password_hash": "$argon2id$contract-test",
+        "roles": (),
+        "state": UserState.ACTIVE,
+        "create_time": NOW,
+        "update_time": NOW,
+        "version": 1,
+    }
+    values.update(overrides)
+    return User(**values)
+
+
+async def add(stores: UnitOfWorkFactory, *users: User) -> None:
+    async with stores() as tx:
+        for user in users:
+            await tx.users.add(user)
+        await tx.commit()
+
+
+async def stored(stores: UnitOfWorkFactory, user_id: uuid.UUID) -> User | None:
+    async with stores(write=False) as tx:
+        return await tx.users.get(user_id)
+
+
+# --- users ---------------------------------------------------------------------------------
+
+
+async def test_a_user_reads_back_as_written(stores: UnitOfWorkFactory) -> None:
+    user = new_user(roles=("admin", "service"), locked_until=NOW + timedelta(minutes=5))
+    await add(stores, user)
+    assert await stored(stores, user.id) == user
+    async with stores(write=False) as tx:
+        assert await tx.users.get_by_email(user.email) == user
+        assert await tx.users.get_by_email(f"missing-{user.email}") is None
+        assert await tx.users.count(email=user.email) == 1
+        assert await tx.users.auth_state(user.id) == (1, UserState.ACTIVE)
+        assert await tx.users.auth_state(uuid.uuid4()) is None
+
+
+async def test_an_email_is_unique_and_the_failed_insert_leaves_nothing(
+    stores: UnitOfWorkFactory,
+) -> None:
+    first = new_user()
+    await add(stores, first)
+    second = new_user(email=first.email)
+    with pytest.raises(EmailTaken):
+        await add(stores, second)
+    assert await stored(stores, second.id) is None
+
+
+async def test_nothing_is_kept_without_a_commit(stores: UnitOfWorkFactory) -> None:
+    user = new_user()
+    async with stores() as tx:
+        await tx.users.add(user)
+    assert await stored(stores, user.id) is None
+
+
+async def test_update_checks_the_version_and_bumps_it(stores: UnitOfWorkFactory) -> None:
+    user = new_user()
+    await add(stores, user)
+    later = NOW + timedelta(seconds=1)
+    async with stores() as tx:
+        stale = await tx.users.update(user.id, {"name": "Stale"}, expected_version=user.version + 1)
+        updated = await tx.users.update(
+            user.id, {"name": "Fresh", "update_time": later}, expected_version=user.version
+        )
+        await tx.commit()
+    assert stale is None
+    assert updated == dataclasses.replace(user, name="Fresh", update_time=later, version=2)
+    assert await stored(stores, user.id) == updated
+
+
+async def test_update_with_revocation_bumps_the_token_version(stores: UnitOfWorkFactory) -> None:
+    user = new_user()
+    await add(stores, user)
+    async with stores() as tx:
+        updated = await tx.users.update(
+            user.id, {"roles": ["admin"], "state": "disabled"}, revoke_tokens=True
+        )
+        await tx.commit()
+    assert updated is not None
+    assert (updated.roles, updated.state) == (("admin",), UserState.DISABLED)
+    assert (updated.version, updated.token_version) == (2, 2)
+
+
+async def test_update_refuses_columns_outside_the_allowlist(stores: UnitOfWorkFactory) -> None:
+    user = new_user()
+    await add(stores, user)
+    async with stores() as tx:
+        with pytest.raises(ValueError, match="not writable"):
+            await tx.users.update(user.id, {"version": 99})
+
+
+async def test_an_update_to_a_taken_email_is_refused(stores: UnitOfWorkFactory) -> None:
+    first, second = new_user(), new_user()
+    await add(stores, first, second)
+    with pytest.raises(EmailTaken):
+        await _update(stores, second.id, {"email": first.email})
+    assert await stored(stores, second.id) == second
+
+
+async def _update(stores: UnitOfWorkFactory, user_id: uuid.UUID, values: dict[str, Any]) -> None:
+    async with stores() as tx:
+        await tx.users.update(user_id, values)
+        await tx.commit()
+
+
+async def test_delete_checks_the_version(stores: UnitOfWorkFactory) -> None:
+    user = new_user()
+    await add(stores, user)
+    async with stores() as tx:
+        assert not await tx.users.delete(user.id, expected_version=7)
+        assert await tx.users.delete(user.id, expected_version=1)
+        assert not await tx.users.delete(user.id)
+        await tx.commit()
+    assert await stored(stores, user.id) is None
+
+
+async def test_list_is_newest_first_with_the_id_as_tiebreaker(stores: UnitOfWorkFactory) -> None:
+    # Long ago, on a day of its own, so that no other test's users fall between these.
+    base = datetime(1901, 1, 1, tzinfo=UTC) + timedelta(days=uuid.uuid4().int % 20_000)
+    made = [new_user(create_time=base + timedelta(seconds=n // 2)) for n in range(5)]
+    await add(stores, *made)
+    expected = sorted(made, key=lambda u: (u.create_time, u.id), reverse=True)
+    start = PageCursor(create_time=base + timedelta(seconds=3), id=uuid.uuid4())
+    async with stores(write=False) as tx:
+        first = await tx.users.list(limit=3, after=start, email=None)
+        rest = await tx.users.list(
+            limit=2,
+            after=PageCursor(create_time=first[-1].create_time, id=first[-1].id),
+            email=None,
+        )
+        only = await tx.users.list(limit=10, after=None, email=made[2].email)
+    assert [u.id for u in [*first, *rest]] == [u.id for u in expected]
+    assert only == [made[2]]
+
+
+async def test_login_failures_count_lock_and_start_again_after_the_lock(
+    stores: UnitOfWorkFactory,
+) -> None:
+    """The fake's copy of the SQL CASE: count, lock at the maximum, leave a locked account
+    alone, and after the lock ran out count again from one."""
+    user = new_user()
+    await add(stores, user)
+    lock_until = NOW + timedelta(minutes=15)
+
+    async def fail(at: datetime, until: datetime = lock_until) -> tuple[int, datetime | None]:
+        async with stores() as tx:
+            await tx.users.record_login_failure(user.id, now=at, max_failures=3, lock_until=until)
+            await tx.commit()
+        current = await stored(stores, user.id)
+        assert current is not None
+        return current.failed_login_count, current.locked_until
+
+    assert await fail(NOW) == (1, None)
+    assert await fail(NOW) == (2, None)
+    assert await fail(NOW) == (3, lock_until)
+    # Attempts during the lock neither count nor extend it.
+    assert await fail(NOW + timedelta(minutes=1), NOW + timedelta(hours=1)) == (3, lock_until)
+    # After the lock: the count starts again and the lock is gone.
+    assert await fail(lock_until + timedelta(seconds=1)) == (1, None)
+    async with stores() as tx:
+        await tx.users.reset_login_failures(user.id)
+        await tx.users.replace_password_hash(user.id, "$argon2id$rehashed")
+        await tx.commit()
+    after = await stored(stores, user.id)
+    assert after is not None
+    assert (after.failed_login_count, after.locked_until) == (0, None)
+    # A re-hash is not a change of the user: no new version.
+    assert (after.password_hash, after.version) == ("$argon2id$rehashed", 1)
+
+
+# --- refresh tokens ------------------------------------------------------------------------
+
+
+async def test_refresh_tokens_rotate_once_and_revoke_by_family_and_user(
+    stores: UnitOfWorkFactory,
+) -> None:
+    user = new_user()
+    await add(stores, user)
+    family, other_family = uuid.uuid4(), uuid.uuid4()
+    hashes = [uuid.uuid4().hex + uuid.uuid4().hex for _ in range(3)]
+    expires = NOW + timedelta(days=30)
+    async with stores() as tx:
+        for token_hash, fam in zip(hashes, (family, family, other_family), strict=True):
+            await tx.refresh_tokens.add(
+                token_hash=token_hash, user_id=user.id, family_id=fam, now=NOW, expire_time=expires
+            )
+        await tx.commit()
+    async with stores() as tx:
+        record = await tx.refresh_tokens.get_by_hash(hashes[0])
+        assert record is not None
+        assert (record.user_id, record.family_id, record.status, record.expire_time) == (
+            user.id,
+            family,
+            RefreshTokenStatus.ACTIVE,
+            expires,
+        )
+        assert await tx.refresh_tokens.mark_used(record.id)
+        assert not await tx.refresh_tokens.mark_used(record.id)
+        assert await tx.refresh_tokens.get_by_hash("0" * 64) is None
+        await tx.refresh_tokens.revoke_family(family)
+        await tx.commit()
+
+    async def statuses() -> list[RefreshTokenStatus | None]:
+        async with stores(write=False) as tx:
+            found = [await tx.refresh_tokens.get_by_hash(h) for h in hashes]
+        return [r.status if r else None for r in found]
+
+    revoked = RefreshTokenStatus.REVOKED
+    assert await statuses() == [revoked, revoked, RefreshTokenStatus.ACTIVE]
+    async with stores() as tx:
+        await tx.refresh_tokens.revoke_user(user.id)
+        await tx.commit()
+    assert await statuses() == [revoked, revoked, revoked]
+    # Deleting the user deletes its tokens (the foreign key cascades).
+    async with stores() as tx:
+        assert await tx.users.delete(user.id)
+        await tx.commit()
+    assert await statuses() == [None, None, None]
+
+
+# --- audit ---------------------------------------------------------------------------------
+
+
+async def test_audit_events_outlive_their_user_and_list_newest_first(
+    stores: UnitOfWorkFactory,
+) -> None:
+    user = new_user()
+    await add(stores, user)
+    events = [
+        AuditEvent(
+            user_id=user.id,
+            action="user.updated",
+            changes={"name": {"old": f"n{n}", "new": f"n{n + 1}"}},
+            actor="system",
+            request_id=f"req-{n}",
+            create_time=NOW + timedelta(seconds=n // 2),
+        )
+        for n in range(4)
+    ]
+    async with stores() as tx:
+        for event in events:
+            await tx.audit.add(event)
+        assert await tx.users.delete(user.id)
+        await tx.commit()
+    expected = sorted(events, key=lambda e: (e.create_time, e.id), reverse=True)
+    async with stores(write=False) as tx:
+        first = await tx.audit.list(limit=3, after=None, user_id=user.id)
+        rest = await tx.audit.list(
+            limit=3,
+            after=PageCursor(create_time=first[-1].create_time, id=first[-1].id),
+            user_id=user.id,
+        )
+    assert [*first, *rest] == expected
+
+
+# --- idempotency keys ----------------------------------------------------------------------
+
+
+async def _remember(stores: UnitOfWorkFactory, caller: str, request_id: str) -> None:
+    async with stores() as tx:
+        await tx.idempotency.add(
+            caller=caller, request_id=request_id, fingerprint="0" * 64, result={}, now=NOW
+        )
+        await tx.commit()
+
+
+async def test_idempotency_keys_are_unique_per_caller_and_expire(
+    stores: UnitOfWorkFactory,
+) -> None:
+    caller, request_id = f"caller-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    created = datetime(1981, 1, 1, tzinfo=UTC)
+    result = {"id": str(uuid.uuid4()), "roles": ["admin"], "version": 1}
+    async with stores() as tx:
+        await tx.idempotency.add(
+            caller=caller, request_id=request_id, fingerprint="f" * 64, result=result, now=created
+        )
+        await tx.idempotency.add(
+            caller=f"{caller}-other",
+            request_id=request_id,
+            fingerprint="e" * 64,
+            result={},
+            now=created,
+        )
+        await tx.commit()
+    with pytest.raises(DuplicateRequest):
+        await _remember(stores, caller, request_id)
+    async with stores(write=False) as tx:
+        record = await tx.idempotency.get(caller=caller, request_id=request_id)
+        assert await tx.idempotency.get(caller=caller, request_id=str(uuid.uuid4())) is None
+    assert record is not None
+    assert (record.fingerprint, record.result, record.create_time) == ("f" * 64, result, created)
+    async with stores() as tx:
+        # Not expired yet at this cutoff: kept.
+        await tx.idempotency.delete_expired(caller=caller, request_id=request_id, cutoff=created)
+        assert await tx.idempotency.get(caller=caller, request_id=request_id) is not None
+        await tx.idempotency.delete_expired(
+            caller=caller, request_id=request_id, cutoff=created + timedelta(seconds=1)
+        )
+        assert await tx.idempotency.get(caller=caller, request_id=request_id) is None
+        # Only keys from before 1982 are this test's: the other caller's one.
+        assert await tx.idempotency.purge_older_than(datetime(1981, 6, 1, tzinfo=UTC)) == 1
+        await tx.commit()
+
+
+# --- outbox --------------------------------------------------------------------------------
+
+
+async def test_outbox_claims_are_leased_fenced_and_settled(stores: UnitOfWorkFactory) -> None:
+    topic = f"contract.{uuid.uuid4().hex[:12]}"
+    kept, gone = new_user(), new_user()
+    await add(stores, kept, gone)
+    messages = [
+        OutboxMessage(
+            topic=topic,
+            aggregate_id=user.id,
+            payload={"n": n},
+            request_id=f"req-{n}",
+            create_time=NOW + timedelta(seconds=n),
+        )
+        for n, user in enumerate((kept, gone))
+    ]
+    async with stores() as tx:
+        for message in messages:
+            await tx.outbox.add(message)
+        assert await tx.users.delete(gone.id)
+        await tx.commit()
+    lease = NOW + timedelta(minutes=1)
+
+    async def claim(at: datetime, until: datetime, topics: list[str] | None = None) -> list[Any]:
+        async with stores() as tx:
+            claimed = await tx.outbox.claim_due(
+                topics=topics or [topic], now=at, lease_until=until, limit=10
+            )
+            await tx.commit()
+        return claimed
+
+    assert await claim(NOW - timedelta(seconds=1), lease) == []  # not due yet
+    assert await claim(NOW, lease, topics=[f"{topic}.other"]) == []
+    claimed = await claim(NOW + timedelta(seconds=5), lease)
+    assert [(c.id, c.user_email, c.user_name, c.attempts, c.claimed_until) for c in claimed] == [
+        (messages[0].id, kept.email, kept.name, 0, lease),
+        (messages[1].id, None, None, 0, lease),
+    ]
+    assert (claimed[0].payload, claimed[0].request_id) == ({"n": 0}, "req-0")
+    assert await claim(NOW + timedelta(seconds=6), lease) == []  # leased
+    async with stores() as tx:
+        # A settle with another lease than ours matches nothing.
+        assert not await tx.outbox.mark_skipped(
+            messages[1].id, claimed_until=lease + timedelta(seconds=1), reason="x", now=NOW
+        )
+        assert await tx.outbox.mark_skipped(
+            messages[1].id, claimed_until=lease, reason="user gone", now=NOW
+        )
+        assert await tx.outbox.schedule_retry(
+            messages[0].id,
+            claimed_until=lease,
+            attempts=1,
+            next_attempt_time=NOW + timedelta(minutes=10),
+            error="SMTP 451",
+            now=NOW,
+        )
+        await tx.commit()
+    assert await claim(NOW + timedelta(minutes=5), lease) == []  # retry not due yet
+    later = NOW + timedelta(minutes=10)
+    second_lease = later + timedelta(minutes=1)
+    again = await claim(later, second_lease)
+    assert [(c.id, c.attempts) for c in again] == [(messages[0].id, 1)]
+    async with stores() as tx:
+        assert await tx.outbox.release(messages[0].id, claimed_until=second_lease)
+        await tx.commit()
+    third = await claim(later, second_lease)
+    assert [c.id for c in third] == [messages[0].id]
+    async with stores() as tx:
+        assert await tx.outbox.mark_delivered(messages[0].id, now=later)
+        assert not await tx.outbox.mark_delivered(messages[0].id, now=later)
+        assert not await tx.outbox.mark_failed(
+            messages[0].id, claimed_until=second_lease, attempts=2, error="late", now=later
+        )
+        await tx.commit()
+    assert await claim(later + timedelta(days=1), later + timedelta(days=2)) == []

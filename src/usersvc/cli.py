@@ -10,11 +10,13 @@ import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
 
-from usersvc.config import Settings
+from usersvc.config import ENV_PREFIX, Settings, settings_problems
 from usersvc.logs import configure_logging
 
 log = logging.getLogger("usersvc")
@@ -32,24 +34,81 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
+def _fail(message: str, code: int = 2) -> SystemExit:
+    print(f"usersvc: {message}", file=sys.stderr)
+    return SystemExit(code)
+
+
 def _settings() -> Settings:
+    """The settings, or exit 2 with one line per problem, each naming its variable."""
     try:
         return Settings()
     except ValidationError as err:
-        print(f"usersvc: invalid settings:\n{err}", file=sys.stderr)
-        raise SystemExit(2) from err
+        for line in settings_problems(err):
+            print(f"usersvc: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _log_where(settings: Settings, command: str) -> None:
+    """Which data directory and database a command works on, as absolute as they get."""
+    from usersvc.adapters.schema_check import describe_url
+
+    log.info(
+        command,
+        extra={
+            "data_dir": str(Path(settings.data_dir).resolve()),
+            "database": describe_url(settings.effective_database_url),
+        },
+    )
+
+
+def _upgrade(settings: Settings, revision: str = "head") -> None:
+    """Migrate, or exit 1 with one line saying why not."""
+    from sqlalchemy.exc import DBAPIError
+
+    from usersvc.adapters.schema_check import describe_url
+    from usersvc.migrate import upgrade
+
+    try:
+        upgrade(settings.effective_database_url, revision)
+    except (DBAPIError, OSError) as err:
+        cause = " ".join(str(getattr(err, "orig", None) or err).split())
+        where = describe_url(settings.effective_database_url)
+        raise _fail(f"cannot migrate {where}: {cause}", 1) from None
 
 
 def _with_components(settings: Settings, task: Callable[..., Awaitable[T]], **kwargs: object) -> T:
-    """Migrate, build the components, run one task, close them."""
-    from usersvc.bootstrap import build_components
-    from usersvc.migrate import upgrade
+    """Build the components on a migrated database, run one task, close them.
 
-    upgrade(settings.effective_database_url)
+    An unmigrated (or unreachable) database is refused before anything is created, not
+    migrated silently: a typo in USERSVC_DATABASE_URL or USERSVC_DATA_DIR must not make a new,
+    empty service with keys of its own.
+    """
+    from sqlalchemy.engine import make_url
+
+    from usersvc.adapters.db import create_engine
+    from usersvc.adapters.schema_check import check_schema, describe_url
+    from usersvc.migrate import script_revisions
+
+    url = settings.effective_database_url
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database).resolve()
+        if not path.exists():
+            raise _fail(f"database {describe_url(url)} does not exist: run usersvc migrate")
 
     async def run() -> T:
+        from usersvc.bootstrap import build_components
         from usersvc.context import request_id_var
 
+        heads, known = script_revisions()
+        engine = create_engine(url, pool_size=1)
+        try:
+            state = await check_schema(engine, heads=heads, known=known, within=10)
+        finally:
+            await engine.dispose()
+        if state.problem is not None:
+            raise _fail(state.problem)
         # Operator actions get a request id of their own in the audit trail.
         request_id_var.set(f"cli-{uuid.uuid4()}")
         components = build_components(settings)
@@ -74,26 +133,27 @@ def _read_password() -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.log_level)
+    _log_where(settings, "serve")
     if args.migrate:
-        from usersvc.migrate import upgrade
+        _upgrade(settings)
+    try:
+        if settings.workers > 1:
+            from usersvc.workers import serve_workers
 
-        upgrade(settings.effective_database_url)
-    if settings.workers > 1:
-        from usersvc.workers import serve_workers
+            return serve_workers(settings)
+        from usersvc.server import serve
 
-        return serve_workers(settings)
-    from usersvc.server import serve
-
-    asyncio.run(serve(settings))
+        asyncio.run(serve(settings))
+    except OSError as err:  # the listen address cannot be bound
+        raise _fail(f"{ENV_PREFIX}LISTEN_ADDRESS: {err}") from None
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.log_level)
-    from usersvc.migrate import upgrade
-
-    upgrade(settings.effective_database_url, args.revision)
+    _log_where(settings, "migrate")
+    _upgrade(settings, args.revision)
     log.info("migrated", extra={"revision": args.revision})
     return 0
 
@@ -101,6 +161,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_dispatch(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.log_level)
+    _log_where(settings, "dispatch")
     from usersvc.jobs import dispatch_until_signalled
 
     return asyncio.run(dispatch_until_signalled(settings))
@@ -111,7 +172,8 @@ def cmd_create_admin(args: argparse.Namespace) -> int:
     from usersvc.operator_tasks import create_admin
 
     settings = _settings()
-    configure_logging("WARNING")
+    configure_logging(settings.log_level)
+    _log_where(settings, "create-admin")
     try:
         password = _read_password()
         result = _with_components(
@@ -134,7 +196,13 @@ def cmd_issue_service_token(args: argparse.Namespace) -> int:
     from usersvc.operator_tasks import issue_service_token
 
     settings = _settings()
-    configure_logging("WARNING")
+    configure_logging(settings.log_level)
+    _log_where(settings, "issue-service-token")
+    if args.ttl > settings.service_token_max_ttl_seconds:
+        raise _fail(
+            f"--ttl {args.ttl} s is longer than {ENV_PREFIX}SERVICE_TOKEN_MAX_TTL_SECONDS "
+            f"({settings.service_token_max_ttl_seconds} s)"
+        )
     try:
         token = _with_components(
             settings, issue_service_token, subject=args.subject, ttl_seconds=args.ttl
@@ -146,8 +214,24 @@ def cmd_issue_service_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return version("usersvc")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def _settings_epilog() -> str:
+    names = ", ".join(f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields)
+    return (
+        "Settings are environment variables; README.md (section Settings) gives each one's "
+        f"default and meaning: {names}."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="usersvc", description=__doc__)
+    parser = argparse.ArgumentParser(prog="usersvc", description=__doc__, epilog=_settings_epilog())
+    parser.add_argument("--version", action="version", version=f"usersvc {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--migrate", action="store_true", help="apply migrations first")

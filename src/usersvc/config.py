@@ -2,13 +2,79 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATA_DIR = Path(".data")
+ENV_PREFIX = "USERSVC_"
+# Database URL schemes and the async driver each one is served with.
+DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+}
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """(host, port) of "host:port" or "[v6]:port"; ValueError naming what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not host:port")
+    if not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not a number from 0 to 65535")
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError(f"host {host!r} has unbalanced brackets")
+    return host, int(port)
+
+
+def production_problems(values: Mapping[str, Any]) -> list[str]:
+    """Every production requirement `values` (field name -> value) misses, by variable name."""
+    if str(values.get("environment", "")) != "production":
+        return []
+    problems: list[str] = []
+    secret = values.get("secret_key") or ""
+    if isinstance(secret, SecretStr):
+        secret = secret.get_secret_value()
+    # Length and variety: refuses placeholders such as "changeme" or 32 times "k".
+    if len(secret) < 32 or len(set(secret)) < 12:
+        problems.append(
+            "USERSVC_SECRET_KEY must be set to at least 32 random characters in production"
+        )
+    if not values.get("database_url"):
+        problems.append("USERSVC_DATABASE_URL must be set in production")
+    if not values.get("jwt_signing_key_file"):
+        problems.append("USERSVC_JWT_SIGNING_KEY_FILE must be set in production")
+    return problems
+
+
+def settings_problems(err: ValidationError, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One line per problem, each naming its environment variable; never the input value.
+
+    When a field is invalid pydantic skips the production checks, so they are run here on
+    the raw environment too: an operator sees everything to fix in one run.
+    """
+    lines: list[str] = []
+    for error in err.errors(include_url=False, include_input=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            lines.append(f"{ENV_PREFIX}{str(error['loc'][0]).upper()}: {message}")
+        else:
+            lines.extend(message.splitlines())
+    raw = {
+        name.removeprefix(ENV_PREFIX).lower(): value
+        for name, value in environ.items()
+        if name.upper().startswith(ENV_PREFIX)
+    }
+    lines.extend(p for p in production_problems(raw) if p not in lines)
+    return lines
 
 
 class Settings(BaseSettings):
@@ -36,6 +102,25 @@ class Settings(BaseSettings):
     # once into data_dir. Required in production.
     secret_key: SecretStr = SecretStr("")
     db_pool_size: int = Field(default=10, ge=1)
+    # Connection and call limits, so that idle or hostile clients cannot hold resources
+    # without bound. Calls beyond max_concurrent_rpcs are refused with RESOURCE_EXHAUSTED
+    # at once rather than queued.
+    max_concurrent_rpcs: int = Field(default=1000, ge=1)
+    max_concurrent_streams: int = Field(default=100, ge=1)
+    max_connection_idle_seconds: float = Field(default=300.0, gt=0)
+    max_connection_age_seconds: float = Field(default=3600.0, gt=0)
+    max_connection_age_grace_seconds: float = Field(default=30.0, ge=0)
+    # A connection must finish the HTTP/2 handshake (client preface) within this time.
+    handshake_timeout_seconds: float = Field(default=10.0, gt=0)
+    # The server pings idle connections every keepalive_time and drops them if no answer
+    # comes within keepalive_timeout; clients may ping no more often than
+    # keepalive_min_client_ping_interval (more often: GOAWAY "too_many_pings").
+    keepalive_time_seconds: float = Field(default=60.0, gt=0)
+    keepalive_timeout_seconds: float = Field(default=20.0, gt=0)
+    keepalive_min_client_ping_interval_seconds: float = Field(default=10.0, ge=0)
+    keepalive_max_ping_strikes: int = Field(default=2, ge=0)
+    # How often readiness (health of the service names) re-checks the database and schema.
+    readiness_interval_seconds: float = Field(default=2.0, gt=0, le=60)
     # Password hashing (Argon2id); lower bounds follow OWASP.
     argon2_time_cost: int = Field(default=2, ge=2)
     argon2_memory_kib: int = Field(default=19456, ge=19456)
@@ -59,6 +144,9 @@ class Settings(BaseSettings):
     # Login hardening: consecutive failures before a lock, and how long the lock lasts.
     login_max_failures: int = Field(default=10, ge=1)
     login_lock_seconds: int = Field(default=900, ge=1)
+    # Longest lifetime `usersvc issue-service-token --ttl` may give: verifiers that check
+    # tokens offline cannot see a revocation before the token's exp.
+    service_token_max_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
     # How long CreateUser remembers a request_id (AIP-155), then the key is purged.
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
 
@@ -78,19 +166,38 @@ class Settings(BaseSettings):
     outbox_backoff_base_seconds: float = Field(default=2.0, gt=0)
     outbox_backoff_max_seconds: float = Field(default=900.0, gt=0)
 
+    @field_validator("listen_address")
+    @classmethod
+    def _listen_address_is_host_port(cls, value: str) -> str:
+        parse_listen_address(value)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_supported(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL (postgresql+psycopg://user@host:5432/db or "
+                "sqlite+aiosqlite:///path)"
+            ) from None
+        if url.drivername not in DRIVERS:
+            raise ValueError(
+                f"unsupported database {url.drivername!r}: use postgresql+psycopg:// or "
+                "sqlite+aiosqlite://"
+            )
+        return url.set(drivername=DRIVERS[url.drivername]).render_as_string(hide_password=False)
+
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> Settings:
-        if self.environment == "production":
-            secret = self.secret_key.get_secret_value()
-            # Length and variety: refuses placeholders such as "changeme" or 32 times "k".
-            if len(secret) < 32 or len(set(secret)) < 12:
-                raise ValueError(
-                    "USERSVC_SECRET_KEY must be set to at least 32 random characters in production"
-                )
-            if not self.database_url:
-                raise ValueError("USERSVC_DATABASE_URL must be set in production")
-            if self.jwt_signing_key_file is None:
-                raise ValueError("USERSVC_JWT_SIGNING_KEY_FILE must be set in production")
+        problems = production_problems(
+            {name: getattr(self, name) for name in type(self).model_fields}
+        )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @model_validator(mode="after")

@@ -21,10 +21,16 @@ IDEMPOTENCY_PURGE_INTERVAL_SECONDS = 3600.0
 
 
 async def purge_idempotency_keys_forever(
-    users: UserService, *, interval: float = IDEMPOTENCY_PURGE_INTERVAL_SECONDS
+    users: UserService,
+    *,
+    interval: float = IDEMPOTENCY_PURGE_INTERVAL_SECONDS,
+    ready: asyncio.Event | None = None,
 ) -> None:
-    """Forget expired CreateUser request ids every `interval` s until cancelled."""
+    """Forget expired CreateUser request ids every `interval` s until cancelled; with `ready`,
+    only while it is set (the database answers at the expected schema)."""
     while True:
+        if ready is not None:
+            await ready.wait()
         try:
             purged = await users.purge_idempotency_keys()
             if purged:

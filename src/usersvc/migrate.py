@@ -32,3 +32,12 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 def downgrade(database_url: str, revision: str) -> None:
     """Take the schema back to `revision` ("base": nothing)."""
     command.downgrade(alembic_config(database_url), revision)
+
+
+def script_revisions() -> tuple[frozenset[str], frozenset[str]]:
+    """(head revisions, every revision) of the migrations this code ships."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(migrations_dir()))
+    every = frozenset(rev.revision for rev in script.walk_revisions())
+    return frozenset(script.get_heads()), every

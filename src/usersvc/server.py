@@ -9,7 +9,7 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from userservice.v1 import (
@@ -18,14 +18,21 @@ from userservice.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
+from usersvc.adapters.schema_check import SchemaState, check_schema, describe_url
 from usersvc.bootstrap import Components, build_components, build_dispatcher
 from usersvc.config import Settings
+from usersvc.context import request_id_var
+from usersvc.health import NOT_SERVING, SERVING, HealthServicer, Readiness
 from usersvc.interceptors.access_log import AccessLogInterceptor
 from usersvc.interceptors.auth import AuthInterceptor, policies_from
 from usersvc.interceptors.errors import ErrorInterceptor
+from usersvc.interceptors.input_check import InputCheckInterceptor, RefusalHook
+from usersvc.interceptors.malformed import MalformedRequestInterceptor
 from usersvc.interceptors.request_id import RequestIdInterceptor
+from usersvc.interceptors.shutdown_gate import ShutdownGateInterceptor
 from usersvc.jobs import purge_idempotency_keys_forever
 from usersvc.metrics import Metrics
+from usersvc.migrate import script_revisions
 from usersvc.servicers.auth_servicer import AuthServicer
 from usersvc.servicers.user_servicer import UserServicer
 from usersvc.services.auth import Authenticator
@@ -37,6 +44,9 @@ log = logging.getLogger(__name__)
 USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 AUTH_SERVICE = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 MAX_MESSAGE_BYTES = 1024 * 1024
+READINESS_SERVICES = (USER_SERVICE, AUTH_SERVICE)
+LOGIN_METHOD = f"/{AUTH_SERVICE}/Login"
+QUIET_SECONDS = 0.1
 
 
 @dataclass
@@ -45,7 +55,9 @@ class RunningServer:
 
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
+    readiness: Readiness
+    gate: ShutdownGateInterceptor
     components: Components
     metrics: Metrics = field(default_factory=Metrics)
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -53,14 +65,25 @@ class RunningServer:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
+        """Check the database once (readiness follows it from then on), then listen."""
+        await self.readiness.check_once()
+        self.background.append(
+            asyncio.create_task(self.readiness.run(self.stopping), name="readiness")
+        )
         await self.server.start()
 
     async def stop(self, grace: float | None, *, drain: float = 0.0) -> None:
-        """Health NOT_SERVING first (for `drain` s), then in-flight calls get `grace` s."""
+        """Health NOT_SERVING first (for `drain` s); then new calls get UNAVAILABLE while
+        in-flight calls get `grace` s."""
         self.stopping.set()
         await self.health.enter_graceful_shutdown()
         if drain:
             await asyncio.sleep(drain)
+        self.gate.close()
+        # grpc core cancels (CANCELLED) calls it has accepted but not yet handed to us when
+        # the server shuts down; wait until callers have stopped sending (they got
+        # UNAVAILABLE with RetryInfo), for at most half the grace period.
+        await self.gate.wait_quiet(QUIET_SECONDS, limit=min(grace or 0.0, 10.0) / 2)
         await self.server.stop(grace)
         for task in self.background:
             task.cancel()
@@ -78,11 +101,17 @@ async def build_server(
     # Outermost first: the request id must exist before anything logs; the error mapper sits
     # inside the access log so that the log line records the mapped code, and outside auth so
     # that auth failures get the same rich details.
+    gate = ShutdownGateInterceptor()
     interceptors: list[grpc.aio.ServerInterceptor] = [
         RequestIdInterceptor(),
         AccessLogInterceptor(),
         ErrorInterceptor(),
+        gate,
+        # Before auth, which reads the request: a body that does not decode stops here.
+        MalformedRequestInterceptor(),
         AuthInterceptor(Authenticator(c.access_tokens, c.token_states), policies),
+        # Before any use case reads a field: control characters and unbounded sizes stop here.
+        InputCheckInterceptor(on_refused={LOGIN_METHOD: _audit_refused_login(c)}),
     ]
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -91,15 +120,31 @@ async def build_server(
             # server on the same address would silently take half the connections.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            *connection_limits(settings),
         ],
+        # Beyond this, grpc answers RESOURCE_EXHAUSTED at once instead of queueing.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(c.users, c.audit), server)
     auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(c.auth), server)
 
-    health_servicer = health.aio.HealthServicer()
+    # Liveness ("") is SERVING while the process answers; readiness (the service names)
+    # starts NOT_SERVING and follows the database from the first check on.
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", USER_SERVICE, AUTH_SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", SERVING)
+    for name in READINESS_SERVICES:
+        await health_servicer.set(name, NOT_SERVING)
+    heads, known = script_revisions()
+
+    async def check() -> SchemaState:
+        return await check_schema(
+            c.engine, heads=heads, known=known, within=settings.readiness_interval_seconds
+        )
+
+    readiness = Readiness(
+        health_servicer, READINESS_SERVICES, check, interval=settings.readiness_interval_seconds
+    )
 
     if settings.reflection:
         reflection.enable_server_reflection(
@@ -118,9 +163,20 @@ async def build_server(
         raise OSError(f"could not bind {settings.listen_address}: address in use or invalid") from (
             bind_error
         )
-    running = RunningServer(server=server, port=port, health=health_servicer, components=c)
+    running = RunningServer(
+        server=server,
+        port=port,
+        health=health_servicer,
+        readiness=readiness,
+        gate=gate,
+        components=c,
+    )
     running.background.append(
-        asyncio.create_task(purge_idempotency_keys_forever(c.users), name="idempotency-purge")
+        asyncio.create_task(
+            # Readiness has already said why the database cannot be used: no purge until ready.
+            purge_idempotency_keys_forever(c.users, ready=readiness.ready_event),
+            name="idempotency-purge",
+        )
     )
     dispatcher = build_dispatcher(settings, c.engine, running.metrics, clock=clock)
     if dispatcher is not None:
@@ -130,12 +186,51 @@ async def build_server(
     return running
 
 
+def _audit_refused_login(c: Components) -> RefusalHook:
+    async def record(request: object) -> None:
+        await c.auth.record_refused_login(request_id=request_id_var.get())
+
+    return record
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def connection_limits(settings: Settings) -> list[tuple[str, int]]:
+    """grpc core channel arguments for the connection and keepalive settings."""
+    return [
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_seconds)),
+        ("grpc.server_handshake_timeout_ms", _ms(settings.handshake_timeout_seconds)),
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_seconds)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_seconds)),
+        # Clients may keep idle connections alive with pings, but not flood them.
+        ("grpc.keepalive_permit_without_calls", 1),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            _ms(settings.keepalive_min_client_ping_interval_seconds),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+    ]
+
+
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     running = await build_server(settings, reuse_port=reuse_port)
     await running.start()
     host = settings.listen_address.rsplit(":", 1)[0]
-    log.info("serving", extra={"address": f"{host}:{running.port}", "pid": os.getpid()})
+    log.info(
+        "serving",
+        extra={
+            "address": f"{host}:{running.port}",
+            "pid": os.getpid(),
+            "ready": running.readiness.ready,
+            "database": describe_url(settings.effective_database_url),
+        },
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

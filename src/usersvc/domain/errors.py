@@ -32,8 +32,10 @@ class ValidationFailed(DomainError):
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: list[FieldViolation], *, reason: str | None = None) -> None:
-        fields = ", ".join(v.field for v in violations)
-        super().__init__(f"invalid request: {fields}", reason=reason)
+        # The first few fields only: the message must stay short whatever the request held.
+        fields = ", ".join(dict.fromkeys(v.field[:64] for v in violations[:5]))
+        more = f" and {len(violations) - 5} more" if len(violations) > 5 else ""
+        super().__init__(f"invalid request: {fields}{more}", reason=reason)
         self.violations = violations
 
 
@@ -118,3 +120,12 @@ class InvalidPageToken(ValueError):
 
 class InvalidAccessToken(Exception):
     """Any reason a token is refused; the reason is for the server log only."""
+
+
+class ShuttingDown(StorageUnavailable):
+    """This replica is stopping; another one (or this one, restarted) will answer."""
+
+    reason = "SHUTTING_DOWN"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry on another replica")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,11 +76,25 @@ def etag_of(version: int) -> str:
     return f'"{version}"'
 
 
+# Strict: ASCII digits only (str.isdigit() also accepts "²" and "①", which int() refuses) and
+# a bounded length (int() refuses more than 4,300 digits; versions never get near 19).
+_ETAG = re.compile(r'"([0-9]{1,18})"')
+
+
+ETAG_MAX = 64
+_ETAG_LIKE = re.compile(rf"[\x21-\x7e]{{1,{ETAG_MAX}}}")
+
+
+def is_etag_like(etag: str) -> bool:
+    """Printable ASCII of bounded length: the shape of any HTTP entity tag (RFC 9110), ours
+    or not. Anything else is a malformed argument rather than a mismatch."""
+    return _ETAG_LIKE.fullmatch(etag) is not None
+
+
 def version_of_etag(etag: str) -> int | None:
     """The version an etag stands for, or None for a value this server never issued."""
-    if len(etag) < 3 or not (etag[0] == etag[-1] == '"') or not etag[1:-1].isdigit():
-        return None
-    return int(etag[1:-1])
+    match = _ETAG.fullmatch(etag)
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True, slots=True)

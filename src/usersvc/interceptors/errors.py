@@ -37,6 +37,16 @@ STATUS_OF: tuple[tuple[type[e.DomainError], grpc.StatusCode], ...] = (
     (e.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 UNAVAILABLE_RETRY_SECONDS = 1.0
+# Error details are built from caller input: bounded, so that a hostile request cannot make
+# the trailer larger than grpc's 16 KiB metadata limit (worst case here is about 6 KiB).
+MAX_VIOLATIONS = 10
+MAX_FIELD_CHARS = 128
+MAX_DESCRIPTION_CHARS = 256
+MAX_MESSAGE_CHARS = 512
+
+
+def truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def code_for(error: e.DomainError) -> grpc.StatusCode:
@@ -61,14 +71,22 @@ def build_status(
     retry_after: float | None = None,
 ) -> grpc.Status:
     request_id = request_id_var.get()
-    status = status_pb2.Status(code=code.value[0], message=message)
+    status = status_pb2.Status(code=code.value[0], message=truncate(message, MAX_MESSAGE_CHARS))
     _pack(status, error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
     _pack(status, error_details_pb2.RequestInfo(request_id=request_id))
     if violations:
         bad_request = error_details_pb2.BadRequest()
-        for v in violations:
+        for v in violations[:MAX_VIOLATIONS]:
             bad_request.field_violations.add(
-                field=v.field, description=v.description, reason=v.reason
+                field=truncate(v.field, MAX_FIELD_CHARS),
+                description=truncate(v.description, MAX_DESCRIPTION_CHARS),
+                reason=truncate(v.reason, MAX_FIELD_CHARS),
+            )
+        if len(violations) > MAX_VIOLATIONS:
+            bad_request.field_violations.add(
+                field="*",
+                description=f"{len(violations) - MAX_VIOLATIONS} more violations not shown",
+                reason="TRUNCATED",
             )
         _pack(status, bad_request)
     if retry_after is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -22,7 +23,36 @@ def pick_request_id(metadata: Any) -> str:
     return str(uuid.uuid4())
 
 
+async def _unimplemented(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    from usersvc.interceptors.errors import build_status
+
+    token = request_id_var.set(pick_request_id(context.invocation_metadata()))
+    try:
+        await context.abort_with_status(
+            build_status(grpc.StatusCode.UNIMPLEMENTED, "unknown method", "UNIMPLEMENTED")
+        )
+    finally:
+        request_id_var.reset(token)
+
+
+# Answers any method this server does not have, with the usual details and request id; the
+# body is never decoded.
+UNIMPLEMENTED_HANDLER: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
+    _unimplemented
+)
+
+
 class RequestIdInterceptor(UnaryWrappingInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await super().intercept_service(continuation, handler_call_details)
+        return handler if handler is not None else UNIMPLEMENTED_HANDLER
+
     def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def with_request_id(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             request_id = pick_request_id(context.invocation_metadata())

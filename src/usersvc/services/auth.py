@@ -191,6 +191,11 @@ class AuthService:
 
         return await in_transaction(self._uow, succeed)
 
+    async def record_refused_login(self, *, request_id: str = "-") -> None:
+        """Audit a Login refused before it ran (control characters, over-long values); the
+        input itself is not kept."""
+        await self._record_failure(None, "[invalid]", "invalid_input", request_id)
+
     async def _record_failure(
         self,
         user_id: uuid.UUID | None,

@@ -22,10 +22,12 @@ from usersvc.domain.errors import (
 )
 from usersvc.domain.events import TOPIC_USER_CREATED, OutboxMessage
 from usersvc.domain.models import (
+    ETAG_MAX,
     SERVICE_ACCOUNT_PASSWORD_HASH,
     User,
     UserState,
     UserView,
+    is_etag_like,
     version_of_etag,
 )
 from usersvc.domain.update_mask import ADMIN_ONLY_PATHS, parse_update_mask
@@ -482,6 +484,16 @@ class UserService:
     def _expected_version(etag: str) -> int | None:
         if not etag:
             return None
+        if not is_etag_like(etag):
+            raise ValidationFailed(
+                [
+                    FieldViolation(
+                        "etag",
+                        f"etag must be at most {ETAG_MAX} printable ASCII characters",
+                        "INVALID_FORMAT",
+                    )
+                ]
+            )
         version = version_of_etag(etag)
         # Never issued by us, so it cannot match any version; existence is still checked first.
         return -1 if version is None else version

@@ -1,0 +1,128 @@
+"""Health tells the truth: liveness stays SERVING, readiness follows the database."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
+
+from tests.e2e.conftest import CapturedLogs
+from tests.support import ServerThread, make_settings, throwaway_database, throwaway_sqlite
+from tests.tcp_proxy import TcpProxy
+from usersvc.migrate import upgrade
+
+USER_SERVICE = "userservice.v1.UserService"
+AUTH_SERVICE = "userservice.v1.AuthService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _status(address: str, service: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        status: int = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return status
+
+
+def _wait_status(address: str, service: str, wanted: int, timeout: float = 10.0) -> float:
+    """Seconds until `service` reports `wanted`; fails after `timeout`."""
+    started = time.monotonic()
+    while True:
+        status = _status(address, service)
+        if status == wanted:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"{service!r} stayed {status} for {timeout} s, wanted {wanted}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def unmigrated_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "sqlite":
+        with throwaway_sqlite(migrated=False) as url:
+            yield url
+    else:
+        admin = request.getfixturevalue("postgres_admin_url")
+        with throwaway_database(admin, migrated=False) as url:
+            yield url
+
+
+def test_health_list_answers_every_service(channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    response = stub.List(health_pb2.HealthListRequest())
+    statuses = {name: r.status for name, r in response.statuses.items()}
+    assert statuses == {"": SERVING, USER_SERVICE: SERVING, AUTH_SERVICE: SERVING}
+
+
+@pytest.mark.parametrize("unmigrated_url", ["sqlite", "postgresql"], indirect=True)
+def test_unmigrated_database_is_not_ready_until_migrated(
+    unmigrated_url: str, logs: CapturedLogs
+) -> None:
+    with tempfile.TemporaryDirectory() as data_dir:
+        settings = make_settings(unmigrated_url, data_dir, readiness_interval_seconds=0.2)
+        thread = ServerThread(settings).start()
+        try:
+            assert _status(thread.address, "") == SERVING
+            assert _status(thread.address, USER_SERVICE) == NOT_SERVING
+            assert _status(thread.address, AUTH_SERVICE) == NOT_SERVING
+            problems = [x for x in logs.lines() if x["message"].startswith("not ready")]
+            assert len(problems) == 1, problems
+            assert "run usersvc migrate" in problems[0]["message"]
+            assert problems[0]["level"] == "WARNING"
+
+            upgrade(unmigrated_url)
+            assert _wait_status(thread.address, USER_SERVICE, SERVING) < 5
+            assert _status(thread.address, AUTH_SERVICE) == SERVING
+            # One line when the state changed, none per check.
+            time.sleep(0.5)
+            assert len([x for x in logs.lines() if x["message"].startswith("not ready")]) == 1
+            assert len([x for x in logs.lines() if x["message"] == "ready"]) == 1
+        finally:
+            thread.stop()
+
+
+def test_readiness_follows_an_unreachable_database_and_recovers(postgres_url: str) -> None:
+    target = make_url(postgres_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            settings = make_settings(url, data_dir, readiness_interval_seconds=0.2)
+            thread = ServerThread(settings).start()
+            try:
+                assert _status(thread.address, USER_SERVICE) == SERVING
+                proxy.down()
+                assert _wait_status(thread.address, USER_SERVICE, NOT_SERVING) < 3
+                assert _status(thread.address, AUTH_SERVICE) == NOT_SERVING
+                # Liveness: the process still answers, so it must not be restarted.
+                assert _status(thread.address, "") == SERVING
+                proxy.up()
+                assert _wait_status(thread.address, USER_SERVICE, SERVING) < 3
+                assert _status(thread.address, AUTH_SERVICE) == SERVING
+            finally:
+                thread.stop()
+    finally:
+        proxy.close()
+
+
+def test_start_on_an_unreachable_database_stays_up_and_says_why(logs: CapturedLogs) -> None:
+    url = "postgresql+psycopg://postgres:pw@127.0.0.1:1/nothing"
+    with tempfile.TemporaryDirectory() as data_dir:
+        thread = ServerThread(make_settings(url, data_dir, readiness_interval_seconds=0.2)).start()
+        try:
+            assert _status(thread.address, "") == SERVING
+            assert _status(thread.address, USER_SERVICE) == NOT_SERVING
+            time.sleep(0.6)  # a few more checks: still one line
+            problems = [x for x in logs.lines() if x["message"].startswith("not ready")]
+            assert len(problems) == 1, problems
+            message = problems[0]["message"]
+            assert "127.0.0.1" in message
+            assert "connection refused" in message.lower()
+            assert "pw" not in message.replace("postgres", "")  # no password
+        finally:
+            thread.stop()

@@ -1,0 +1,211 @@
+"""Hostile input gets INVALID_ARGUMENT with bounded details, never INTERNAL or UNKNOWN."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from sqlalchemy.engine import Engine
+
+from tests.e2e.auth_helpers import PASSWORD, create_user, unique_email
+from tests.e2e.conftest import CapturedLogs
+from tests.e2e.integrity_helpers import audit_rows, stored_user
+from tests.support import details_of, login
+from userservice.v1 import auth_service_pb2 as auth_pb
+from userservice.v1 import user_pb2
+from userservice.v1 import user_service_pb2 as pb
+from userservice.v1.auth_service_pb2_grpc import AuthServiceStub
+from userservice.v1.user_service_pb2_grpc import UserServiceStub
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+HOSTILE_ETAGS = ['"²"', '"①"', '"' + "9" * 5000 + '"', '"１"', "\u00a0"]
+
+
+def _refused(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as exc:
+        call()
+    return exc.value
+
+
+def _trailer_bytes(err: grpc.RpcError) -> int:
+    assert isinstance(err, grpc.Call)
+    return sum(len(k) + len(v) for k, v in err.trailing_metadata() or ())
+
+
+ETAG_CALLS: dict[str, Callable[[UserServiceStub, user_pb2.User, str], object]] = {
+    "UpdateUser": lambda s, u, e: s.UpdateUser(
+        pb.UpdateUserRequest(
+            user=user_pb2.User(id=u.id, name="New Name", etag=e),
+            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+        )
+    ),
+    "DeleteUser": lambda s, u, e: s.DeleteUser(pb.DeleteUserRequest(id=u.id, etag=e)),
+    "DisableUser": lambda s, u, e: s.DisableUser(pb.DisableUserRequest(id=u.id, etag=e)),
+    "EnableUser": lambda s, u, e: s.EnableUser(pb.EnableUserRequest(id=u.id, etag=e)),
+    "ChangePassword": lambda s, u, e: s.ChangePassword(
+        pb.ChangePasswordRequest(id=u.id, new_password="a fresh password 7", etag=e)
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(ETAG_CALLS))
+@pytest.mark.parametrize("etag", HOSTILE_ETAGS, ids=["superscript", "circled", "5000", "fw", "nb"])
+def test_a_hostile_etag_is_invalid_argument_and_changes_nothing(
+    users: UserServiceStub, db: Engine, method: str, etag: str
+) -> None:
+    user = create_user(users)
+    before = stored_user(db, user.id)
+    details = details_of(_refused(lambda: ETAG_CALLS[method](users, user, etag)))
+    assert details.code == INVALID
+    assert any(field.endswith("etag") for field in details.violations), details.violations
+    assert stored_user(db, user.id) == before
+
+
+@pytest.mark.parametrize("control", ["\x00", "\x07", "\x1b", "\x7f", "\x85", "\n"])
+def test_control_characters_are_refused_before_the_database(
+    users: UserServiceStub, control: str
+) -> None:
+    details = details_of(
+        _refused(lambda: users.ListUsers(pb.ListUsersRequest(email=f"a{control}@x.test")))
+    )
+    assert details.code == INVALID
+    assert details.violations == {"email": "must not contain control characters"}
+    details = details_of(
+        _refused(
+            lambda: users.CreateUser(
+                pb.CreateUserRequest(
+                    email=unique_email(), name=f"E{control}ve", password=f"pass{control}word 1"
+                )
+            )
+        )
+    )
+    assert set(details.violations) == {"name", "password"}
+    # The password itself is never echoed.
+    assert f"pass{control}word" not in details.message + repr(details.violations)
+
+
+def test_a_login_with_a_nul_byte_is_refused_and_audited(auth: AuthServiceStub, db: Engine) -> None:
+    before = len(audit_rows(db))
+    rid = f"nul-{uuid.uuid4().hex}"
+    err = _refused(
+        lambda: auth.Login(
+            auth_pb.LoginRequest(email="a\x00@x.test", password="whatever 123"),
+            metadata=(("x-request-id", rid),),
+        )
+    )
+    details = details_of(err)
+    assert details.code == INVALID
+    assert "email" in details.violations
+    rows = audit_rows(db)[before:]
+    mine = [r for r in rows if r["request_id"] == rid]
+    assert len(mine) == 1
+    assert mine[0]["action"] == "auth.login_failed"
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pb.UpdateUserRequest(update_mask=field_mask_pb2.FieldMask(paths=["x"] * 10_000)),
+        pb.UpdateUserRequest(update_mask=field_mask_pb2.FieldMask(paths=["p" * 50_000])),
+        pb.UpdateUserRequest(
+            user=user_pb2.User(roles=["r" * 100_000]),
+            update_mask=field_mask_pb2.FieldMask(paths=["roles"]),
+        ),
+        pb.UpdateUserRequest(
+            user=user_pb2.User(roles=[f"role{i}" for i in range(16)]),
+            update_mask=field_mask_pb2.FieldMask(
+                paths=[f"unknown_{i}_" + "z" * 50 for i in range(16)]
+            ),
+        ),
+    ],
+    ids=["10000-paths", "50000-char-path", "100000-char-role", "many-violations"],
+)
+def test_error_details_stay_small_whatever_the_request(
+    users: UserServiceStub, request_: pb.UpdateUserRequest
+) -> None:
+    request_.user.id = request_.user.id or str(uuid.uuid4())
+    err = _refused(lambda: users.UpdateUser(request_))
+    details = details_of(err)
+    assert details.code == INVALID
+    assert _trailer_bytes(err) < 8 * 1024
+    assert len(details.message) <= 512
+
+
+def test_a_body_that_is_not_protobuf_is_invalid_argument_with_a_request_id(
+    channel: grpc.Channel, logs: CapturedLogs
+) -> None:
+    call = channel.unary_unary(
+        "/userservice.v1.AuthService/Login",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    rid = f"junk-{uuid.uuid4().hex}"
+    err = _refused(lambda: call(b"\xff\xff\xff\xff\x0f", metadata=(("x-request-id", rid),)))
+    details = details_of(err)
+    assert details.code == INVALID
+    assert details.reason == "MALFORMED_REQUEST"
+    assert details.request_id == rid
+    assert details.trailers["x-request-id"] == rid
+    lines = logs.wait_for(lambda x: x.get("request_id") == rid and x["message"] != "rpc")
+    assert [x["level"] for x in lines] == ["WARNING"]
+    assert "exception" not in lines[0]
+    assert not [x for x in logs.lines() if x["level"] == "ERROR"]
+
+
+def test_an_unknown_method_is_unimplemented_with_a_request_id(channel: grpc.Channel) -> None:
+    call = channel.unary_unary(
+        "/userservice.v1.UserService/NoSuchMethod",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    rid = f"nope-{uuid.uuid4().hex}"
+    details = details_of(_refused(lambda: call(b"", metadata=(("x-request-id", rid),))))
+    assert details.code == grpc.StatusCode.UNIMPLEMENTED
+    assert details.request_id == rid
+
+
+@pytest.mark.parametrize(
+    "lookalike",
+    ["ada\u200b@example.com", "ada@exam\u200dple.com", "\u2060ada@example.com"],
+)
+def test_invisible_format_characters_in_an_email_are_refused(
+    users: UserServiceStub, lookalike: str
+) -> None:
+    details = details_of(
+        _refused(
+            lambda: users.CreateUser(
+                pb.CreateUserRequest(email=lookalike, name="Ada Twin", password=PASSWORD)
+            )
+        )
+    )
+    assert details.code == INVALID
+    assert "email" in details.violations
+
+
+def test_a_name_may_not_begin_or_end_with_a_format_character(users: UserServiceStub) -> None:
+    details = details_of(
+        _refused(
+            lambda: users.CreateUser(
+                pb.CreateUserRequest(email=unique_email(), name="\u200bAda", password=PASSWORD)
+            )
+        )
+    )
+    assert "name" in details.violations
+
+
+def test_a_genuine_internationalised_address_works(
+    users: UserServiceStub, channel: grpc.Channel
+) -> None:
+    local = f"пользователь{uuid.uuid4().hex[:6]}"
+    email = f"{local}@пример.рф"
+    created = users.CreateUser(
+        pb.CreateUserRequest(email=email, name="Иван Петров", password=PASSWORD)
+    ).user
+    assert created.email == email
+    assert users.GetUser(pb.GetUserRequest(id=created.id)).user.email == email
+    assert login(channel, email, PASSWORD).access_token
+    found = users.ListUsers(pb.ListUsersRequest(email=email)).users
+    assert [u.id for u in found] == [created.id]

@@ -26,6 +26,10 @@ def server_env(database_url: str, data_dir: str, **values: str) -> dict[str, str
         USERSVC_SECRET_KEY=TEST_SECRET,
         USERSVC_JWT_SIGNING_KEY_FILE=str(TEST_SIGNING_KEY),
         USERSVC_ACCESS_TOKEN_TTL_SECONDS="3600",
+        USERSVC_RATE_LIMIT_READS="100000/second",
+        USERSVC_RATE_LIMIT_WRITES="100000/second",
+        USERSVC_RATE_LIMIT_LOGIN_PER_PEER="100000/second",
+        USERSVC_RATE_LIMIT_LOGIN_PER_EMAIL="100000/second",
     )
     env.update(values)
     return env

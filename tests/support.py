@@ -147,6 +147,11 @@ def make_settings(database_url: str, data_dir: str, **overrides: Any) -> Setting
         "log_level": "INFO",
         "jwt_signing_key_file": str(TEST_SIGNING_KEY),
         "access_token_ttl_seconds": 3600,
+        # Tests call much faster than any one production caller; the limiter still runs.
+        "rate_limit_reads": "100000/second",
+        "rate_limit_writes": "100000/second",
+        "rate_limit_login_per_peer": "100000/second",
+        "rate_limit_login_per_email": "100000/second",
     }
     values.update(overrides)
     return Settings(**values)

@@ -147,6 +147,13 @@ class Settings(BaseSettings):
     # Longest lifetime `usersvc issue-service-token --ttl` may give: verifiers that check
     # tokens offline cannot see a revocation before the token's exp.
     service_token_max_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)
+    # Rate limits per replica, in the `limits` notation ("100/second; 2000/minute"; empty: off).
+    # Reads and writes count per caller (the token's subject); login per peer address, and
+    # per e-mail address and peer together, so that one source guesses one account slowly.
+    rate_limit_reads: str = "2000/second"
+    rate_limit_writes: str = "200/second"
+    rate_limit_login_per_peer: str = "100/second"
+    rate_limit_login_per_email: str = "10/minute"
     # How long CreateUser remembers a request_id (AIP-155), then the key is purged.
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
 
@@ -171,6 +178,25 @@ class Settings(BaseSettings):
     def _listen_address_is_host_port(cls, value: str) -> str:
         parse_listen_address(value)
         return value
+
+    @field_validator(
+        "rate_limit_reads",
+        "rate_limit_writes",
+        "rate_limit_login_per_peer",
+        "rate_limit_login_per_email",
+    )
+    @classmethod
+    def _rate_limit_parses(cls, value: str) -> str:
+        if value.strip():
+            from limits import parse_many
+
+            try:
+                parse_many(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a rate limit such as '100/second' or '10/minute; 100/hour'"
+                ) from None
+        return value.strip()
 
     @field_validator("database_url")
     @classmethod

@@ -8,6 +8,8 @@ from usersvc.domain.auth import Principal
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 principal_var: ContextVar[Principal | None] = ContextVar("principal", default=None)
+# When the caller stops waiting, as a time.monotonic() value; None: no deadline.
+deadline_var: ContextVar[float | None] = ContextVar("deadline", default=None)
 
 
 def current_principal() -> Principal:

@@ -28,6 +28,7 @@ from usersvc.interceptors.auth import AuthInterceptor, policies_from
 from usersvc.interceptors.errors import ErrorInterceptor
 from usersvc.interceptors.input_check import InputCheckInterceptor, RefusalHook
 from usersvc.interceptors.malformed import MalformedRequestInterceptor
+from usersvc.interceptors.rate_limit import RateLimitInterceptor, RateLimits
 from usersvc.interceptors.request_id import RequestIdInterceptor
 from usersvc.interceptors.shutdown_gate import ShutdownGateInterceptor
 from usersvc.jobs import purge_idempotency_keys_forever
@@ -110,6 +111,15 @@ async def build_server(
         # Before auth, which reads the request: a body that does not decode stops here.
         MalformedRequestInterceptor(),
         AuthInterceptor(Authenticator(c.access_tokens, c.token_states), policies),
+        # After auth, which names the caller; before anything costly (hashing, the database).
+        RateLimitInterceptor(
+            RateLimits(
+                reads=settings.rate_limit_reads,
+                writes=settings.rate_limit_writes,
+                login_per_peer=settings.rate_limit_login_per_peer,
+                login_per_email=settings.rate_limit_login_per_email,
+            )
+        ),
         # Before any use case reads a field: control characters and unbounded sizes stop here.
         InputCheckInterceptor(on_refused={LOGIN_METHOD: _audit_refused_login(c)}),
     ]

@@ -7,7 +7,9 @@ import logging
 from sqlalchemy import exc
 
 from usersvc.domain.errors import (
+    DeadlineExceeded,
     DuplicateRequest,
+    EmailLookalike,
     EmailTaken,
     RetryableConflict,
     StorageUnavailable,
@@ -17,6 +19,8 @@ log = logging.getLogger(__name__)
 
 # Serialization failure and deadlock: the transaction may succeed if run again.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+# Raised by statement_timeout, which the caller's deadline sets (see SqlUnitOfWork).
+QUERY_CANCELED = "57014"
 
 
 def _is_unique_violation(err: exc.IntegrityError) -> bool:
@@ -33,9 +37,13 @@ def translate_db_error(err: BaseException) -> BaseException:
         text = str(err.orig)
         if "idempotency_keys" in text:
             return DuplicateRequest()
+        if "email_skeleton" in text:
+            return EmailLookalike()
         if "email" in text:
             return EmailTaken()
     sqlstate = getattr(getattr(err, "orig", None), "sqlstate", None)
+    if sqlstate == QUERY_CANCELED:
+        return DeadlineExceeded()
     if sqlstate in RETRYABLE_SQLSTATES:
         return RetryableConflict(f"transaction conflict ({sqlstate})")
     if isinstance(err, exc.OperationalError) and "database is locked" in str(err.orig):

@@ -79,8 +79,12 @@ users = Table(
     ),
     Column("failed_login_count", Integer(), nullable=False, server_default="0"),
     Column("locked_until", UTCDateTime(), nullable=True),
+    # Unicode TS #39 skeleton of the e-mail: look-alike addresses cannot coexist. NULL only
+    # for accounts older than the rule whose address collided with an even older one.
+    Column("email_skeleton", String(1024), nullable=True),
     # The list order (newest first, id as tiebreaker) served by one index scan.
     Index("ix_users_create_time_id", "create_time", "id"),
+    Index("ix_users_email_skeleton", "email_skeleton", unique=True),
 )
 
 # Transactional outbox: written in the same transaction as the change it announces, delivered

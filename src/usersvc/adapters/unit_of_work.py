@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from types import TracebackType
 from typing import Self
 
@@ -15,9 +16,14 @@ from usersvc.adapters.idempotency_repository import IdempotencyRepository
 from usersvc.adapters.outbox_repository import OutboxRepository
 from usersvc.adapters.refresh_token_repository import RefreshTokenRepository
 from usersvc.adapters.user_repository import UserRepository
+from usersvc.context import deadline_var
 from usersvc.domain.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
+
+# Left for the statement timeout to fire before the caller's own timer does, so that the
+# database ends the statement itself instead of a cancel racing the task's cancellation.
+DEADLINE_MARGIN_SECONDS = 0.05
 
 
 class SqlUnitOfWork:
@@ -41,6 +47,14 @@ class SqlUnitOfWork:
             if self._write and is_sqlite(self._engine):
                 await conn.execution_options(**{SQLITE_WRITE: True})
             await conn.begin()
+            deadline = deadline_var.get()
+            if deadline is not None and self._write and not is_sqlite(self._engine):
+                # The caller's remaining time bounds every statement of this transaction,
+                # even one waiting on a lock or a database that has stopped answering.
+                left = deadline - time.monotonic() - DEADLINE_MARGIN_SECONDS
+                await conn.exec_driver_sql(
+                    f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}"
+                )
         except Exception as err:
             raise_translated(err)
             raise

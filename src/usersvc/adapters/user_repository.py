@@ -23,13 +23,20 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.tables import users
+from usersvc.domain.errors import EmailLookalike, EmailTaken
 from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.validation import email_skeleton
 
 # Statements built once; SQLAlchemy caches their compiled form.
 _GET_BY_ID = select(users).where(users.c.id == bindparam("id"))
 # Row lock on PostgreSQL; SQLite's write transactions are already exclusive (BEGIN IMMEDIATE).
 _GET_BY_ID_FOR_UPDATE = _GET_BY_ID.with_for_update()
 _GET_BY_EMAIL = select(users).where(users.c.email == bindparam("email"))
+_GET_BY_SKELETON = (
+    select(users.c.id, users.c.email)
+    .where(users.c.email_skeleton == bindparam("skeleton"))
+    .limit(1)
+)
 _AUTH_STATE = select(users.c.token_version, users.c.state).where(users.c.id == bindparam("id"))
 _INSERT = insert(users)
 _ORDER = (users.c.create_time.desc(), users.c.id.desc())
@@ -62,12 +69,22 @@ class UserRepository:
     def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
 
+    async def _refuse_lookalike(self, email: str, skeleton: str, user_id: uuid.UUID) -> None:
+        """EmailTaken or EmailLookalike if another user's address has this skeleton. The
+        unique index on the skeleton settles races between two such writes."""
+        row = (await self._conn.execute(_GET_BY_SKELETON, {"skeleton": skeleton})).first()
+        if row is not None and row.id != user_id:
+            raise EmailTaken() if row.email == email else EmailLookalike()
+
     async def add(self, user: User) -> None:
+        skeleton = email_skeleton(user.email)
+        await self._refuse_lookalike(user.email, skeleton, user.id)
         await self._conn.execute(
             _INSERT,
             {
                 "id": user.id,
                 "email": user.email,
+                "email_skeleton": skeleton,
                 "name": user.name,
                 "password_hash": user.password_hash,
                 "roles": list(user.roles),
@@ -131,6 +148,9 @@ class UserRepository:
         if expected_version is not None:
             stmt = stmt.where(users.c.version == expected_version)
         bumps: dict[str, Any] = {"version": users.c.version + 1}
+        if "email" in values:
+            bumps["email_skeleton"] = email_skeleton(values["email"])
+            await self._refuse_lookalike(values["email"], bumps["email_skeleton"], user_id)
         if revoke_tokens:
             bumps["token_version"] = users.c.token_version + 1
         stmt = stmt.values(**values, **bumps).returning(*users.c)

@@ -61,6 +61,15 @@ class EmailTaken(AlreadyExists):
         super().__init__("a user with this email already exists")
 
 
+class EmailLookalike(AlreadyExists):
+    reason = "EMAIL_CONFUSABLE"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a user with an email address that looks the same (Unicode confusable) already exists"
+        )
+
+
 class EtagMismatch(DomainError):
     reason = "ETAG_MISMATCH"
 
@@ -107,6 +116,16 @@ class PermissionDenied(DomainError):
         super().__init__(message)
 
 
+class ResourceExhausted(DomainError):
+    """Too many calls (rate limits); retry after `retry_after_seconds`."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 class StorageUnavailable(DomainError):
     reason = "STORAGE_UNAVAILABLE"
 
@@ -129,3 +148,12 @@ class ShuttingDown(StorageUnavailable):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry on another replica")
+
+
+class DeadlineExceeded(DomainError):
+    """The caller's deadline ran out while the database was still working; rolled back."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+    def __init__(self) -> None:
+        super().__init__("deadline exceeded")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -66,6 +68,20 @@ def check_email(raw: str, field: str = "email") -> tuple[str, FieldViolation | N
     if checked is not email:
         return email, None
     return result.normalized.lower(), None
+
+
+@functools.cache
+def _spoof_checker() -> Any:
+    import icu
+
+    return icu.SpoofChecker()
+
+
+def email_skeleton(email: str) -> str:
+    """The Unicode TS #39 confusable skeleton of a normalised address, computed by ICU: two
+    addresses look alike exactly when their skeletons are equal ("bob" spelt with a Cyrillic o,
+    "exarnple" for "example")."""
+    return str(_spoof_checker().getSkeleton(0, email))
 
 
 def check_name(raw: str, field: str = "name") -> tuple[str, FieldViolation | None]:

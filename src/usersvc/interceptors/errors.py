@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -16,7 +17,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from usersvc.context import request_id_var
+from usersvc.context import deadline_var, request_id_var
 from usersvc.domain import errors as e
 from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
 from usersvc.interceptors.request_id import REQUEST_ID_KEY
@@ -34,7 +35,9 @@ STATUS_OF: tuple[tuple[type[e.DomainError], grpc.StatusCode], ...] = (
     (e.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (e.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (e.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (e.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 UNAVAILABLE_RETRY_SECONDS = 1.0
 # Error details are built from caller input: bounded, so that a hostile request cannot make
@@ -112,7 +115,9 @@ def status_for(error: e.DomainError) -> grpc.Status:
         log.error("unmapped domain error %s: %s", type(error).__name__, error.message)
         return build_status(code, "internal error", "INTERNAL")
     retry_after: float | None = None
-    if isinstance(error, e.StorageUnavailable):
+    if isinstance(error, e.ResourceExhausted):
+        retry_after = error.retry_after_seconds
+    elif isinstance(error, e.StorageUnavailable):
         retry_after = UNAVAILABLE_RETRY_SECONDS
     return build_status(
         code,
@@ -132,6 +137,8 @@ class ErrorInterceptor(UnaryWrappingInterceptor):
                 remaining = context.time_remaining()
                 if remaining is None:
                     return await behavior(request, context)
+                # The database work below is bounded by the same deadline (statement timeout).
+                deadline_var.set(time.monotonic() + remaining)
                 async with asyncio.timeout(remaining):
                     return await behavior(request, context)
             except e.DomainError as err:

@@ -1,0 +1,113 @@
+"""Rate limits per caller and per method class, in this process (each replica counts alone).
+
+The caller is the token's subject when there is one, else the peer's address. Every call that
+verifies a password (Login; ChangePassword with current_password) is also limited per account
+and peer together, so that guessing one account's password is slow from any one source.
+Excess calls answer RESOURCE_EXHAUSTED with RetryInfo saying when the window frees up.
+Counting uses the `limits` library's sliding-window counters in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
+
+from usersvc.context import principal_var
+from usersvc.domain.errors import ResourceExhausted
+from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+
+READ, WRITE, LOGIN = "read", "write", "login"
+# Methods outside this table and not exempt count as writes: the stricter class.
+METHOD_CLASSES: Mapping[str, str] = {
+    "/userservice.v1.UserService/GetUser": READ,
+    "/userservice.v1.UserService/ListUsers": READ,
+    "/userservice.v1.UserService/ListAuditEvents": READ,
+    "/userservice.v1.AuthService/GetJwks": READ,
+    "/userservice.v1.AuthService/Login": LOGIN,
+    "/userservice.v1.AuthService/RefreshToken": LOGIN,
+}
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+LOGIN_METHOD = "/userservice.v1.AuthService/Login"
+CHANGE_PASSWORD_METHOD = "/userservice.v1.UserService/ChangePassword"
+MAX_KEY_CHARS = 320
+
+
+class RateLimited(ResourceExhausted):
+    reason = "RATE_LIMITED"
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Each a `limits` string ("100/second; 1000/minute"); empty: no limit."""
+
+    reads: str
+    writes: str
+    login_per_peer: str
+    login_per_email: str
+
+    def parsed(self) -> dict[str, list[RateLimitItem]]:
+        return {
+            READ: parse_many(self.reads) if self.reads else [],
+            WRITE: parse_many(self.writes) if self.writes else [],
+            LOGIN: parse_many(self.login_per_peer) if self.login_per_peer else [],
+            "email": parse_many(self.login_per_email) if self.login_per_email else [],
+        }
+
+
+def peer_host(peer: str) -> str:
+    """ "ipv4:10.0.0.1:5000" -> "10.0.0.1"; "ipv6:[::1]:5000" -> "::1"; others unchanged."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host = rest.rsplit(":", 1)[0]
+        return host.strip("[]")
+    return peer
+
+
+def method_class(method: str) -> str | None:
+    if method.startswith(EXEMPT_PREFIXES):
+        return None
+    return METHOD_CLASSES.get(method, WRITE)
+
+
+class RateLimitInterceptor(UnaryWrappingInterceptor):
+    def __init__(self, limits: RateLimits) -> None:
+        super().__init__()
+        self._items = limits.parsed()
+        self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
+
+    def _take(self, items: list[RateLimitItem], *key: str) -> None:
+        for item in items:
+            if not self._limiter.hit(item, *key):
+                reset_time, _ = self._limiter.get_window_stats(item, *key)
+                raise RateLimited(
+                    f"rate limit of {item} exceeded; retry later",
+                    retry_after_seconds=max(0.001, reset_time - time.time()),
+                )
+
+    def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        kind = method_class(method)
+        items = self._items[kind] if kind is not None else []
+        account_field = {LOGIN_METHOD: "email", CHANGE_PASSWORD_METHOD: "id"}.get(method)
+        email_items = self._items["email"] if account_field else []
+        if not items and not email_items:
+            return behavior
+        take = self._take
+
+        async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            principal = principal_var.get()
+            peer = peer_host(context.peer() or "")
+            caller = f"user:{principal.user_id}" if principal is not None else f"peer:{peer}"
+            take(items, kind or WRITE, caller)
+            if email_items and (account_field == "email" or request.current_password):
+                account = str(getattr(request, account_field or "email", ""))
+                take(email_items, "account", account[:MAX_KEY_CHARS].strip().lower(), peer)
+            return await behavior(request, context)
+
+        return limited

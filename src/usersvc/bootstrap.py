@@ -129,6 +129,8 @@ def build_components(settings: Settings, *, clock: Clock = utc_now) -> Component
         on_tokens_revoked=token_states.invalidate,
         fingerprint_key=hashlib.sha256(b"usersvc idempotency fingerprints v1\0" + secret).digest(),
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+        login_max_failures=settings.login_max_failures,
+        login_lock_seconds=settings.login_lock_seconds,
     )
     audit = AuditService(uow=uow, page_tokens=page_tokens)
     auth = AuthService(

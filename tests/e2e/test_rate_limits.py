@@ -27,7 +27,7 @@ def limited(sqlite_url: str) -> Iterator[ServerThread]:
             sqlite_url,
             data_dir,
             rate_limit_reads="5/minute",
-            rate_limit_writes="3/minute",
+            rate_limit_writes="10/minute",
             rate_limit_login_per_peer="8/minute",
             rate_limit_login_per_email="3/minute",
         )
@@ -142,3 +142,26 @@ def test_an_invalid_rate_limit_setting_names_the_variable() -> None:
     assert any(
         line.startswith("USERSVC_RATE_LIMIT_READS: ") for line in settings_problems(exc.value, {})
     )
+
+
+def test_change_password_guesses_share_the_per_account_limit(limited: ServerThread) -> None:
+    with grpc.insecure_channel(limited.address) as channel:
+        users = UserServiceStub(channel)
+        admin = (("authorization", f"Bearer {mint_token(limited.admin_id)}"),)  # type: ignore[attr-defined]
+        user = users.CreateUser(
+            pb.CreateUserRequest(
+                email=f"cp-{uuid.uuid4().hex[:8]}@example.com", name="Guessed", password=PASSWORD
+            ),
+            metadata=admin,
+        ).user
+        own = (("authorization", f"Bearer {mint_token(user.id, roles=())}"),)
+
+        def guess(n: int) -> grpc.StatusCode:
+            request = pb.ChangePasswordRequest(
+                id=user.id, current_password=f"guess {n} wrong", new_password="new secret 77 x"
+            )
+            return _code(lambda: users.ChangePassword(request, metadata=own))
+
+        codes = [guess(n) for n in range(4)]
+    assert codes[:3] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert codes[3] == EXHAUSTED

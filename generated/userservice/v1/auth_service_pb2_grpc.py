@@ -74,7 +74,9 @@ class AuthServiceServicer:
     def Login(self, request, context):
         """Exchanges e-mail and password for a token pair. Unknown e-mail, wrong password, disabled or
         locked account all give the same UNAUTHENTICATED error. After too many consecutive failures
-        the account is locked for a while.
+        the account is locked for a while; failed current_password checks of ChangePassword count
+        toward the same lock. Rate limited per peer, and per account and peer together (shared with
+        ChangePassword): RESOURCE_EXHAUSTED with RetryInfo, before any password is checked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

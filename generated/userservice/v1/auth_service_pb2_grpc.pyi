@@ -42,7 +42,9 @@ class AuthServiceStub:
     Login: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.LoginResponse]
     """Exchanges e-mail and password for a token pair. Unknown e-mail, wrong password, disabled or
     locked account all give the same UNAUTHENTICATED error. After too many consecutive failures
-    the account is locked for a while.
+    the account is locked for a while; failed current_password checks of ChangePassword count
+    toward the same lock. Rate limited per peer, and per account and peer together (shared with
+    ChangePassword): RESOURCE_EXHAUSTED with RetryInfo, before any password is checked.
     """
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshTokenRequest, _auth_service_pb2.RefreshTokenResponse]
     """Exchanges a refresh token for a new pair; the presented one stops working. A used, revoked,
@@ -70,7 +72,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Login: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.LoginResponse]  # type: ignore[assignment]
     """Exchanges e-mail and password for a token pair. Unknown e-mail, wrong password, disabled or
     locked account all give the same UNAUTHENTICATED error. After too many consecutive failures
-    the account is locked for a while.
+    the account is locked for a while; failed current_password checks of ChangePassword count
+    toward the same lock. Rate limited per peer, and per account and peer together (shared with
+    ChangePassword): RESOURCE_EXHAUSTED with RetryInfo, before any password is checked.
     """
     RefreshToken: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshTokenRequest, _auth_service_pb2.RefreshTokenResponse]  # type: ignore[assignment]
     """Exchanges a refresh token for a new pair; the presented one stops working. A used, revoked,
@@ -101,7 +105,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_service_pb2.LoginResponse, _abc.Awaitable[_auth_service_pb2.LoginResponse]]:
         """Exchanges e-mail and password for a token pair. Unknown e-mail, wrong password, disabled or
         locked account all give the same UNAUTHENTICATED error. After too many consecutive failures
-        the account is locked for a while.
+        the account is locked for a while; failed current_password checks of ChangePassword count
+        toward the same lock. Rate limited per peer, and per account and peer together (shared with
+        ChangePassword): RESOURCE_EXHAUSTED with RetryInfo, before any password is checked.
         """
 
     @_abc_1.abstractmethod

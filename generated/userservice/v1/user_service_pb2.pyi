@@ -322,7 +322,8 @@ class ChangePasswordRequest(_message.Message):
     """Id of the user, a UUID string. Malformed: INVALID_ARGUMENT; unknown: NOT_FOUND."""
     current_password: _builtins.str
     """The user's current password; required when callers change their own password (a wrong
-    one gives INVALID_ARGUMENT), ignored for admins. Never logged.
+    one gives INVALID_ARGUMENT and counts toward the account's login lock), ignored for
+    admins. Never logged.
     """
     new_password: _builtins.str
     """New password: 8 to 128 characters, any Unicode, not one of the most common passwords.

@@ -141,7 +141,10 @@ class UserServiceServicer:
     def ChangePassword(self, request, context):
         """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
         current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
-        password, wrong current password), NOT_FOUND, ABORTED (stale etag).
+        password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
+        checked like a Login password: a wrong one counts toward the same per-account lock as a
+        failed Login (while locked, no current_password is accepted), and the same per-account
+        rate limit applies (RESOURCE_EXHAUSTED with RetryInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

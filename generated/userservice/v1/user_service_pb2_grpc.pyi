@@ -64,7 +64,10 @@ class UserServiceStub:
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]
     """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
     current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
-    password, wrong current password), NOT_FOUND, ABORTED (stale etag).
+    password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
+    checked like a Login password: a wrong one counts toward the same per-account lock as a
+    failed Login (while locked, no current_password is accepted), and the same per-account
+    rate limit applies (RESOURCE_EXHAUSTED with RetryInfo).
     """
     DisableUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DisableUserRequest, _user_service_pb2.DisableUserResponse]
     """Disables a user: it cannot log in or refresh, and its tokens stop working within seconds.
@@ -115,7 +118,10 @@ class UserServiceAsyncStub(UserServiceStub):
     ChangePassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
     current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
-    password, wrong current password), NOT_FOUND, ABORTED (stale etag).
+    password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
+    checked like a Login password: a wrong one counts toward the same per-account lock as a
+    failed Login (while locked, no current_password is accepted), and the same per-account
+    rate limit applies (RESOURCE_EXHAUSTED with RetryInfo).
     """
     DisableUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DisableUserRequest, _user_service_pb2.DisableUserResponse]  # type: ignore[assignment]
     """Disables a user: it cannot log in or refresh, and its tokens stop working within seconds.
@@ -199,7 +205,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.ChangePasswordResponse, _abc.Awaitable[_user_service_pb2.ChangePasswordResponse]]:
         """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
         current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
-        password, wrong current password), NOT_FOUND, ABORTED (stale etag).
+        password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
+        checked like a Login password: a wrong one counts toward the same per-account lock as a
+        failed Login (while locked, no current_password is accepted), and the same per-account
+        rate limit applies (RESOURCE_EXHAUSTED with RetryInfo).
         """
 
     @_abc_1.abstractmethod

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from usersvc.domain import audit
@@ -52,6 +53,8 @@ from usersvc.services.ports import (
 )
 from usersvc.services.transactions import in_transaction
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class ListUsersResult:
@@ -93,8 +96,13 @@ class UserService:
         on_tokens_revoked: Callable[[uuid.UUID], None] = _no_revocation_hook,
         fingerprint_key: bytes = b"",
         idempotency_ttl_seconds: int = 24 * 3600,
+        login_max_failures: int = 10,
+        login_lock_seconds: int = 900,
     ) -> None:
         self._uow = uow
+        # ChangePassword checks passwords too: it shares Login's per-account lock.
+        self._max_failures = login_max_failures
+        self._lock = timedelta(seconds=login_lock_seconds)
         self._hasher = hasher
         self._page_tokens = page_tokens
         self._clock = clock
@@ -315,17 +323,7 @@ class UserService:
         if violation is not None:
             raise ValidationFailed([violation])
         if not actor.is_admin:
-            user = await self._stored(uid)
-            if not current_password or not await self._hasher.verify(
-                user.password_hash, current_password
-            ):
-                raise ValidationFailed(
-                    [
-                        FieldViolation(
-                            "current_password", "current password is wrong", "WRONG_PASSWORD"
-                        )
-                    ]
-                )
+            await self._check_current_password(ctx, uid, current_password)
         password_hash = await self._hasher.hash(new_password)
         return await self._write(
             ctx,
@@ -334,6 +332,46 @@ class UserService:
             etag=etag,
             action=audit.USER_PASSWORD_CHANGED,
         )
+
+    async def _check_current_password(
+        self, ctx: RequestContext, uid: uuid.UUID, current_password: str
+    ) -> None:
+        """Verify the caller's current password like Login does: a wrong one counts toward the
+        account's lock, and while the account is locked no password is accepted here either,
+        so that a stolen access token is not an unlimited password oracle."""
+        user = await self._stored(uid)
+        now = self._clock()
+        locked = user.locked_until is not None and user.locked_until > now
+        # Verified even when locked or empty: the answer's timing says nothing either way.
+        valid = await self._hasher.verify(user.password_hash, current_password) and bool(
+            current_password
+        )
+        if locked or not valid:
+
+            async def record(uow: UnitOfWork) -> None:
+                # Counted, not audited: no change happened (the audit trail records changes
+                # and logins); the log line below records the attempt.
+                if not locked:
+                    await uow.users.record_login_failure(
+                        uid, now=now, max_failures=self._max_failures, lock_until=now + self._lock
+                    )
+                await uow.commit()
+
+            await in_transaction(self._uow, record)
+            log.warning(
+                "current password refused",
+                extra={"user_id": str(uid), "outcome": "locked" if locked else "wrong_password"},
+            )
+            raise ValidationFailed(
+                [FieldViolation("current_password", "current password is wrong", "WRONG_PASSWORD")]
+            )
+        if user.failed_login_count or user.locked_until is not None:
+
+            async def reset(uow: UnitOfWork) -> None:
+                await uow.users.reset_login_failures(uid)
+                await uow.commit()
+
+            await in_transaction(self._uow, reset)
 
     async def disable_user(self, *, ctx: RequestContext, user_id: str, etag: str) -> UserView:
         """Disable; FailedPrecondition if already disabled. Revokes the user's tokens."""

@@ -21,7 +21,7 @@ from tests.e2e.auth_helpers import create_user
 from userservice.v1 import auth_service_pb2, user_service_pb2
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
 
-EXAMPLES = 40
+EXAMPLES = 30
 SEED = 20261127
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 # Any code point a protobuf string may hold (no lone surrogates: they are not UTF-8).

@@ -10,9 +10,14 @@ from alembic.config import Config
 
 
 def migrations_dir() -> Path:
+    """USERSVC_MIGRATIONS_DIR; else the copy an installed wheel ships inside the package;
+    else the repository's `migrations/` (an editable install or a checkout)."""
     configured = os.environ.get("USERSVC_MIGRATIONS_DIR")
     if configured:
         return Path(configured)
+    packaged = Path(__file__).resolve().parent / "migrations"
+    if (packaged / "env.py").is_file():
+        return packaged
     return Path(__file__).resolve().parents[2] / "migrations"
 
 

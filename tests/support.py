@@ -160,8 +160,9 @@ def make_settings(database_url: str, data_dir: str, **overrides: Any) -> Setting
 class ServerThread:
     """A real server on its own event loop in a thread, bound to a free port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tracer_provider: Any = None) -> None:
         self.settings = settings
+        self.tracer_provider = tracer_provider
         self.port = 0
         self.running: RunningServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,7 +190,7 @@ class ServerThread:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.running = await build_server(self.settings)
+        self.running = await build_server(self.settings, tracer_provider=self.tracer_provider)
         await self.running.start()
         self.port = self.running.port
         self._ready.set()

@@ -8,6 +8,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.common_passwords import load_common_passwords
@@ -75,7 +76,12 @@ def create_engines(settings: Settings) -> tuple[AsyncEngine, AsyncEngine | None]
 
 
 def build_dispatcher(
-    settings: Settings, engine: AsyncEngine, metrics: Metrics, *, clock: Clock = utc_now
+    settings: Settings,
+    engine: AsyncEngine,
+    metrics: Metrics,
+    *,
+    clock: Clock = utc_now,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> OutboxDispatcher | None:
     """The dispatcher `settings` describe, or None (said once in the log) without an SMTP host."""
     if not settings.smtp_host:
@@ -94,17 +100,28 @@ def build_dispatcher(
         max_attempts=settings.outbox_max_attempts,
         backoff_base_seconds=settings.outbox_backoff_base_seconds,
         backoff_max_seconds=settings.outbox_backoff_max_seconds,
+        tracer=trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        if tracer_provider is not None
+        else None,
     )
 
 
-def build_components(settings: Settings, *, clock: Clock = utc_now) -> Components:
-    """Create the engine, hasher, token codecs and use cases described by `settings`."""
+def build_components(
+    settings: Settings, *, clock: Clock = utc_now, metrics: Metrics | None = None
+) -> Components:
+    """Create the engine, hasher, token codecs and use cases described by `settings`;
+    with `metrics`, pools, the hashing queue and login failures report to it."""
     engine, read_engine = create_engines(settings)
+    if metrics is not None:
+        metrics.watch_pool("primary", engine)
+        if read_engine is not None:
+            metrics.watch_pool("read", read_engine)
     hasher = Argon2PasswordHasher(
         time_cost=settings.argon2_time_cost,
         memory_kib=settings.argon2_memory_kib,
         parallelism=settings.argon2_parallelism,
         concurrency=settings.hash_concurrency,
+        queue_hooks=metrics.hash_queue_hooks() if metrics is not None else None,
     )
     uow = SqlUnitOfWorkFactory(engine, read_engine)
     keys = load_or_create_keys(
@@ -143,6 +160,7 @@ def build_components(settings: Settings, *, clock: Clock = utc_now) -> Component
         max_failures=settings.login_max_failures,
         lock_seconds=settings.login_lock_seconds,
         clock=clock,
+        on_login_failure=metrics.count_login_failure if metrics is not None else None,
     )
     return Components(
         settings=settings,

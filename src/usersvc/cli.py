@@ -1,4 +1,5 @@
-"""The `usersvc` command: serve, migrate, dispatch, create-admin, issue-service-token."""
+"""The `usersvc` command: serve, migrate, dispatch, create-admin, issue-service-token,
+healthcheck."""
 
 from __future__ import annotations
 
@@ -229,6 +230,67 @@ def _settings_epilog() -> str:
     )
 
 
+def _probe_target(listen_address: str) -> str:
+    """Where a probe inside the pod or container reaches a server listening on `address`."""
+    host, _, port = listen_address.rpartition(":")
+    if host in ("", "0.0.0.0"):  # noqa: S104 - a wildcard is reached on loopback
+        host = "127.0.0.1"
+    elif host in ("[::]", "::"):
+        host = "[::1]"
+    return f"{host}:{port}"
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Health/Check as a kubelet calls it: 0 when SERVING, 1 otherwise (reason on stderr)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        print(f"usersvc healthcheck: invalid settings:\n{err}", file=sys.stderr)
+        return 1
+    address = args.address or _probe_target(settings.listen_address)
+    use_tls = settings.tls_enabled if args.tls is None else args.tls
+    options: list[tuple[str, str]] = []
+    if args.server_name:
+        options.append(("grpc.ssl_target_name_override", args.server_name))
+    try:
+        if use_tls:
+
+            def read(path: str | None) -> bytes | None:
+                return Path(path).read_bytes() if path else None
+
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(args.ca_file),
+                private_key=read(args.key_file),
+                certificate_chain=read(args.cert_file),
+            )
+            channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+    except OSError as err:
+        print(f"usersvc healthcheck: {err}", file=sys.stderr)
+        return 1
+    with channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else None
+            name = code.name if code is not None else "ERROR"
+            print(f"usersvc healthcheck: {address}: {name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        print(f"usersvc healthcheck: {address}: {status}", file=sys.stderr)
+        return 1
+    if args.verbose:
+        print(f"{address} {args.service or '(server)'}: {status}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usersvc", description=__doc__, epilog=_settings_epilog())
     parser.add_argument("--version", action="version", version=f"usersvc {_version()}")
@@ -257,6 +319,32 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--subject", required=True, help="service name, e.g. billing")
     token.add_argument("--ttl", type=parse_duration, default=24 * 3600, help="e.g. 24h, 7d")
     token.set_defaults(func=cmd_issue_service_token)
+    check = sub.add_parser(
+        "healthcheck",
+        help="call grpc.health.v1.Health/Check like a kubelet probe; exit 0 when SERVING, else 1",
+    )
+    check.add_argument(
+        "--address", help="host:port (default: USERSVC_LISTEN_ADDRESS, 0.0.0.0 as 127.0.0.1)"
+    )
+    check.add_argument(
+        "--service",
+        default="",
+        help='service name to ask about; "" (default) is the whole server, '
+        '"userservice.v1.UserService" is readiness to serve calls',
+    )
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    check.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="call over TLS (default: when USERSVC_TLS_CERT_FILE is set)",
+    )
+    check.add_argument("--ca-file", help="PEM CA bundle that signed the server's certificate")
+    check.add_argument("--cert-file", help="client certificate (PEM), for mutual TLS")
+    check.add_argument("--key-file", help="client key (PEM), for mutual TLS")
+    check.add_argument("--server-name", help="name to verify the server's certificate against")
+    check.add_argument("-v", "--verbose", action="store_true", help="print the status on success")
+    check.set_defaults(func=cmd_healthcheck)
     return parser
 
 

@@ -173,6 +173,16 @@ class Settings(BaseSettings):
     outbox_backoff_base_seconds: float = Field(default=2.0, gt=0)
     outbox_backoff_max_seconds: float = Field(default=900.0, gt=0)
 
+    # Prometheus /metrics over HTTP on its own host:port. Empty: no endpoint.
+    metrics_address: str = ""
+    # Server TLS (PEM files; the certificate file may hold the chain). Both empty: plaintext.
+    # Files are read again when they change, checked at each new connection's handshake.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Mutual TLS: every client must present a certificate signed by this CA bundle; a client
+    # without one is refused at the handshake.
+    tls_client_ca_file: Path | None = None
+
     @field_validator("listen_address")
     @classmethod
     def _listen_address_is_host_port(cls, value: str) -> str:
@@ -236,6 +246,22 @@ class Settings(BaseSettings):
                 f"USERSVC_SMTP_TIMEOUT_SECONDS ({self.smtp_timeout_seconds})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _observability_and_tls_are_consistent(self) -> Settings:
+        if self.metrics_address:
+            host, sep, port = self.metrics_address.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError("USERSVC_METRICS_ADDRESS must be host:port, e.g. 0.0.0.0:9090")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("USERSVC_TLS_CERT_FILE and USERSVC_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("USERSVC_TLS_CLIENT_CA_FILE needs USERSVC_TLS_CERT_FILE and _KEY_FILE")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def verification_key_paths(self) -> list[Path]:

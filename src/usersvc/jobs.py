@@ -9,11 +9,15 @@ import asyncio
 import logging
 import signal
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from usersvc.adapters.db import create_engine
+from usersvc.adapters.outbox_repository import OutboxRepository
 from usersvc.bootstrap import build_dispatcher
 from usersvc.config import Settings
 from usersvc.metrics import Metrics
 from usersvc.services.users import UserService
+from usersvc.tracing import instrument_engine, tracer_provider_from_env
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,35 @@ async def purge_idempotency_keys_forever(
         await asyncio.sleep(interval)
 
 
+OUTBOX_COUNT_INTERVAL_SECONDS = 15.0
+
+
+async def count_outbox_forever(
+    engine: AsyncEngine, metrics: Metrics, *, interval: float = OUTBOX_COUNT_INTERVAL_SECONDS
+) -> None:
+    """Keep the outbox gauges (pending, failed) near the database's counts until cancelled."""
+    while True:
+        try:
+            async with engine.connect() as conn:
+                counts = await OutboxRepository(conn).count_by_status()
+            for state, count in counts.items():
+                metrics.outbox_messages.labels(state).set(count)
+        except Exception:
+            log.warning("counting outbox messages failed; will try again", exc_info=True)
+        await asyncio.sleep(interval)
+
+
 async def dispatch_until_signalled(settings: Settings) -> int:
     """`usersvc dispatch`: run the dispatcher alone until SIGTERM or SIGINT.
 
     Returns the exit status: 0 after a clean stop, 2 when no SMTP host is configured.
     """
     engine = create_engine(settings.effective_database_url, pool_size=settings.db_pool_size)
+    tracer_provider = tracer_provider_from_env()
+    if tracer_provider is not None:
+        instrument_engine(engine, tracer_provider)
     try:
-        dispatcher = build_dispatcher(settings, engine, Metrics())
+        dispatcher = build_dispatcher(settings, engine, Metrics(), tracer_provider=tracer_provider)
         if dispatcher is None:
             return 2
         stop = asyncio.Event()
@@ -58,3 +83,5 @@ async def dispatch_until_signalled(settings: Settings) -> int:
         return 0
     finally:
         await engine.dispose()
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # flushes the spans still queued for export

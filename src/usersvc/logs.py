@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from opentelemetry import trace
+
 from usersvc.context import request_id_var
 from usersvc.domain.audit import REDACTED_FIELDS
 
@@ -32,7 +34,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None) or request_id_var.get(),
+            "trace_id": None,
+            "span_id": None,
         }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = format(span_context.trace_id, "032x")
+            entry["span_id"] = format(span_context.span_id, "016x")
         for key, value in record.__dict__.items():
             if key in _STANDARD_ATTRS or key == "request_id":
                 continue
@@ -40,6 +48,18 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+# Libraries that write statement parameters (password hashes, token hashes) at DEBUG: never
+# below INFO, whatever USERSVC_LOG_LEVEL says.
+PARAMETER_LOGGING_LIBRARIES = ("aiosqlite",)
+
+
+def cap_library_loggers() -> None:
+    for name in PARAMETER_LOGGING_LIBRARIES:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.INFO:
+            logger.setLevel(logging.INFO)
 
 
 def configure_logging(level: str) -> None:
@@ -51,5 +71,6 @@ def configure_logging(level: str) -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level)
+    cap_library_loggers()
     # Alembic announces every plugin at INFO; its migration steps are still logged at WARNING+.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from userservice.v1 import (
     auth_service_pb2,
@@ -31,14 +32,16 @@ from usersvc.interceptors.malformed import MalformedRequestInterceptor
 from usersvc.interceptors.rate_limit import RateLimitInterceptor, RateLimits
 from usersvc.interceptors.request_id import RequestIdInterceptor
 from usersvc.interceptors.shutdown_gate import ShutdownGateInterceptor
-from usersvc.jobs import purge_idempotency_keys_forever
-from usersvc.metrics import Metrics
+from usersvc.jobs import count_outbox_forever, purge_idempotency_keys_forever
+from usersvc.metrics import Metrics, MetricsEndpoint
 from usersvc.migrate import script_revisions
 from usersvc.servicers.auth_servicer import AuthServicer
 from usersvc.servicers.user_servicer import UserServicer
 from usersvc.services.auth import Authenticator
 from usersvc.services.clock import utc_now
 from usersvc.services.ports import Clock
+from usersvc.tls import server_credentials
+from usersvc.tracing import instrument_engine, server_interceptor, tracer_provider_from_env
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class RunningServer:
     background: list[asyncio.Task[None]] = field(default_factory=list)
     # Set when shutdown begins, so background loops finish their round and return.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # The /metrics endpoint, when this server serves one itself (not under several workers).
+    metrics_endpoint: MetricsEndpoint | None = None
 
     async def start(self) -> None:
         """Check the database once (readiness follows it from then on), then listen."""
@@ -90,13 +95,27 @@ class RunningServer:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.components.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
 
 
 async def build_server(
-    settings: Settings, *, clock: Clock = utc_now, reuse_port: bool = False
+    settings: Settings,
+    *,
+    clock: Clock = utc_now,
+    reuse_port: bool = False,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> RunningServer:
-    """Wire every component from `settings` and bind the listen address (port 0: any)."""
-    c = build_components(settings, clock=clock)
+    """Wire every component from `settings` and bind the listen address (port 0: any).
+
+    `tracer_provider`: trace calls and database statements into it; None, no tracing at all.
+    """
+    metrics = Metrics()
+    c = build_components(settings, clock=clock, metrics=metrics)
+    if tracer_provider is not None:
+        instrument_engine(c.engine, tracer_provider)
+        if c.uow.read_engine is not c.engine:
+            instrument_engine(c.uow.read_engine, tracer_provider)
     policies = policies_from([user_service_pb2.DESCRIPTOR, auth_service_pb2.DESCRIPTOR])
 
     # Outermost first: the request id must exist before anything logs; the error mapper sits
@@ -105,7 +124,7 @@ async def build_server(
     gate = ShutdownGateInterceptor()
     interceptors: list[grpc.aio.ServerInterceptor] = [
         RequestIdInterceptor(),
-        AccessLogInterceptor(),
+        AccessLogInterceptor(metrics),
         ErrorInterceptor(),
         gate,
         # Before auth, which reads the request: a body that does not decode stops here.
@@ -123,6 +142,10 @@ async def build_server(
         # Before any use case reads a field: control characters and unbounded sizes stop here.
         InputCheckInterceptor(on_refused={LOGIN_METHOD: _audit_refused_login(c)}),
     ]
+    if tracer_provider is not None:
+        # Outermost, so that the span is current while every other interceptor runs and the
+        # access-log line carries its trace id.
+        interceptors.insert(0, server_interceptor(tracer_provider))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -162,7 +185,15 @@ async def build_server(
         )
 
     try:
-        port = server.add_insecure_port(settings.listen_address)
+        credentials = server_credentials(settings)
+    except (OSError, ValueError):
+        await c.close()
+        raise
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen_address)
+        else:
+            port = server.add_secure_port(settings.listen_address, credentials)
     except RuntimeError as err:  # grpc's way of saying the bind failed
         port = 0
         bind_error: Exception | None = err
@@ -180,6 +211,7 @@ async def build_server(
         readiness=readiness,
         gate=gate,
         components=c,
+        metrics=metrics,
     )
     running.background.append(
         asyncio.create_task(
@@ -188,7 +220,13 @@ async def build_server(
             name="idempotency-purge",
         )
     )
-    dispatcher = build_dispatcher(settings, c.engine, running.metrics, clock=clock)
+    if settings.metrics_address:
+        running.background.append(
+            asyncio.create_task(count_outbox_forever(c.engine, metrics), name="outbox-count")
+        )
+    dispatcher = build_dispatcher(
+        settings, c.engine, running.metrics, clock=clock, tracer_provider=tracer_provider
+    )
     if dispatcher is not None:
         running.background.append(
             asyncio.create_task(dispatcher.run_forever(running.stopping), name="outbox-dispatcher")
@@ -227,9 +265,24 @@ def connection_limits(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    running = await build_server(settings, reuse_port=reuse_port)
+async def serve(
+    settings: Settings, *, reuse_port: bool = False, metrics_endpoint: bool = True
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully.
+
+    `metrics_endpoint`: serve /metrics on settings.metrics_address (if set) from this process;
+    worker processes leave it to their parent, which serves every worker's counts at once.
+    """
+    tracer_provider = tracer_provider_from_env()
+    running = await build_server(settings, reuse_port=reuse_port, tracer_provider=tracer_provider)
+    if metrics_endpoint and settings.metrics_address:
+        try:
+            running.metrics_endpoint = MetricsEndpoint(
+                settings.metrics_address, running.metrics.registry
+            )
+        except OSError as err:
+            await running.stop(0)
+            raise OSError(f"could not serve metrics on {settings.metrics_address}: {err}") from err
     await running.start()
     host = settings.listen_address.rsplit(":", 1)[0]
     log.info(
@@ -239,6 +292,9 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
             "pid": os.getpid(),
             "ready": running.readiness.ready,
             "database": describe_url(settings.effective_database_url),
+            "tls": settings.tls_enabled,
+            "mutual_tls": settings.tls_client_ca_file is not None,
+            "tracing": tracer_provider is not None,
         },
     )
     stop = asyncio.Event()
@@ -248,4 +304,6 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await running.stop(settings.shutdown_grace_seconds, drain=settings.shutdown_drain_seconds)
+    if tracer_provider is not None:
+        tracer_provider.shutdown()  # flushes the spans still queued for export
     log.info("stopped")

@@ -37,7 +37,7 @@ def _run_worker(settings: Settings) -> None:
 
     code = 0
     try:
-        asyncio.run(serve(settings, reuse_port=True))
+        asyncio.run(serve(settings, reuse_port=True, metrics_endpoint=False))
     except BaseException:
         log.exception("worker failed")
         code = 1
@@ -61,6 +61,12 @@ def serve_workers(settings: Settings) -> int:
     )
     reserved, address = _reserve(settings.listen_address)
     worker_settings = settings.model_copy(update={"listen_address": address})
+    metrics_dir = None
+    if settings.metrics_address:
+        from usersvc import metrics
+
+        # Before the fork: every worker writes its metrics into this run's directory.
+        metrics_dir = metrics.enable_multiprocess()
     children: list[int] = []
     for _ in range(settings.workers):
         pid = os.fork()
@@ -68,6 +74,12 @@ def serve_workers(settings: Settings) -> int:
             reserved.close()
             _run_worker(worker_settings)
         children.append(pid)
+    endpoint = None
+    if metrics_dir is not None:
+        # After the fork (no thread is forked): one /metrics that sums every worker.
+        endpoint = metrics.MetricsEndpoint(
+            settings.metrics_address, metrics.multiprocess_registry()
+        )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         for child in children:
@@ -82,10 +94,16 @@ def serve_workers(settings: Settings) -> int:
     while remaining:
         pid, status = os.wait()
         remaining.discard(pid)
+        if metrics_dir is not None:
+            metrics.mark_worker_dead(pid)
         if os.waitstatus_to_exitcode(status) != 0:
             failed = True
             log.error("worker exited", extra={"worker": pid, "status": status})
             # One worker down means the others should not go on half-staffed silently.
             forward(signal.SIGTERM, None)
     reserved.close()
+    if endpoint is not None:
+        endpoint.close()
+    if metrics_dir is not None:
+        metrics.disable_multiprocess(metrics_dir)
     return 1 if failed else 0

@@ -33,6 +33,18 @@ from usersvc.services.auth import Authenticator
 Behavior = Callable[[Any, Any], Awaitable[Any]]
 
 
+class RecordedStatus(grpc.Status):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str | bytes], ...],
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
 class DummyContext:
     """The parts of grpc.aio.ServicerContext the interceptors use, recorded."""
 
@@ -54,10 +66,19 @@ class DummyContext:
     def time_remaining(self) -> float | None:
         return self._time_remaining
 
-    async def abort_with_status(self, status: grpc.Status) -> None:
-        self.aborted = status
-        self._code = status.code
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing_metadata: tuple[tuple[str, str | bytes], ...] = (),
+    ) -> None:
+        self.aborted = RecordedStatus(code, details, trailing_metadata)
+        self._code = code
         raise grpc.aio.AbortError()
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        # As grpc.aio does it.
+        await self.abort(status.code, status.details, status.trailing_metadata)
 
     def code(self) -> grpc.StatusCode | None:
         return self._code

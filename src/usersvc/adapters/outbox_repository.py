@@ -13,12 +13,13 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.tables import outbox, users
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.records import ClaimedOutboxMessage, OutboxStatus
+from usersvc.trace_context import current_traceparent
 
 PENDING = OutboxStatus.PENDING.value
 DELIVERED = OutboxStatus.DELIVERED.value
@@ -53,8 +54,20 @@ class OutboxRepository:
                 "last_error": None,
                 "create_time": message.create_time,
                 "update_time": message.create_time,
+                "trace_context": current_traceparent(),
             },
         )
+
+    async def count_by_status(self) -> dict[str, int]:
+        """How many rows are pending and failed (for the metrics; served by the status index)."""
+        rows = await self._conn.execute(
+            select(outbox.c.status, func.count())
+            .where(outbox.c.status.in_((PENDING, FAILED)))
+            .group_by(outbox.c.status)
+        )
+        counts = dict.fromkeys((PENDING, FAILED), 0)
+        counts.update({str(status): int(count) for status, count in rows.all()})
+        return counts
 
     async def claim_due(
         self,
@@ -82,6 +95,7 @@ class OutboxRepository:
                 outbox.c.request_id,
                 outbox.c.attempts,
                 outbox.c.create_time,
+                outbox.c.trace_context,
                 users.c.email,
                 users.c.name,
             )
@@ -122,6 +136,7 @@ class OutboxRepository:
                 claimed_until=lease_until,
                 user_email=row.email,
                 user_name=row.name,
+                trace_context=row.trace_context,
             )
             for row in rows
         ]

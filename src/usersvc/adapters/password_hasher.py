@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from argon2 import PasswordHasher, Type, extract_parameters
@@ -13,7 +14,13 @@ class Argon2PasswordHasher:
     """Hashes and verifies in a small thread pool; argon2-cffi releases the GIL while hashing."""
 
     def __init__(
-        self, *, time_cost: int, memory_kib: int, parallelism: int, concurrency: int
+        self,
+        *,
+        time_cost: int,
+        memory_kib: int,
+        parallelism: int,
+        concurrency: int,
+        queue_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None,
     ) -> None:
         self._hasher = PasswordHasher(
             time_cost=time_cost,
@@ -23,18 +30,37 @@ class Argon2PasswordHasher:
         )
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="argon2")
         self._slots = asyncio.Semaphore(concurrency)
+        # (enqueued, dequeued): told when a hash has to wait for a slot, and when it got one.
+        self._queue_hooks = queue_hooks
         # Verified against when an account does not exist, so that path costs the same work.
         self.dummy_hash = self._hasher.hash("usersvc-dummy-password-for-timing")
 
     async def hash(self, password: str) -> str:
-        async with self._slots:
+        await self._wait_for_slot()
+        try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, self._hasher.hash, password)
+        finally:
+            self._slots.release()
 
     async def verify(self, password_hash: str, password: str) -> bool:
-        async with self._slots:
+        await self._wait_for_slot()
+        try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, self._verify, password_hash, password)
+        finally:
+            self._slots.release()
+
+    async def _wait_for_slot(self) -> None:
+        hooks = self._queue_hooks
+        if hooks is None or not self._slots.locked():
+            await self._slots.acquire()
+            return
+        hooks[0]()
+        try:
+            await self._slots.acquire()
+        finally:
+            hooks[1]()
 
     def _verify(self, password_hash: str, password: str) -> bool:
         try:

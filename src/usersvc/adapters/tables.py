@@ -106,6 +106,8 @@ outbox = Table(
     Column("last_error", Text(), nullable=True),
     Column("create_time", UTCDateTime(), nullable=False),
     Column("update_time", UTCDateTime(), nullable=False),
+    # W3C traceparent of the call that wrote the row; the delivery span links to it.
+    Column("trace_context", String(128), nullable=True),
     Index("ix_outbox_status_next_attempt_time", "status", "next_attempt_time"),
 )
 

@@ -63,3 +63,5 @@ class ClaimedOutboxMessage:
     claimed_until: datetime
     user_email: str | None
     user_name: str | None
+    # W3C traceparent of the call that wrote the row, if that call was traced.
+    trace_context: str | None = None

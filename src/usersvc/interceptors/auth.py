@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.descriptor import FileDescriptor
 
 from userservice.v1 import options_pb2
-from usersvc.context import principal_var
+from usersvc.context import call_record_var, principal_var
 from usersvc.domain.errors import PermissionDenied
 from usersvc.interceptors.base import Context, UnaryBehavior, UnaryWrappingInterceptor, rebuild
 from usersvc.services.auth import Authenticator
@@ -112,6 +112,9 @@ class AuthInterceptor(UnaryWrappingInterceptor):
             ):
                 raise PermissionDenied()
             token = principal_var.set(principal)
+            record = call_record_var.get()
+            if record is not None:
+                record.principal = principal
             try:
                 return await behavior(request, context)
             finally:

@@ -16,6 +16,8 @@ from datetime import timedelta
 from email.message import EmailMessage
 from typing import Protocol
 
+from opentelemetry import trace
+
 from usersvc.domain.errors import StorageUnavailable
 from usersvc.domain.events import TOPIC_USER_CREATED
 from usersvc.domain.records import ClaimedOutboxMessage
@@ -24,6 +26,7 @@ from usersvc.notifications.smtp import DeliveryFailed
 from usersvc.notifications.welcome_email import build_welcome_email
 from usersvc.services.clock import utc_now
 from usersvc.services.ports import Clock, UnitOfWorkFactory
+from usersvc.trace_context import link_to
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class OutboxDispatcher:
         backoff_base_seconds: float = 2.0,
         backoff_max_seconds: float = 900.0,
         rng: random.Random | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         if lease_seconds <= send_timeout_seconds:
             # Settings refuse this at start-up; the guard is for other callers.
@@ -94,6 +98,7 @@ class OutboxDispatcher:
         self._backoff_base = backoff_base_seconds
         self._backoff_max = backoff_max_seconds
         self._rng = rng or random.Random()
+        self._tracer = tracer or trace.NoOpTracer()
 
     async def run_once(self) -> int:
         """One round: claim up to a batch of due records and settle each; how many were claimed."""
@@ -147,6 +152,19 @@ class OutboxDispatcher:
         log.info("welcome e-mail dispatcher stopped")
 
     async def _process(self, message: ClaimedOutboxMessage) -> None:
+        # Its own trace (delivery happens long after the call), linked to the creating call's.
+        with self._tracer.start_as_current_span(
+            f"outbox deliver {message.topic}",
+            kind=trace.SpanKind.CONSUMER,
+            links=link_to(message.trace_context),
+            attributes={
+                "usersvc.outbox_id": str(message.id),
+                "usersvc.attempt": message.attempts + 1,
+            },
+        ):
+            await self._deliver(message)
+
+    async def _deliver(self, message: ClaimedOutboxMessage) -> None:
         async with self._send_slots:
             if message.user_email is None or message.user_name is None:
                 await self._skip(message, "user deleted before delivery")

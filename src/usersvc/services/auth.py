@@ -124,6 +124,7 @@ class AuthService:
         max_failures: int,
         lock_seconds: int,
         clock: Clock = utc_now,
+        on_login_failure: Callable[[str, bool], None] | None = None,
     ) -> None:
         self._uow = uow
         self._hasher = hasher
@@ -134,6 +135,8 @@ class AuthService:
         self._max_failures = max_failures
         self._lock = timedelta(seconds=lock_seconds)
         self._clock = clock
+        # Told (reason, locked_out) of every failed login; metrics count them.
+        self._on_login_failure = on_login_failure
 
     async def login(self, *, email: str, password: str, request_id: str = "-") -> TokenPair:
         """A new token pair; one generic Unauthenticated for every kind of failure.
@@ -159,12 +162,17 @@ class AuthService:
         locked = user.locked_until is not None and user.locked_until > now
         valid = await self._hasher.verify(user.password_hash, password)
         if locked or not valid:
+            # This failure locks the account when it is the max_failures-th in a row (an
+            # expired lock starts the count again).
+            lock_expired = user.locked_until is not None and not locked
+            prior = 0 if lock_expired else user.failed_login_count
             await self._record_failure(
                 user.id,
                 normalized,
                 "locked" if locked else "wrong_password",
                 request_id,
                 count=not locked,
+                locks=not locked and prior + 1 >= self._max_failures,
             )
             raise Unauthenticated()
         if user.state is not UserState.ACTIVE:
@@ -204,8 +212,11 @@ class AuthService:
         request_id: str,
         *,
         count: bool = False,
+        locks: bool = False,
     ) -> None:
         now = self._clock()
+        if self._on_login_failure is not None:
+            self._on_login_failure(reason, locks)
 
         async def record(uow: UnitOfWork) -> None:
             if count and user_id is not None:

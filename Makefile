@@ -8,7 +8,7 @@ PROTOS := $(shell find proto -name '*.proto')
 
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help venv install generate check-generated run migrate test test-unit test-integration test-e2e lint buf-lint buf-breaking bench clean
+.PHONY: help venv install generate check-generated run migrate test test-unit test-integration test-e2e lint buf-lint buf-breaking bench clean wheels image test-container
 
 help:
 	@echo "make run        serve on 127.0.0.1:50051 with an embedded SQLite database"
@@ -17,6 +17,8 @@ help:
 	@echo "make lint       ruff, mypy --strict, import layering, buf lint, generated-code drift"
 	@echo "make generate   rebuild generated/ from proto/"
 	@echo "make bench      benchmarks"
+	@echo "make image      build the container image (usersvc:dev)"
+	@echo "make test-container  build the image and test it in a real container"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,5 +76,20 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.get_user --database postgresql
 	$(BIN)/python -m tests.bench.get_user --database sqlite
 
+# Wheels of usersvc and every dependency, for the image (built here: the image build needs
+# no network and no compiler).
+wheels: $(STAMP)
+	rm -rf dist/wheels
+	$(BIN)/python -m pip wheel --quiet --wheel-dir dist/wheels .
+
+image: wheels
+	docker build --tag usersvc:dev .
+
+# Installs Docker and debootstrap if missing, starts the daemon if none runs, builds the base
+# image from Debian packages (cached), then builds and runs the image in tests.
+test-container: $(STAMP)
+	bash tests/container/prepare.sh
+	$(BIN)/python -m pytest -m container tests/container
+
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache dist

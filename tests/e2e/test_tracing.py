@@ -21,7 +21,15 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.e2e.conftest import ADMIN_EMAIL, CapturedLogs
 from tests.smtp_server import SmtpServer
-from tests.support import ADMIN_PASSWORD, ServerThread, ensure_admin, login, make_settings
+from tests.support import (
+    ADMIN_PASSWORD,
+    ServerThread,
+    ensure_admin,
+    login,
+    make_settings,
+    throwaway_database,
+    throwaway_sqlite,
+)
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
 from usersvc.tracing import exporter_names, tracer_provider_from_env
@@ -40,8 +48,21 @@ class TracedServer:
         return list(self.exporter.get_finished_spans())
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def traced_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A database of its own: the session's holds other tests' undelivered outbox rows, which
+    this server's dispatcher would otherwise work through first."""
+    if request.param == "sqlite":
+        with throwaway_sqlite() as url:
+            yield url
+    else:
+        with throwaway_database(request.getfixturevalue("postgres_admin_url")) as url:
+            yield url
+
+
 @pytest.fixture(scope="module")
-def traced(database_url: str) -> Iterator[TracedServer]:
+def traced(traced_database: str) -> Iterator[TracedServer]:
+    database_url = traced_database
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))

@@ -28,8 +28,7 @@ from userservice.v1 import auth_service_pb2 as auth_pb
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.auth_service_pb2_grpc import AuthServiceStub
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
-from usersvc.adapters.password_hasher import Argon2PasswordHasher
-from usersvc.metrics import MULTIPROCESS_ENV, Metrics
+from usersvc.metrics import MULTIPROCESS_ENV
 from usersvc.operator_tasks import create_admin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,44 +225,6 @@ def test_login_failures_and_lockouts_are_counted(login_server: ServerThread) -> 
     assert sample("usersvc_login_lockouts_total") == lockouts + 1
 
 
-async def test_hash_queue_depth_counts_hashes_waiting_for_a_slot() -> None:
-    metrics = Metrics()
-    hasher = Argon2PasswordHasher(
-        time_cost=2,
-        memory_kib=19456,
-        parallelism=1,
-        concurrency=1,
-        queue_hooks=metrics.hash_queue_hooks(),
-    )
-    seen: list[float] = []
-
-    async def watch() -> None:
-        while True:
-            seen.append(metrics.registry.get_sample_value("usersvc_password_hash_queue_depth") or 0)
-            await asyncio.sleep(0.001)
-
-    watcher = asyncio.create_task(watch())
-    try:
-        await asyncio.gather(*(hasher.hash(f"password {i}") for i in range(3)))
-    finally:
-        watcher.cancel()
-        hasher.close()
-    assert max(seen) == 2  # one hashing, two waiting
-    assert metrics.registry.get_sample_value("usersvc_password_hash_queue_depth") == 0
-
-
-def test_rate_limit_hook_counts_refusals_per_method_and_limit() -> None:
-    metrics = Metrics()
-    metrics.count_rate_limited("/userservice.v1.AuthService/Login")
-    metrics.count_rate_limited("/userservice.v1.AuthService/Login")
-    metrics.count_rate_limited("/userservice.v1.UserService/GetUser", limit="concurrency")
-    get = metrics.registry.get_sample_value
-    labels = {"grpc_service": AUTH, "grpc_method": "Login", "limit": "rate"}
-    assert get("usersvc_rate_limited_total", labels) == 2
-    labels = {"grpc_service": USERS, "grpc_method": "GetUser", "limit": "concurrency"}
-    assert get("usersvc_rate_limited_total", labels) == 1
-
-
 def test_a_taken_metrics_address_fails_start_up_clearly(sqlite_url: str, tmp_path: Path) -> None:
     import socket
 
@@ -276,25 +237,3 @@ def test_a_taken_metrics_address_fails_start_up_clearly(sqlite_url: str, tmp_pat
         settings = make_settings(sqlite_url, str(tmp_path), metrics_address=address)
         with pytest.raises(OSError, match=f"could not serve metrics on {address}"):
             asyncio.run(serve(settings))
-
-
-async def test_pool_gauges_follow_checkouts(database_url: str) -> None:
-    from usersvc.adapters.db import create_engine
-
-    metrics = Metrics()
-    engine = create_engine(database_url, pool_size=3)
-    metrics.watch_pool("primary", engine)
-    labels = {"pool": "primary"}
-
-    def in_use() -> float | None:
-        return metrics.registry.get_sample_value("usersvc_db_pool_connections_in_use", labels)
-
-    try:
-        assert metrics.registry.get_sample_value("usersvc_db_pool_size", labels) == 3
-        async with engine.connect():
-            assert in_use() == 1
-            async with engine.connect():
-                assert in_use() == 2
-        assert in_use() == 0
-    finally:
-        await engine.dispose()

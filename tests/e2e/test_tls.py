@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import ValidationError
 
 from tests.certificates import CertificateAuthority, Issued, peer_certificate_serial
 from tests.e2e.conftest import ADMIN_EMAIL
@@ -29,7 +28,6 @@ from tests.support import (
 )
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
-from usersvc.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 READY = "userservice.v1.UserService"
@@ -165,15 +163,6 @@ def test_a_rotated_certificate_is_served_to_new_connections_without_a_restart(
     assert peer_certificate_serial(tls_server.address, pki.ca.cert_pem) == rotated.serial
     with channel_to(tls_server.address, pki.ca.cert_pem) as channel:
         assert health(channel) == health_pb2.HealthCheckResponse.SERVING
-
-
-def test_tls_settings_must_be_complete(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="go together"):
-        Settings(tls_cert_file=tmp_path / "a.crt")
-    with pytest.raises(ValidationError, match="needs USERSVC_TLS_CERT_FILE"):
-        Settings(tls_client_ca_file=tmp_path / "ca.pem")
-    with pytest.raises(ValidationError, match="host:port"):
-        Settings(metrics_address="9090")
 
 
 def test_a_key_that_does_not_match_the_certificate_fails_start_up(

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -32,7 +31,6 @@ from tests.support import (
 )
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
-from usersvc.tracing import exporter_names, tracer_provider_from_env
 
 PASSWORD = "tangerine orbit ladder 4711"
 
@@ -185,23 +183,3 @@ def test_health_probes_are_not_traced(traced: TracedServer) -> None:
     time.sleep(0.1)
     # Health probes are not traced (a kubelet calls them every few seconds).
     assert [s for s in traced.spans()[before:] if s.kind is SpanKind.SERVER] == []
-
-
-def test_tracing_is_off_unless_the_environment_names_an_exporter() -> None:
-    assert exporter_names({}) == []
-    assert exporter_names({"OTEL_TRACES_EXPORTER": "none"}) == []
-    assert exporter_names({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}) == ["otlp"]
-    assert exporter_names({"OTEL_TRACES_EXPORTER": "otlp,console"}) == ["otlp", "console"]
-    disabled = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}
-    assert exporter_names(disabled) == []
-    assert tracer_provider_from_env({}) is None
-    provider = tracer_provider_from_env(
-        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SERVICE_NAME": "users-eu"}
-    )
-    assert isinstance(provider, TracerProvider)
-    assert provider.resource.attributes["service.name"] == "users-eu"
-    provider.shutdown()
-    with pytest.raises(ValueError, match="not installed"):
-        tracer_provider_from_env({"OTEL_TRACES_EXPORTER": "carrier-pigeon"})
-    # No global provider is installed by any of this.
-    assert not isinstance(trace.get_tracer_provider(), TracerProvider)

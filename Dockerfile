@@ -7,6 +7,8 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS install
+# Marks the build stage, so that tests can remove what the classic builder leaves of it.
+LABEL usersvc.stage=install
 COPY dist/wheels/ /tmp/wheels/
 # A virtual environment from the wheels alone; pip leaves with the build stage.
 RUN python3 -m venv /opt/usersvc \

@@ -85,6 +85,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield tag
     finally:
         docker("image", "rm", "--force", tag, check=False)
+        # The classic builder keeps the install stage as an untagged image; only ours.
+        docker("image", "prune", "--force", "--filter", "label=usersvc.stage=install", check=False)
 
 
 @pytest.fixture(scope="module")

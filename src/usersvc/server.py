@@ -137,7 +137,8 @@ async def build_server(
                 writes=settings.rate_limit_writes,
                 login_per_peer=settings.rate_limit_login_per_peer,
                 login_per_email=settings.rate_limit_login_per_email,
-            )
+            ),
+            on_refused=metrics.count_rate_limited,
         ),
         # Before any use case reads a field: control characters and unbounded sizes stop here.
         InputCheckInterceptor(on_refused={LOGIN_METHOD: _audit_refused_login(c)}),

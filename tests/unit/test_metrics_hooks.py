@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
+
+import grpc
 
 from usersvc.adapters.password_hasher import Argon2PasswordHasher
 from usersvc.metrics import Metrics
@@ -47,3 +50,32 @@ def test_rate_limit_hook_counts_refusals_per_method_and_limit() -> None:
     assert get("usersvc_rate_limited_total", labels) == 2
     labels = {"grpc_service": USERS, "grpc_method": "GetUser", "limit": "concurrency"}
     assert get("usersvc_rate_limited_total", labels) == 1
+
+
+async def test_rate_limit_refusals_reach_the_counter() -> None:
+    import pytest
+
+    from usersvc.interceptors.rate_limit import RateLimited, RateLimitInterceptor, RateLimits
+
+    metrics = Metrics()
+    interceptor = RateLimitInterceptor(
+        RateLimits(reads="2/minute", writes="", login_per_peer="", login_per_email=""),
+        on_refused=metrics.count_rate_limited,
+    )
+
+    async def behavior(request: object, context: object) -> str:
+        return "ok"
+
+    class Context:
+        def peer(self) -> str:
+            return "ipv4:10.0.0.9:5000"
+
+    method = "/userservice.v1.UserService/GetUser"
+    limited = interceptor.wrap(method, behavior)
+    context = cast(grpc.aio.ServicerContext[Any, Any], Context())
+    for _ in range(2):
+        assert await limited(object(), context) == "ok"
+    with pytest.raises(RateLimited):
+        await limited(object(), context)
+    labels = {"grpc_service": USERS, "grpc_method": "GetUser", "limit": "read"}
+    assert metrics.registry.get_sample_value("usersvc_rate_limited_total", labels) == 1

@@ -10,7 +10,7 @@ Counting uses the `limits` library's sliding-window counters in memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,14 +77,20 @@ def method_class(method: str) -> str | None:
 
 
 class RateLimitInterceptor(UnaryWrappingInterceptor):
-    def __init__(self, limits: RateLimits) -> None:
+    def __init__(
+        self, limits: RateLimits, *, on_refused: Callable[[str, str], None] | None = None
+    ) -> None:
         super().__init__()
         self._items = limits.parsed()
         self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
+        # Told (method, limit) of every refusal; metrics count them.
+        self._on_refused = on_refused
 
-    def _take(self, items: list[RateLimitItem], *key: str) -> None:
+    def _take(self, method: str, limit: str, items: list[RateLimitItem], *key: str) -> None:
         for item in items:
             if not self._limiter.hit(item, *key):
+                if self._on_refused is not None:
+                    self._on_refused(method, limit)
                 reset_time, _ = self._limiter.get_window_stats(item, *key)
                 raise RateLimited(
                     f"rate limit of {item} exceeded; retry later",
@@ -104,10 +110,11 @@ class RateLimitInterceptor(UnaryWrappingInterceptor):
             principal = principal_var.get()
             peer = peer_host(context.peer() or "")
             caller = f"user:{principal.user_id}" if principal is not None else f"peer:{peer}"
-            take(items, kind or WRITE, caller)
+            take(method, kind or WRITE, items, kind or WRITE, caller)
             if email_items and (account_field == "email" or request.current_password):
                 account = str(getattr(request, account_field or "email", ""))
-                take(email_items, "account", account[:MAX_KEY_CHARS].strip().lower(), peer)
+                key = account[:MAX_KEY_CHARS].strip().lower()
+                take(method, "account", email_items, "account", key, peer)
             return await behavior(request, context)
 
         return limited

@@ -116,8 +116,12 @@ def welcome_record(db: Engine, user_id: str) -> RowMapping:
         return conn.execute(query).mappings().one()
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """The first truthy result of `check`, polled until `timeout`; fails the test after."""
+def wait_until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """The first truthy result of `check`, polled until `timeout`; fails the test after.
+
+    Generous: delivery takes well under a second, but a loaded 2-core machine has stalled it
+    past 10 s, and a passing wait returns as soon as the check holds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = check()

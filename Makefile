@@ -24,7 +24,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
+# The API package first: the server depends on it by name, and it is not on any index.
+$(STAMP): $(BIN)/python pyproject.toml generated/pyproject.toml
+	$(BIN)/python -m pip install --quiet -e './generated[jwt]'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -57,8 +59,8 @@ test-e2e: $(STAMP)
 	$(BIN)/python -m pytest tests/e2e
 
 lint: $(STAMP) check-generated buf-lint
-	$(BIN)/ruff check src tests migrations scripts
-	$(BIN)/ruff format --check src tests migrations scripts
+	$(BIN)/ruff check src tests migrations scripts generated/userservice/client
+	$(BIN)/ruff format --check src tests migrations scripts generated/userservice/client
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -2,6 +2,9 @@
 
 Usage: generate.py OUT_DIR          write stubs into OUT_DIR
        generate.py --check OUT_DIR  fail (exit 1) if OUT_DIR differs from freshly generated stubs
+
+generated/ is also the API distribution (userservice-api): its packaging files and the
+hand-written client live beside the stubs and are left out of the comparison.
 """
 
 from __future__ import annotations
@@ -46,16 +49,29 @@ def generate(out: Path) -> None:
             directory = directory.parent
 
 
+# Paths under OUT_DIR that protoc does not write: packaging, the client, build by-products.
+NOT_GENERATED = ("pyproject.toml", "README.md", "build", "dist", "userservice/client")
+
+
+def _generated(path: str) -> bool:
+    if path.endswith(".egg-info"):
+        return False
+    return not any(path == p or path.startswith(f"{p}/") for p in NOT_GENERATED)
+
+
 def differences(left: Path, right: Path) -> list[str]:
     found: list[str] = []
 
     def walk(cmp: filecmp.dircmp[str], prefix: str) -> None:
-        found.extend(f"{prefix}{n} (only in committed)" for n in cmp.left_only)
+        found.extend(
+            f"{prefix}{n} (only in committed)" for n in cmp.left_only if _generated(prefix + n)
+        )
         found.extend(f"{prefix}{n} (missing from committed)" for n in cmp.right_only)
         _, mismatch, errors = filecmp.cmpfiles(cmp.left, cmp.right, cmp.common_files, shallow=False)
         found.extend(f"{prefix}{n} (differs)" for n in mismatch + errors)
         for name, sub in cmp.subdirs.items():
-            walk(sub, f"{prefix}{name}/")
+            if _generated(prefix + name):
+                walk(sub, f"{prefix}{name}/")
 
     ignore = ["__pycache__"]
     walk(filecmp.dircmp(str(left), str(right), ignore=ignore), "")

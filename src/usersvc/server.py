@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
 from userservice.v1 import (
@@ -35,6 +34,7 @@ from usersvc.interceptors.shutdown_gate import ShutdownGateInterceptor
 from usersvc.jobs import count_outbox_forever, purge_idempotency_keys_forever
 from usersvc.metrics import Metrics, MetricsEndpoint
 from usersvc.migrate import script_revisions
+from usersvc.reflection import enable_reflection
 from usersvc.servicers.auth_servicer import AuthServicer
 from usersvc.servicers.user_servicer import UserServicer
 from usersvc.services.auth import Authenticator
@@ -181,9 +181,7 @@ async def build_server(
     )
 
     if settings.reflection:
-        reflection.enable_server_reflection(
-            (USER_SERVICE, AUTH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection(server, (USER_SERVICE, AUTH_SERVICE, health.SERVICE_NAME))
 
     try:
         credentials = server_credentials(settings)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -146,6 +147,52 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
     )
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"userservice.v1.UserService", "grpc.health.v1.Health"} <= names
+
+
+def _reflect_v1(
+    channel: grpc.Channel, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
+    """One request over reflection v1 (the same messages as v1alpha, under the v1 name)."""
+    call = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    (response,) = list(call(iter([request])))
+    return response
+
+
+def test_reflection_v1_lists_every_service(channel: grpc.Channel) -> None:
+    response = _reflect_v1(channel, reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert {s.name for s in response.list_services_response.service} == {
+        "userservice.v1.UserService",
+        "userservice.v1.AuthService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+
+
+@pytest.mark.parametrize(
+    ("symbol", "file"),
+    [
+        ("grpc.reflection.v1.ServerReflection", "grpc/reflection/v1/reflection.proto"),
+        ("google.rpc.BadRequest", "google/rpc/error_details.proto"),
+        ("google.rpc.Status", "google/rpc/status.proto"),
+    ],
+)
+def test_reflection_v1_describes_itself_and_the_error_details(
+    channel: grpc.Channel, symbol: str, file: str
+) -> None:
+    response = _reflect_v1(
+        channel, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+    )
+    assert not response.HasField("error_response"), response.error_response.error_message
+    names = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw).name
+        for raw in response.file_descriptor_response.file_descriptor_proto
+    ]
+    assert names[0] == file
 
 
 def test_parallel_writes_on_sqlite_never_see_a_locked_database(sqlite_url: str) -> None:

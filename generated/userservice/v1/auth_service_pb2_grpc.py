@@ -100,7 +100,11 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJwks(self, request, context):
-        """The public keys that verify access tokens, as JWKs. Needs no token.
+        """The public keys that verify access tokens, as JWKs. Needs no token. Cache them by kid and
+        fetch again on an unknown kid (rate-limited). Offline verification cannot see revocation:
+        a token of a user whose password changed, who was disabled, deleted or demoted, or who
+        logged out, still verifies until its exp. Keep access tokens short-lived, and where a
+        revoked token must be refused at once, call usersvc with it (GetUser of its subject).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,7 +56,12 @@ class AuthServiceStub:
     once with ChangePassword or DisableUser. An unknown token: UNAUTHENTICATED.
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.GetJwksRequest, _auth_service_pb2.GetJwksResponse]
-    """The public keys that verify access tokens, as JWKs. Needs no token."""
+    """The public keys that verify access tokens, as JWKs. Needs no token. Cache them by kid and
+    fetch again on an unknown kid (rate-limited). Offline verification cannot see revocation:
+    a token of a user whose password changed, who was disabled, deleted or demoted, or who
+    logged out, still verifies until its exp. Keep access tokens short-lived, and where a
+    revoked token must be refused at once, call usersvc with it (GetUser of its subject).
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -86,7 +91,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     once with ChangePassword or DisableUser. An unknown token: UNAUTHENTICATED.
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.GetJwksRequest, _auth_service_pb2.GetJwksResponse]  # type: ignore[assignment]
-    """The public keys that verify access tokens, as JWKs. Needs no token."""
+    """The public keys that verify access tokens, as JWKs. Needs no token. Cache them by kid and
+    fetch again on an unknown kid (rate-limited). Offline verification cannot see revocation:
+    a token of a user whose password changed, who was disabled, deleted or demoted, or who
+    logged out, still verifies until its exp. Keep access tokens short-lived, and where a
+    revoked token must be refused at once, call usersvc with it (GetUser of its subject).
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """Issues and rotates tokens, and publishes the keys that verify them.
@@ -137,6 +147,11 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.GetJwksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.GetJwksResponse, _abc.Awaitable[_auth_service_pb2.GetJwksResponse]]:
-        """The public keys that verify access tokens, as JWKs. Needs no token."""
+        """The public keys that verify access tokens, as JWKs. Needs no token. Cache them by kid and
+        fetch again on an unknown kid (rate-limited). Offline verification cannot see revocation:
+        a token of a user whose password changed, who was disabled, deleted or demoted, or who
+        logged out, still verifies until its exp. Keep access tokens short-lived, and where a
+        revoked token must be refused at once, call usersvc with it (GetUser of its subject).
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

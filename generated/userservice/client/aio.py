@@ -1,0 +1,230 @@
+"""The asyncio client: the same calls as ``Client``, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from userservice.client import _channel
+from userservice.client._requests import (
+    TokenSource,
+    call_metadata,
+    create_user_request,
+    update_user_request,
+)
+from userservice.client.errors import ApiError, Unavailable
+from userservice.v1 import (
+    auth_service_pb2,
+    auth_service_pb2_grpc,
+    user_pb2,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
+
+Response = TypeVar("Response", bound=Message)
+
+
+class AsyncClient:
+    """UserService and AuthService over one grpc.aio channel; see ``Client``.
+
+    ``async with AsyncClient("usersvc:50051", token=get_token) as client: ...``
+    Same token, request id, deadline, error and retry behaviour as ``Client``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: TokenSource | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float = _channel.DEFAULT_TIMEOUT_SECONDS,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        opts = _channel.channel_options(timeout, options)
+        self.channel: grpc.aio.Channel = (
+            grpc.aio.secure_channel(target, credentials, opts)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, opts)
+        )
+        self.token = token
+        self.timeout = timeout
+        self._users = user_service_pb2_grpc.UserServiceStub(self.channel)
+        self._auth = auth_service_pb2_grpc.AuthServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Response]],
+        request: Message,
+        *,
+        timeout: float | None,
+    ) -> Response:
+        try:
+            return await method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=call_metadata(self.token),
+            )
+        except grpc.RpcError as err:
+            raise ApiError.from_rpc_error(err) from err
+
+    # AuthService
+
+    async def login(
+        self, email: str, password: str, *, timeout: float | None = None
+    ) -> auth_service_pb2.TokenPair:
+        request = auth_service_pb2.LoginRequest(email=email, password=password)
+        return (await self._call(self._auth.Login, request, timeout=timeout)).tokens
+
+    async def refresh_token(
+        self, refresh_token: str, *, timeout: float | None = None
+    ) -> auth_service_pb2.TokenPair:
+        request = auth_service_pb2.RefreshTokenRequest(refresh_token=refresh_token)
+        return (await self._call(self._auth.RefreshToken, request, timeout=timeout)).tokens
+
+    async def logout(self, refresh_token: str, *, timeout: float | None = None) -> None:
+        request = auth_service_pb2.LogoutRequest(refresh_token=refresh_token)
+        await self._call(self._auth.Logout, request, timeout=timeout)
+
+    async def get_jwks(self, *, timeout: float | None = None) -> auth_service_pb2.GetJwksResponse:
+        request = auth_service_pb2.GetJwksRequest()
+        return await self._call(self._auth.GetJwks, request, timeout=timeout)
+
+    # UserService
+
+    async def create_user(
+        self,
+        *,
+        email: str,
+        name: str,
+        password: str,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> user_pb2.User:
+        """Creates a user. Without ``request_id`` one is made, so a retry creates nothing twice."""
+        request = create_user_request(email, name, password, request_id)
+        attempt = 1
+        while True:
+            try:
+                return (await self._call(self._users.CreateUser, request, timeout=timeout)).user
+            except Unavailable as err:
+                if attempt >= _channel.MAX_ATTEMPTS:
+                    raise
+                await asyncio.sleep(_channel.backoff_seconds(attempt, err.retry_delay))
+                attempt += 1
+
+    async def get_user(self, id: str, *, timeout: float | None = None) -> user_pb2.User:
+        request = user_service_pb2.GetUserRequest(id=id)
+        return (await self._call(self._users.GetUser, request, timeout=timeout)).user
+
+    async def list_users(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        email: str = "",
+        timeout: float | None = None,
+    ) -> user_service_pb2.ListUsersResponse:
+        request = user_service_pb2.ListUsersRequest(
+            page_size=page_size, page_token=page_token, email=email
+        )
+        return await self._call(self._users.ListUsers, request, timeout=timeout)
+
+    async def iter_users(
+        self, *, page_size: int = 0, email: str = "", timeout: float | None = None
+    ) -> AsyncIterator[user_pb2.User]:
+        """Every matching user, newest first, fetching pages of ``page_size`` as needed."""
+        token = ""
+        while True:
+            page = await self.list_users(
+                page_size=page_size, page_token=token, email=email, timeout=timeout
+            )
+            for user in page.users:
+                yield user
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def update_user(
+        self, user: user_pb2.User, paths: Sequence[str], *, timeout: float | None = None
+    ) -> user_pb2.User:
+        """Writes the fields of ``user`` named in ``paths``; conditional when ``user.etag`` is set
+        (pass the etag exactly as a read returned it)."""
+        request = update_user_request(user, paths)
+        return (await self._call(self._users.UpdateUser, request, timeout=timeout)).user
+
+    async def delete_user(self, id: str, *, etag: str = "", timeout: float | None = None) -> None:
+        request = user_service_pb2.DeleteUserRequest(id=id, etag=etag)
+        await self._call(self._users.DeleteUser, request, timeout=timeout)
+
+    async def change_password(
+        self,
+        id: str,
+        *,
+        new_password: str,
+        current_password: str = "",
+        etag: str = "",
+        timeout: float | None = None,
+    ) -> user_pb2.User:
+        request = user_service_pb2.ChangePasswordRequest(
+            id=id, new_password=new_password, current_password=current_password, etag=etag
+        )
+        return (await self._call(self._users.ChangePassword, request, timeout=timeout)).user
+
+    async def disable_user(
+        self, id: str, *, etag: str = "", timeout: float | None = None
+    ) -> user_pb2.User:
+        request = user_service_pb2.DisableUserRequest(id=id, etag=etag)
+        return (await self._call(self._users.DisableUser, request, timeout=timeout)).user
+
+    async def enable_user(
+        self, id: str, *, etag: str = "", timeout: float | None = None
+    ) -> user_pb2.User:
+        request = user_service_pb2.EnableUserRequest(id=id, etag=etag)
+        return (await self._call(self._users.EnableUser, request, timeout=timeout)).user
+
+    async def list_audit_events(
+        self,
+        *,
+        user_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> user_service_pb2.ListAuditEventsResponse:
+        request = user_service_pb2.ListAuditEventsRequest(
+            user_id=user_id, page_size=page_size, page_token=page_token
+        )
+        return await self._call(self._users.ListAuditEvents, request, timeout=timeout)
+
+    async def iter_audit_events(
+        self, *, user_id: str = "", page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[user_pb2.AuditEvent]:
+        """Every audit event (of ``user_id``, if set), newest first, page by page."""
+        token = ""
+        while True:
+            page = await self.list_audit_events(
+                user_id=user_id, page_size=page_size, page_token=token, timeout=timeout
+            )
+            for event in page.events:
+                yield event
+            token = page.next_page_token
+            if not token:
+                return

@@ -1,0 +1,178 @@
+"""The typed client of the API package against a real server: both flavours, errors, paging,
+token refresh, retries, and offline token verification with the JWKS helper."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import jwt
+import pytest
+
+from tests.e2e.conftest import ADMIN_EMAIL
+from tests.support import ADMIN_PASSWORD, ServerThread, mint_token
+from userservice.client import (
+    Aborted,
+    AsyncClient,
+    Client,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+from userservice.client.jwks import AsyncJwksVerifier, InvalidToken, JwksVerifier
+from userservice.v1 import user_pb2
+
+
+def _email(tag: str = "") -> str:
+    return f"client-{tag}{uuid.uuid4().hex[:10]}@example.com"
+
+
+@pytest.fixture(scope="module")
+def admin_token(server: ServerThread) -> str:
+    with Client(server.address) as anonymous:
+        return anonymous.login(ADMIN_EMAIL, ADMIN_PASSWORD).access_token
+
+
+@pytest.fixture
+def client(server: ServerThread, admin_token: str) -> Iterator[Client]:
+    with Client(server.address, token=lambda: admin_token) as c:
+        yield c
+
+
+def test_create_get_update_delete(client: Client) -> None:
+    created = client.create_user(email=_email(), name="Ada", password="unusual-pass-4217")
+    assert created.id and created.etag
+    assert client.get_user(created.id) == created
+
+    changed = client.update_user(
+        user_pb2.User(id=created.id, name="Ada King", etag=created.etag), ["name"]
+    )
+    assert changed.name == "Ada King"
+    assert changed.etag != created.etag
+
+    with pytest.raises(Aborted) as stale:
+        client.update_user(user_pb2.User(id=created.id, name="X Y", etag=created.etag), ["name"])
+    assert stale.value.code == grpc.StatusCode.ABORTED
+    assert stale.value.reason == "ETAG_MISMATCH"
+
+    client.delete_user(created.id, etag=changed.etag)
+    with pytest.raises(NotFound) as gone:
+        client.get_user(created.id)
+    assert gone.value.reason == "USER_NOT_FOUND"
+
+
+def test_create_without_request_id_gets_one_so_a_retry_is_safe(client: Client) -> None:
+    email = _email()
+    key = str(uuid.uuid4())
+    first = client.create_user(
+        email=email, name="Twice", password="unusual-pass-4217", request_id=key
+    )
+    again = client.create_user(
+        email=email, name="Twice", password="unusual-pass-4217", request_id=key
+    )
+    assert again.id == first.id
+
+
+def test_validation_failure_carries_every_detail(client: Client) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        client.create_user(email="nope", name="A", password="short")
+    err = exc.value
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.reason == "INVALID_ARGUMENT"
+    assert err.domain == "usersvc"
+    assert set(err.violations) == {"email", "name", "password"}
+    uuid.UUID(err.request_id)
+    assert err.retry_delay is None
+
+
+def test_iter_users_walks_every_page(client: Client) -> None:
+    tag = uuid.uuid4().hex[:6]
+    # One exact-email filter per user would be one page; instead walk everything and find ours.
+    made = {
+        client.create_user(email=_email(tag), name="Pager", password="unusual-pass-4217").id
+        for _ in range(5)
+    }
+    seen = [u.id for u in client.iter_users(page_size=2)]
+    assert len(seen) == len(set(seen)), "a user was returned twice"
+    assert made <= set(seen)
+    assert len(seen) > 2, "more than one page was read"
+
+
+def test_token_is_asked_for_on_every_call(server: ServerThread, admin_token: str) -> None:
+    handed_out: list[str] = []
+    tokens = iter(["not-a-jwt", admin_token])
+
+    def token() -> str:
+        handed_out.append(next(tokens))
+        return handed_out[-1]
+
+    with Client(server.address, token=token) as c:
+        with pytest.raises(Unauthenticated):
+            c.list_users(page_size=1)
+        assert len(c.list_users(page_size=1).users) == 1
+    assert handed_out == ["not-a-jwt", admin_token]
+
+
+async def test_async_client(server: ServerThread, admin_token: str) -> None:
+    async with AsyncClient(server.address, token=lambda: admin_token) as c:
+        created = await c.create_user(email=_email(), name="Async", password="unusual-pass-4217")
+        assert (await c.get_user(created.id)).email == created.email
+        ids = [u.id async for u in c.iter_users(page_size=3)]
+        assert created.id in ids
+        with pytest.raises(InvalidArgument) as exc:
+            await c.get_user("not-a-uuid")
+        assert "id" in exc.value.violations
+        uuid.UUID(exc.value.request_id)
+
+
+def test_jwks_verifier_checks_tokens_offline(server: ServerThread, admin_token: str) -> None:
+    with Client(server.address) as c:
+        verifier = JwksVerifier(c.get_jwks)
+        claims = verifier.verify(admin_token)
+        assert claims["typ"] == "access"
+        assert "admin" in claims["roles"]
+        verifier.verify(admin_token)
+        assert verifier.fetches == 1, "keys are cached by kid"
+
+        with pytest.raises(InvalidToken):
+            JwksVerifier(c.get_jwks, audience="someone-else").verify(admin_token)
+        with pytest.raises(InvalidToken):
+            verifier.verify(jwt.encode({"sub": "x"}, "k" * 32, algorithm="HS256"))
+
+
+def test_jwks_verifier_refreshes_on_unknown_kid_at_most_once_per_interval(
+    server: ServerThread, admin_token: str
+) -> None:
+    now = [0.0]
+    with Client(server.address) as c:
+        verifier = JwksVerifier(c.get_jwks, min_refresh_interval=30, clock=lambda: now[0])
+        verifier.verify(admin_token)
+        forged = _with_kid(admin_token, "rotated-away")
+        for _ in range(5):
+            with pytest.raises(InvalidToken):
+                verifier.verify(forged)
+        assert verifier.fetches == 1, "refreshes on an unknown kid are rate-limited"
+        now[0] = 31.0
+        with pytest.raises(InvalidToken):
+            verifier.verify(forged)
+        assert verifier.fetches == 2
+
+
+async def test_async_jwks_verifier(server: ServerThread, admin_token: str) -> None:
+    async with AsyncClient(server.address) as c:
+        verifier = AsyncJwksVerifier(c.get_jwks)
+        assert (await verifier.verify(admin_token))["typ"] == "access"
+        with pytest.raises(InvalidToken):
+            await verifier.verify(mint_token(uuid.uuid4()).replace("e", "f", 1) + "x")
+
+
+def _with_kid(token: str, kid: str) -> str:
+    """The token with another kid in its header (so its signature no longer matters)."""
+    head, payload, signature = token.split(".")
+    header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    header["kid"] = kid
+    encoded = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+    return f"{encoded}.{payload}.{signature}"

@@ -9,6 +9,7 @@ PROTOS := $(shell find proto -name '*.proto')
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: help venv install generate check-generated run migrate test test-unit test-integration test-e2e lint buf-lint buf-breaking bench clean wheels image test-container
+.PHONY: node-deps
 
 help:
 	@echo "make run        serve on 127.0.0.1:50051 with an embedded SQLite database"
@@ -66,6 +67,17 @@ lint: $(STAMP) check-generated buf-lint
 
 buf-lint:
 	$(BUF) lint
+
+# The Node.js client test's packages (pinned by tests/node/package-lock.json), when npm is here.
+NPM := $(shell command -v npm 2>/dev/null)
+NODE_DEPS := tests/node/node_modules/.package-lock.json
+
+node-deps: $(if $(NPM),$(NODE_DEPS))
+
+$(NODE_DEPS): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+
+test test-e2e: node-deps
 
 # Compares the contract with main's; run before merging a contract change.
 buf-breaking:

@@ -77,6 +77,8 @@ class User(_message.Message):
     etag: _builtins.str
     """Server-computed version tag (AIP-154); changes on every change of the user.
     Send it back on a write to make the write conditional; a stale one gives ABORTED.
+    Opaque: pass it on exactly as returned. It includes its double quotes (an HTTP entity
+    tag such as "3"), so in JSON it reads "etag": "\\"3\\""; the bare 3 does not match.
     """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

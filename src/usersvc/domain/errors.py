@@ -74,7 +74,10 @@ class EtagMismatch(DomainError):
     reason = "ETAG_MISMATCH"
 
     def __init__(self) -> None:
-        super().__init__("the etag does not match the current version of the resource")
+        super().__init__(
+            "the etag does not match the current version of the resource; read it again and "
+            'send its etag exactly as returned, quotes included (such as "3")'
+        )
 
 
 class FailedPrecondition(DomainError):

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from userservice.client import MAX_ATTEMPTS, Client, Unavailable
+from userservice.client import MAX_ATTEMPTS, AsyncClient, Client, Unavailable
 from userservice.v1 import auth_service_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 from userservice.v1 import user_service_pb2 as pb
 
@@ -138,3 +138,15 @@ def test_non_idempotent_calls_are_not_retried(flaky: tuple[FlakyUsers, str]) -> 
         "RefreshToken": 1,
         "CreateUser": 1,
     }
+
+
+async def test_the_async_client_retries_the_same_way(flaky: tuple[FlakyUsers, str]) -> None:
+    users, address = flaky
+    async with AsyncClient(address) as client:
+        assert (await client.get_user("u2")).id == "u2"
+        assert (await client.create_user(email="c@example.com", name="Cc", password="x" * 10)).email
+        with pytest.raises(Unavailable):
+            await client.delete_user("u2")
+    assert len(users.calls["GetUser"]) == MAX_ATTEMPTS
+    assert len(users.calls["CreateUser"]) == MAX_ATTEMPTS
+    assert len(users.calls["DeleteUser"]) == 1

@@ -38,7 +38,7 @@ RETRY_POLICY: dict[str, Any] = {
 
 def service_config(timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str, Any]:
     """The gRPC service config: retries for idempotent calls, a deadline for every call."""
-    timeout = f"{timeout_seconds:g}s"
+    timeout = f"{timeout_seconds:.3f}s"
     return {
         "methodConfig": [
             {
@@ -48,13 +48,16 @@ def service_config(timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str
             },
             {"name": [{"service": _USERS}, {"service": _AUTH}], "timeout": timeout},
         ],
-        # Retries stop while more than half of recent calls fail, so an outage is not multiplied.
+        # Retries pause while most recent calls fail (each failure costs 1 of 10 tokens, each
+        # success returns 0.1; below 5 tokens nothing is retried), so an outage is not multiplied.
         "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
     }
 
 
-# The server keeps gRPC's ping enforcement: it answers pings more often than every 5 minutes, or
-# any ping while no call is open, with GOAWAY. So ping only during calls, at most every 5 minutes.
+# gRPC servers police client pings (by default, as usersvc's does): a ping sooner than 5 minutes
+# after the last one, or any ping while no call is open, is a strike, and after two strikes
+# the server closes the connection (GOAWAY, ENHANCE_YOUR_CALM). So ping only while a call is
+# open, at most every 5 minutes, and give up on a silent connection after 20 seconds.
 KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 300_000),
     ("grpc.keepalive_timeout_ms", 20_000),

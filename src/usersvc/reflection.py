@@ -3,8 +3,8 @@
 grpcio-reflection (1.85) implements only grpc.reflection.v1alpha. The v1 protocol is the same
 protocol under another package name, message for message and field for field, so the same
 servicer answers both; a copy of the v1alpha file renamed to v1 makes v1 describable too.
-Error details (google.rpc.*) resolve by name because their modules are imported by the error
-interceptor and so live in the default descriptor pool.
+The google.rpc error details are in the default descriptor pool (imported below), so a client
+can look them up by name through reflection to decode error details.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ from collections.abc import Iterable
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2  # noqa: F401  (registers them)
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 V1ALPHA_SERVICE = reflection.SERVICE_NAME
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 _V1_FILE = "grpc/reflection/v1/reflection.proto"
-# The details every error carries; named here so that reflection can always serve them.
-ERROR_DETAIL_FILES = (status_pb2.DESCRIPTOR.name, error_details_pb2.DESCRIPTOR.name)
 
 
 def _register_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:

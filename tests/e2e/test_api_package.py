@@ -9,10 +9,12 @@ import sys
 import tempfile
 import textwrap
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from tests.support import ADMIN_PASSWORD, ServerThread, ensure_admin, make_settings
 
@@ -29,11 +31,17 @@ def _run(*args: str | Path, cwd: Path | None = None) -> str:
 
 
 @pytest.fixture(scope="module")
-def api_venv() -> Iterator[Path]:
+def wheels() -> Iterator[Path]:
+    """The API wheel and the server wheel, built from this checkout."""
+    with tempfile.TemporaryDirectory(prefix="usersvc-wheels-") as tmp:
+        _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", tmp, API, ROOT)
+        yield Path(tmp)
+
+
+@pytest.fixture(scope="module")
+def api_venv(wheels: Path) -> Iterator[Path]:
     """A new virtual environment holding the API wheel and its dependencies, nothing else."""
     with tempfile.TemporaryDirectory(prefix="usersvc-api-") as tmp:
-        wheels = Path(tmp) / "wheels"
-        _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, API)
         (wheel,) = wheels.glob("userservice_api-*.whl")
         venv = Path(tmp) / "venv"
         _run(sys.executable, "-m", "venv", venv)
@@ -67,6 +75,23 @@ def test_the_wheel_brings_only_the_contract_and_its_four_dependencies(api_venv: 
         "assert r.files('userservice.v1').joinpath('user_pb2.pyi').is_file(); "
         "assert r.files('userservice').joinpath('py.typed').is_file()",
     )
+
+
+def test_the_server_wheel_depends_on_the_api_wheel_instead_of_holding_it(wheels: Path) -> None:
+    (server,) = wheels.glob("usersvc-*.whl")
+    (api,) = wheels.glob("userservice_api-*.whl")
+    with zipfile.ZipFile(server) as archive:
+        names = archive.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [
+            Requirement(line.removeprefix("Requires-Dist: "))
+            for line in archive.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist: ")
+        ]
+    assert not [n for n in names if n.startswith("userservice/")], "stubs belong to the API wheel"
+    (contract,) = [r for r in requires if r.name == "userservice-api"]
+    api_version = api.name.split("-")[1]
+    assert contract.specifier.contains(api_version), f"{contract} refuses {api_version}"
 
 
 def test_the_contract_version_matches_the_proto_package() -> None:

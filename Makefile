@@ -107,3 +107,4 @@ test-container: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache dist
+	rm -rf tests/node/node_modules build generated/build generated/*.egg-info

@@ -17,6 +17,9 @@ import pytest
 from tests.e2e.conftest import ADMIN_EMAIL
 from tests.support import ADMIN_PASSWORD, ServerThread, login
 
+# What buf curl sees comes from reflection, not from storage.
+pytestmark = pytest.mark.one_backend
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

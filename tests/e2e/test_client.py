@@ -25,6 +25,9 @@ from userservice.client import (
 from userservice.client.jwks import AsyncJwksVerifier, InvalidToken, JwksVerifier
 from userservice.v1 import user_pb2
 
+# The client's behaviour does not depend on the database; storage is tested on both elsewhere.
+pytestmark = pytest.mark.one_backend
+
 
 def _email(tag: str = "") -> str:
     return f"client-{tag}{uuid.uuid4().hex[:10]}@example.com"

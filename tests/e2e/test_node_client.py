@@ -19,6 +19,9 @@ from tests.support import ADMIN_PASSWORD, ServerThread
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 
+# The Node.js caller's view does not depend on the database behind the server.
+pytestmark = pytest.mark.one_backend
+
 
 def node_or_skip() -> str:
     """The node executable, once tests/node's dependencies are installed."""

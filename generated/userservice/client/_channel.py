@@ -54,10 +54,12 @@ def service_config(timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str
     }
 
 
-# gRPC servers police client pings (by default, as usersvc's does): a ping sooner than 5 minutes
-# after the last one, or any ping while no call is open, is a strike, and after two strikes
-# the server closes the connection (GOAWAY, ENHANCE_YOUR_CALM). So ping only while a call is
-# open, at most every 5 minutes, and give up on a silent connection after 20 seconds.
+# gRPC servers police client pings; a ping the policy forbids is a strike, and after two the
+# server closes the connection (GOAWAY, too_many_pings). usersvc allows one every 10 s, idle or
+# not (USERSVC_KEEPALIVE_MIN_CLIENT_PING_INTERVAL_SECONDS), and pings idle clients itself; gRPC's
+# default policy, which a proxy in between may keep, allows one every 5 minutes and none while
+# no call is open. The client keeps to the stricter one: it pings only while a call is open, at
+# most every 5 minutes, and gives up on a silent connection after 20 seconds.
 KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 300_000),
     ("grpc.keepalive_timeout_ms", 20_000),

@@ -1,7 +1,7 @@
 # usersvc: a slim, non-root image that serves gRPC on 0.0.0.0:50051.
 #
 # The wheels are built on the host, so the build itself needs no network and no compiler:
-#   make image            (pip wheel --wheel-dir dist/wheels . && docker build -t usersvc .)
+#   make image            (pip wheel --wheel-dir dist/wheels ./generated . && docker build -t usersvc .)
 # The base is any Debian-like image with python3 and its venv module, of the same Python
 # minor version as the host that built the wheels (3.11 for the default).
 ARG BASE_IMAGE=python:3.11-slim-bookworm

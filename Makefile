@@ -94,7 +94,7 @@ bench: $(STAMP)
 # no network and no compiler).
 wheels: $(STAMP)
 	rm -rf dist/wheels
-	$(BIN)/python -m pip wheel --quiet --wheel-dir dist/wheels .
+	$(BIN)/python -m pip wheel --quiet --wheel-dir dist/wheels ./generated .
 
 image: wheels
 	docker build --tag usersvc:dev .

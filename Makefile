@@ -83,12 +83,15 @@ test test-e2e: node-deps
 buf-breaking:
 	$(BUF) breaking --against '.git#branch=main'
 
-# Throughput ratios measured in one run: authenticated GetUser against a bare grpc.aio server.
+# Throughput ratios measured in one run: authenticated GetUser against a bare grpc.aio server;
+# BatchGetUsers of 100 ids against one GetUser (fails above 5x).
 bench: $(STAMP)
 	@command -v h2load >/dev/null || apt-get install -y -qq nghttp2-client >/dev/null 2>&1 \
 	  || echo "h2load unavailable: falling back to the Python load generator"
 	$(BIN)/python -m tests.bench.get_user --database postgresql
 	$(BIN)/python -m tests.bench.get_user --database sqlite
+	$(BIN)/python -m tests.bench.batch_get_users --database postgresql
+	$(BIN)/python -m tests.bench.batch_get_users --database sqlite
 
 # Wheels of usersvc and every dependency, for the image (built here: the image build needs
 # no network and no compiler).

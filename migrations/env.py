@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from usersvc.adapters.db import create_engine
-from usersvc.adapters.tables import metadata
+from usersvc.adapters.tables import belongs_to, metadata
 
 config = context.config
 
@@ -29,6 +29,8 @@ def _run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         compare_server_default=True,
+        # Indexes declared for PostgreSQL only are not missing on SQLite.
+        include_object=lambda obj, *_: belongs_to(obj, connection.dialect.name),
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -17,6 +17,7 @@ from usersvc.domain.errors import DuplicateRequest, EmailTaken
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.models import PageCursor, User, UserState
 from usersvc.domain.records import RefreshTokenStatus
+from usersvc.domain.user_filter import UserFilter, parse_filter
 from usersvc.services.ports import UnitOfWorkFactory
 
 # In the past, so that nothing here is ever the newest row another test on the same
@@ -62,7 +63,7 @@ async def test_a_user_reads_back_as_written(stores: UnitOfWorkFactory) -> None:
     async with stores(write=False) as tx:
         assert await tx.users.get_by_email(user.email) == user
         assert await tx.users.get_by_email(f"missing-{user.email}") is None
-        assert await tx.users.count(email=user.email) == 1
+        assert await tx.users.count(where=UserFilter(email=user.email)) == 1
         assert await tx.users.auth_state(user.id) == (1, UserState.ACTIVE)
         assert await tx.users.auth_state(uuid.uuid4()) is None
 
@@ -154,13 +155,13 @@ async def test_list_is_newest_first_with_the_id_as_tiebreaker(stores: UnitOfWork
     expected = sorted(made, key=lambda u: (u.create_time, u.id), reverse=True)
     start = PageCursor(create_time=base + timedelta(seconds=3), id=uuid.uuid4())
     async with stores(write=False) as tx:
-        first = await tx.users.list(limit=3, after=start, email=None)
+        first = await tx.users.list(limit=3, after=start, where=UserFilter())
         rest = await tx.users.list(
             limit=2,
             after=PageCursor(create_time=first[-1].create_time, id=first[-1].id),
-            email=None,
+            where=UserFilter(),
         )
-        only = await tx.users.list(limit=10, after=None, email=made[2].email)
+        only = await tx.users.list(limit=10, after=None, where=UserFilter(email=made[2].email))
     assert [u.id for u in [*first, *rest]] == [u.id for u in expected]
     assert only == [made[2]]
 
@@ -410,3 +411,96 @@ async def test_outbox_claims_are_leased_fenced_and_settled(stores: UnitOfWorkFac
         )
         await tx.commit()
     assert await claim(later + timedelta(days=1), later + timedelta(days=2)) == []
+
+
+async def test_get_many_returns_the_existing_users_of_a_set_of_ids(
+    stores: UnitOfWorkFactory,
+) -> None:
+    a, b = new_user(), new_user()
+    await add(stores, a, b)
+    async with stores(write=False) as tx:
+        found = await tx.users.get_many({a.id, b.id, uuid.uuid4()})
+        assert sorted(found, key=lambda u: u.id) == sorted([a, b], key=lambda u: u.id)
+        assert await tx.users.get_many(set()) == []
+        many = await tx.users.get_many({a.id, *(uuid.uuid4() for _ in range(999))})
+        assert many == [a]
+
+
+def _day_of_its_own() -> datetime:
+    """A day no other test writes to, so a filter bounded to it sees only this test's users."""
+    return datetime(1801, 1, 1, tzinfo=UTC) + timedelta(days=uuid.uuid4().int % 30_000)
+
+
+ALL = ["ada-admin", "ada-disabled", "bob-service", "both", "a_%lit", "x-ada-admin"]
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("", ALL),
+        ("state = ACTIVE", ["ada-admin", "bob-service", "both", "a_%lit"]),
+        ("state = DISABLED", ["ada-disabled", "x-ada-admin"]),
+        ("state = ACTIVE AND state = DISABLED", []),
+        ('roles:"admin"', ["ada-admin", "both"]),
+        ('roles:"service"', ["bob-service", "both", "x-ada-admin"]),
+        ("roles:admin AND roles:service", ["both"]),
+        # A prefix, not a substring: x-ada-admin contains "ada-" but does not start with it.
+        ('email:"ADA-*"', ["ada-admin", "ada-disabled"]),
+        # "_" and "%" are literal characters, not LIKE wildcards.
+        ('email:"a_%*"', ["a_%lit"]),
+        ('email:"a*"', ["ada-admin", "ada-disabled", "a_%lit"]),
+        ('email = "BOTH@{domain}"', ["both"]),
+        ('email:"ada-admin@{domain}"', ["ada-admin"]),
+        ("create_time > {t1}", ["bob-service", "both", "a_%lit", "x-ada-admin"]),
+        ("create_time >= {t1}", ["ada-disabled", "bob-service", "both", "a_%lit", "x-ada-admin"]),
+        ("create_time < {t1}", ["ada-admin"]),
+        ("create_time <= {t1}", ["ada-admin", "ada-disabled"]),
+        ('roles:admin AND state = ACTIVE AND email:"ada*"', ["ada-admin"]),
+    ],
+)
+async def test_every_filter_term_selects_alike(
+    stores: UnitOfWorkFactory, source: str, expected: list[str]
+) -> None:
+    day = _day_of_its_own()
+    domain = f"{uuid.uuid4().hex[:10]}.example"
+    specs = [
+        ("ada-admin", ("admin",), UserState.ACTIVE),
+        ("ada-disabled", (), UserState.DISABLED),
+        ("bob-service", ("service",), UserState.ACTIVE),
+        ("both", ("admin", "service"), UserState.ACTIVE),
+        ("a_%lit", (), UserState.ACTIVE),
+        ("x-ada-admin", ("service",), UserState.DISABLED),
+    ]
+    made = {
+        name: new_user(
+            email=f"{name}@{domain}",
+            roles=roles,
+            state=state,
+            create_time=day + timedelta(seconds=n),
+        )
+        for n, (name, roles, state) in enumerate(specs)
+    }
+    # And one just before the day, which the bounds below leave out.
+    await add(stores, *made.values(), new_user(create_time=day - timedelta(microseconds=1)))
+    t1 = (day + timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+    day_end = (day + timedelta(days=1)).isoformat().replace("+00:00", "Z")
+    where = parse_filter(
+        " AND ".join(
+            part
+            for part in (
+                source.format(t1=t1, domain=domain),
+                f"create_time >= {day.isoformat()}",
+                f"create_time < {day_end}",
+            )
+            if part
+        )
+    )
+    names = {u.id: name for name, u in made.items()}
+    async with stores(write=False) as tx:
+        listed = await tx.users.list(limit=50, after=None, where=where)
+        count = await tx.users.count(where=where)
+    got = [names.get(u.id, u.email) for u in listed]
+    assert sorted(got) == sorted(expected)
+    # Newest first, as always.
+    assert got == [n for n in reversed([s[0] for s in specs]) if n in expected]
+    assert count == len(expected)

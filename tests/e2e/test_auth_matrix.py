@@ -54,6 +54,7 @@ ALL_OK = row(OK, OK, OK, OK, OK)
 MATRIX: dict[str, dict[str, grpc.StatusCode]] = {
     "CreateUser": row(UNAUTH, DENIED, DENIED, OK, OK),
     "GetUser": row(UNAUTH, OK, DENIED, OK, OK),
+    "BatchGetUsers": row(UNAUTH, OK, DENIED, OK, OK),
     "ListUsers": row(UNAUTH, DENIED, DENIED, OK, OK),
     "UpdateUser:name": row(UNAUTH, OK, DENIED, DENIED, OK),
     "UpdateUser:email": row(UNAUTH, OK, DENIED, DENIED, OK),
@@ -103,6 +104,7 @@ def _request(
             email=unique_email("matrix-created"), name="Created", password=PASSWORD
         ),
         "GetUser": lambda: pb.GetUserRequest(id=target.id),
+        "BatchGetUsers": lambda: pb.BatchGetUsersRequest(ids=[target.id, target.id]),
         "ListUsers": lambda: pb.ListUsersRequest(page_size=1),
         "UpdateUser": lambda: pb.UpdateUserRequest(
             user={
@@ -180,6 +182,8 @@ def test_role_method_matrix(
         assert found == (1 if code == OK else 0)
     elif rpc == "GetUser" and code == OK:
         assert response.user.id == target.id
+    elif rpc == "BatchGetUsers" and code == OK:
+        assert [u.id for u in response.users] == [target.id, target.id]
     elif rpc == "ListUsers" and code == OK:
         assert response.total_size >= 1
     elif rpc in ("Login", "RefreshToken"):
@@ -237,6 +241,7 @@ def test_every_rpc_declares_the_policy_of_the_contract() -> None:
     admin, admin_service = frozenset({"admin"}), frozenset({"admin", "service"})
     assert policy("UserService/CreateUser") == MethodPolicy(False, admin_service, ())
     assert policy("UserService/GetUser") == MethodPolicy(False, admin_service, ("id",))
+    assert policy("UserService/BatchGetUsers") == MethodPolicy(False, admin_service, ("ids",))
     assert policy("UserService/ListUsers") == MethodPolicy(False, admin_service, ())
     assert policy("UserService/UpdateUser") == MethodPolicy(False, admin, ("user", "id"))
     assert policy("UserService/DeleteUser") == MethodPolicy(False, admin, ())
@@ -252,6 +257,7 @@ def test_every_rpc_declares_the_policy_of_the_contract() -> None:
     ("rpc", "request_for"),
     [
         ("GetUser", lambda uid: pb.GetUserRequest(id=uid)),
+        ("BatchGetUsers", lambda uid: pb.BatchGetUsersRequest(ids=[uid])),
         ("DeleteUser", lambda uid: pb.DeleteUserRequest(id=uid)),
         ("DisableUser", lambda uid: pb.DisableUserRequest(id=uid)),
         ("EnableUser", lambda uid: pb.EnableUserRequest(id=uid)),
@@ -287,7 +293,7 @@ def test_permission_is_decided_before_existence(
         details = failure_of(lambda r=request: call(r, metadata=bearer(bystander_token)))  # type: ignore[misc]
         assert details.code == DENIED, f"{rpc}({target!r}) as a plain user"
         assert details.reason == "PERMISSION_DENIED"
-    if rpc != "GetUser":  # the service role may read users, so it sees NOT_FOUND there
+    if rpc not in ("GetUser", "BatchGetUsers"):  # the service role may read users: NOT_FOUND
         assert code_of(lambda: call(request_for(missing), metadata=bearer(service_token))) == DENIED
     # The admin may: for the admin the same request is about existence.
     admin_call = getattr(users, rpc)

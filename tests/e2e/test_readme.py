@@ -101,6 +101,9 @@ def test_shell_examples(readme_server: ServerThread) -> None:
     assert "userservice.v1.UserService/GetUser" in out
     assert '"email": "ada@example.com"' in out
     assert '"name": "Ada King"' in out
+    # BatchGetUsers: the duplicate kept, the unknown id listed as missing
+    assert '["ada@example.com","ada@example.com",["00000000-0000-4000-8000-000000000000"]]' in out
+    assert "filtered: ada@example.com" in out
     assert "user.created" in out and "user.updated" in out
     assert '"fieldViolations"' in out and '"field": "password"' in out
     assert '"status": "SERVING"' in out

@@ -14,7 +14,7 @@ from sqlalchemy import MetaData, inspect
 
 from tests.conftest import BACKENDS
 from tests.support import sync_engine, throwaway_database, throwaway_sqlite
-from usersvc.adapters.tables import metadata
+from usersvc.adapters.tables import belongs_to, metadata
 from usersvc.migrate import downgrade, migrations_dir, upgrade
 
 
@@ -42,6 +42,7 @@ def schema_diff(url: str, target: MetaData = metadata) -> list[Any]:
                     "compare_type": True,
                     "compare_server_default": True,
                     "render_as_batch": conn.dialect.name == "sqlite",
+                    "include_object": lambda obj, *_: belongs_to(obj, conn.dialect.name),
                 },
             )
             diff: list[Any] = compare_metadata(context, target)

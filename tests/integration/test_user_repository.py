@@ -23,6 +23,7 @@ from usersvc.adapters.tables import users
 from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
 from usersvc.domain.errors import EmailTaken
 from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.user_filter import UserFilter
 
 FAR_FUTURE = datetime(2300, 1, 1, tzinfo=UTC)
 
@@ -386,7 +387,7 @@ async def test_list_is_newest_first_with_ties_broken_by_id_descending(
 
     expected = [newest, *sorted(tied, key=lambda u: u.id, reverse=True), *older]
     async with uow(write=False) as tx:
-        first_rows = await tx.users.list(limit=len(expected), after=None, email=None)
+        first_rows = await tx.users.list(limit=len(expected), after=None, where=UserFilter())
     assert [u.id for u in first_rows] == [u.id for u in expected]
     assert first_rows[1].create_time == t
 
@@ -405,7 +406,7 @@ async def test_list_after_a_cursor_continues_inside_a_tie(
     after: PageCursor | None = None
     async with uow(write=False) as tx:
         for _ in range(3):
-            page = await tx.users.list(limit=3, after=after, email=None)
+            page = await tx.users.list(limit=3, after=after, where=UserFilter())
             pages.append([u.id for u in page])
             after = PageCursor(create_time=page[-1].create_time, id=page[-1].id)
     ids = [u.id for u in expected]
@@ -418,11 +419,12 @@ async def test_list_and_count_filter_by_exact_email(uow: SqlUnitOfWorkFactory) -
     user, other = new_user(), new_user()
     await _insert(uow, user, other)
     async with uow(write=False) as tx:
-        found = await tx.users.list(limit=10, after=None, email=user.email)
+        found = await tx.users.list(limit=10, after=None, where=UserFilter(email=user.email))
         assert [u.id for u in found] == [user.id]
-        assert await tx.users.count(email=user.email) == 1
-        assert await tx.users.count(email=f"{uuid.uuid4().hex}@example.com") == 0
-        assert await tx.users.count(email=None) >= 2
+        assert await tx.users.count(where=UserFilter(email=user.email)) == 1
+        missing = UserFilter(email=f"{uuid.uuid4().hex}@example.com")
+        assert await tx.users.count(where=missing) == 0
+        assert await tx.users.count(where=UserFilter()) >= 2
 
 
 # --- engine ----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from usersvc.domain.records import (
     RefreshTokenRecord,
     RefreshTokenStatus,
 )
+from usersvc.domain.user_filter import UserFilter, matches
 from usersvc.services import ports
 
 # Columns an update may write (the SQL repository refuses anything else the same way).
@@ -128,8 +129,11 @@ class FakeUserRepository(_Writes):
     async def get_by_email(self, email: str) -> User | None:
         return next((u for u in self.db.users.values() if u.email == email), None)
 
-    async def count(self, *, email: str | None) -> int:
-        return sum(1 for u in self.db.users.values() if email is None or u.email == email)
+    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]:
+        return [self.db.users[i] for i in set(user_ids) if i in self.db.users]
+
+    async def count(self, *, where: UserFilter) -> int:
+        return sum(1 for u in self.db.users.values() if _matches(where, u))
 
     def _matching(
         self,
@@ -217,10 +221,10 @@ class FakeUserRepository(_Writes):
 
     # Last, because inside the class body the name `list` is this method from here on.
     async def list(
-        self, *, limit: int, after: PageCursor | None, email: str | None
+        self, *, limit: int, after: PageCursor | None, where: UserFilter
     ) -> Sequence[User]:
         found = sorted(
-            (u for u in self.db.users.values() if email is None or u.email == email),
+            (u for u in self.db.users.values() if _matches(where, u)),
             key=list_order_key,
             reverse=True,
         )
@@ -228,6 +232,16 @@ class FakeUserRepository(_Writes):
             bound = (after.create_time, after.id)
             found = [u for u in found if list_order_key(u) < bound]
         return found[:limit]
+
+
+def _matches(where: UserFilter, user: User) -> bool:
+    return matches(
+        where,
+        email=user.email,
+        roles=user.roles,
+        state=user.state,
+        create_time=user.create_time,
+    )
 
 
 class FakeOutboxRepository(_Writes):

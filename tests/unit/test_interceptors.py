@@ -267,6 +267,9 @@ POLICIES = {
     "/test.v1.Test/AdminOrSelf": MethodPolicy(
         public=False, roles=frozenset({ADMIN}), self_field=("user", "id")
     ),
+    "/test.v1.Test/AdminOrSelfBatch": MethodPolicy(
+        public=False, roles=frozenset({ADMIN}), self_field=("ids",)
+    ),
     "/test.v1.Test/Public": PUBLIC,
 }
 
@@ -331,6 +334,27 @@ async def test_the_user_itself_passes_by_the_self_field_and_nobody_else() -> Non
     )
     with pytest.raises(PermissionDenied):
         await _as("plain-token", "/test.v1.Test/AdminOrSelf", Request(uuid.uuid4()))
+
+
+class BatchRequest:
+    def __init__(self, *user_ids: uuid.UUID | str) -> None:
+        self.ids = [str(u) for u in user_ids]
+
+
+async def test_a_repeated_self_field_passes_only_when_every_entry_is_the_caller() -> None:
+    me = PLAIN_USER.user_id
+    method = "/test.v1.Test/AdminOrSelfBatch"
+    assert await _as("plain-token", method, BatchRequest(me)) == PLAIN_USER
+    assert await _as("plain-token", method, BatchRequest(me, me)) == PLAIN_USER
+    for request in (
+        BatchRequest(me, uuid.uuid4()),
+        BatchRequest(uuid.uuid4(), me),
+        BatchRequest(),
+        BatchRequest(me, "not-an-id"),
+    ):
+        with pytest.raises(PermissionDenied):
+            await _as("plain-token", method, request)
+    assert await _as("admin-token", method, BatchRequest(uuid.uuid4())) == ADMIN_USER
 
 
 async def test_a_method_without_a_policy_is_denied_even_to_an_admin() -> None:

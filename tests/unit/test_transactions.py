@@ -18,6 +18,7 @@ from usersvc.domain.errors import (
     StorageUnavailable,
 )
 from usersvc.domain.models import User, UserState
+from usersvc.domain.user_filter import UserFilter
 from usersvc.services import transactions
 from usersvc.services.ports import UnitOfWork
 from usersvc.services.transactions import BASE_DELAY_SECONDS, MAX_ATTEMPTS, in_transaction
@@ -193,7 +194,7 @@ async def test_a_read_only_body_gets_a_read_only_unit_of_work(
     uow: FakeUnitOfWorkFactory, sleep: FakeSleep
 ) -> None:
     async def read(tx: UnitOfWork) -> int:
-        return await tx.users.count(email=None)
+        return await tx.users.count(where=UserFilter())
 
     assert await in_transaction(uow, read, write=False, sleep=sleep) == 0
     assert not uow.last.write

@@ -35,7 +35,9 @@ class AccessPolicy(_message.Message):
     """Anyone may call, without a token."""
     self_field: _builtins.str
     """Dotted path of a request field holding a user id (such as "id" or "user.id"). A caller whose
-    own user id it is may call even without one of `roles`. Empty: no self access.
+    own user id it is may call even without one of `roles`. For a repeated field (such as
+    "ids"), every entry must be the caller's own id, and there must be at least one.
+    Empty: no self access.
     """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

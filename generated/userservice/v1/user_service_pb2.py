@@ -27,7 +27,7 @@ from userservice.v1 import options_pb2 as userservice_dot_v1_dot_options__pb2
 from userservice.v1 import user_pb2 as userservice_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!userservice/v1/user_service.proto\x12\x0euserservice.v1\x1a google/protobuf/field_mask.proto\x1a\x1cuserservice/v1/options.proto\x1a\x19userservice/v1/user.proto\"V\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"8\n\x12\x43reateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x0fGetUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"H\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\"e\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateUserRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"8\n\x12UpdateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"a\n\x15\x43hangePasswordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_password\x18\x02 \x01(\t\x12\x14\n\x0cnew_password\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"<\n\x16\x43hangePasswordResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\".\n\x12\x44isableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"9\n\x13\x44isableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x45nableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12\x45nableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"P\n\x16ListAuditEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x17ListAuditEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.userservice.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xbd\x07\n\x0bUserService\x12i\n\nCreateUser\x12!.userservice.v1.CreateUserRequest\x1a\".userservice.v1.CreateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12\x64\n\x07GetUser\x12\x1e.userservice.v1.GetUserRequest\x1a\x1f.userservice.v1.GetUserResponse\"\x18\x8a\xb5\x18\x14\x12\x05\x61\x64min\x12\x07service\x1a\x02id\x12\x66\n\tListUsers\x12 .userservice.v1.ListUsersRequest\x1a!.userservice.v1.ListUsersResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12i\n\nUpdateUser\x12!.userservice.v1.UpdateUserRequest\x1a\".userservice.v1.UpdateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x1a\x07user.id\x12`\n\nDeleteUser\x12!.userservice.v1.DeleteUserRequest\x1a\".userservice.v1.DeleteUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12p\n\x0e\x43hangePassword\x12%.userservice.v1.ChangePasswordRequest\x1a&.userservice.v1.ChangePasswordResponse\"\x0f\x8a\xb5\x18\x0b\x12\x05\x61\x64min\x1a\x02id\x12\x63\n\x0b\x44isableUser\x12\".userservice.v1.DisableUserRequest\x1a#.userservice.v1.DisableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12o\n\x0fListAuditEvents\x12&.userservice.v1.ListAuditEventsRequest\x1a\'.userservice.v1.ListAuditEventsResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nEnableUser\x12!.userservice.v1.EnableUserRequest\x1a\".userservice.v1.EnableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64minb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!userservice/v1/user_service.proto\x12\x0euserservice.v1\x1a google/protobuf/field_mask.proto\x1a\x1cuserservice/v1/options.proto\x1a\x19userservice/v1/user.proto\"V\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"8\n\x12\x43reateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x0fGetUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\":\n\x14\x42\x61tchGetUsersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"Q\n\x15\x42\x61tchGetUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"X\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"e\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateUserRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"8\n\x12UpdateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"a\n\x15\x43hangePasswordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_password\x18\x02 \x01(\t\x12\x14\n\x0cnew_password\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"<\n\x16\x43hangePasswordResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\".\n\x12\x44isableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"9\n\x13\x44isableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x45nableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12\x45nableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"P\n\x16ListAuditEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x17ListAuditEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.userservice.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb6\x08\n\x0bUserService\x12i\n\nCreateUser\x12!.userservice.v1.CreateUserRequest\x1a\".userservice.v1.CreateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12\x64\n\x07GetUser\x12\x1e.userservice.v1.GetUserRequest\x1a\x1f.userservice.v1.GetUserResponse\"\x18\x8a\xb5\x18\x14\x12\x05\x61\x64min\x12\x07service\x1a\x02id\x12w\n\rBatchGetUsers\x12$.userservice.v1.BatchGetUsersRequest\x1a%.userservice.v1.BatchGetUsersResponse\"\x19\x8a\xb5\x18\x15\x12\x05\x61\x64min\x12\x07service\x1a\x03ids\x12\x66\n\tListUsers\x12 .userservice.v1.ListUsersRequest\x1a!.userservice.v1.ListUsersResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12i\n\nUpdateUser\x12!.userservice.v1.UpdateUserRequest\x1a\".userservice.v1.UpdateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x1a\x07user.id\x12`\n\nDeleteUser\x12!.userservice.v1.DeleteUserRequest\x1a\".userservice.v1.DeleteUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12p\n\x0e\x43hangePassword\x12%.userservice.v1.ChangePasswordRequest\x1a&.userservice.v1.ChangePasswordResponse\"\x0f\x8a\xb5\x18\x0b\x12\x05\x61\x64min\x1a\x02id\x12\x63\n\x0b\x44isableUser\x12\".userservice.v1.DisableUserRequest\x1a#.userservice.v1.DisableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12o\n\x0fListAuditEvents\x12&.userservice.v1.ListAuditEventsRequest\x1a\'.userservice.v1.ListAuditEventsResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nEnableUser\x12!.userservice.v1.EnableUserRequest\x1a\".userservice.v1.EnableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64minb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\212\265\030\020\022\005admin\022\007service'
   _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['GetUser']._serialized_options = b'\212\265\030\024\022\005admin\022\007service\032\002id'
+  _globals['_USERSERVICE'].methods_by_name['BatchGetUsers']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['BatchGetUsers']._serialized_options = b'\212\265\030\025\022\005admin\022\007service\032\003ids'
   _globals['_USERSERVICE'].methods_by_name['ListUsers']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['ListUsers']._serialized_options = b'\212\265\030\020\022\005admin\022\007service'
   _globals['_USERSERVICE'].methods_by_name['UpdateUser']._loaded_options = None
@@ -60,34 +62,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSERREQUEST']._serialized_end=318
   _globals['_GETUSERRESPONSE']._serialized_start=320
   _globals['_GETUSERRESPONSE']._serialized_end=373
-  _globals['_LISTUSERSREQUEST']._serialized_start=375
-  _globals['_LISTUSERSREQUEST']._serialized_end=447
-  _globals['_LISTUSERSRESPONSE']._serialized_start=449
-  _globals['_LISTUSERSRESPONSE']._serialized_end=550
-  _globals['_UPDATEUSERREQUEST']._serialized_start=552
-  _globals['_UPDATEUSERREQUEST']._serialized_end=656
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=658
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=714
-  _globals['_DELETEUSERREQUEST']._serialized_start=716
-  _globals['_DELETEUSERREQUEST']._serialized_end=761
-  _globals['_DELETEUSERRESPONSE']._serialized_start=763
-  _globals['_DELETEUSERRESPONSE']._serialized_end=783
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=785
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=882
-  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=884
-  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=944
-  _globals['_DISABLEUSERREQUEST']._serialized_start=946
-  _globals['_DISABLEUSERREQUEST']._serialized_end=992
-  _globals['_DISABLEUSERRESPONSE']._serialized_start=994
-  _globals['_DISABLEUSERRESPONSE']._serialized_end=1051
-  _globals['_ENABLEUSERREQUEST']._serialized_start=1053
-  _globals['_ENABLEUSERREQUEST']._serialized_end=1098
-  _globals['_ENABLEUSERRESPONSE']._serialized_start=1100
-  _globals['_ENABLEUSERRESPONSE']._serialized_end=1156
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1158
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1238
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1240
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1334
-  _globals['_USERSERVICE']._serialized_start=1337
-  _globals['_USERSERVICE']._serialized_end=2294
+  _globals['_BATCHGETUSERSREQUEST']._serialized_start=375
+  _globals['_BATCHGETUSERSREQUEST']._serialized_end=433
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_start=435
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_end=516
+  _globals['_LISTUSERSREQUEST']._serialized_start=518
+  _globals['_LISTUSERSREQUEST']._serialized_end=606
+  _globals['_LISTUSERSRESPONSE']._serialized_start=608
+  _globals['_LISTUSERSRESPONSE']._serialized_end=709
+  _globals['_UPDATEUSERREQUEST']._serialized_start=711
+  _globals['_UPDATEUSERREQUEST']._serialized_end=815
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=817
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=873
+  _globals['_DELETEUSERREQUEST']._serialized_start=875
+  _globals['_DELETEUSERREQUEST']._serialized_end=920
+  _globals['_DELETEUSERRESPONSE']._serialized_start=922
+  _globals['_DELETEUSERRESPONSE']._serialized_end=942
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=944
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=1041
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=1043
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=1103
+  _globals['_DISABLEUSERREQUEST']._serialized_start=1105
+  _globals['_DISABLEUSERREQUEST']._serialized_end=1151
+  _globals['_DISABLEUSERRESPONSE']._serialized_start=1153
+  _globals['_DISABLEUSERRESPONSE']._serialized_end=1210
+  _globals['_ENABLEUSERREQUEST']._serialized_start=1212
+  _globals['_ENABLEUSERREQUEST']._serialized_end=1257
+  _globals['_ENABLEUSERRESPONSE']._serialized_start=1259
+  _globals['_ENABLEUSERRESPONSE']._serialized_end=1315
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1317
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1397
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1399
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1493
+  _globals['_USERSERVICE']._serialized_start=1496
+  _globals['_USERSERVICE']._serialized_end=2574
 # @@protoc_insertion_point(module_scope)

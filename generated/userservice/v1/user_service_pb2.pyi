@@ -135,6 +135,74 @@ class GetUserResponse(_message.Message):
 Global___GetUserResponse: _TypeAlias = GetUserResponse  # noqa: Y015
 
 @_typing.final
+class BatchGetUsersRequest(_message.Message):
+    """Request of BatchGetUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    ALLOW_MISSING_FIELD_NUMBER: _builtins.int
+    allow_missing: _builtins.bool
+    """Leave users that do not exist out of the answer, and list their ids in missing_ids,
+    instead of failing the call with NOT_FOUND.
+    """
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of the users, UUID strings, at most 1,000 (more: INVALID_ARGUMENT naming the limit).
+        Duplicates are allowed and answered once per occurrence. A malformed entry gives
+        INVALID_ARGUMENT with a field violation "ids[<index>]"; an unknown one NOT_FOUND unless
+        allow_missing is set.
+        """
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        allow_missing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetUsersRequest: _TypeAlias = BatchGetUsersRequest  # noqa: Y015
+
+@_typing.final
+class BatchGetUsersResponse(_message.Message):
+    """Response of BatchGetUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    MISSING_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[_user_pb2.User]:
+        """The users, in the order of the request's ids, one per id (duplicates included); with
+        allow_missing, the ids that match no user are skipped.
+        """
+
+    @_builtins.property
+    def missing_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With allow_missing: the requested ids that match no user, each once, in request order,
+        in canonical (lower-case) form. Empty otherwise.
+        """
+
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[_user_pb2.User] | None = ...,
+        missing_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_ids", b"missing_ids", "users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGetUsersResponse: _TypeAlias = BatchGetUsersResponse  # noqa: Y015
+
+@_typing.final
 class ListUsersRequest(_message.Message):
     """Request of ListUsers."""
 
@@ -143,6 +211,7 @@ class ListUsersRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Largest number of users to return. 0 means 50; values above 100 are coerced to 100;
     negative values give INVALID_ARGUMENT.
@@ -154,7 +223,21 @@ class ListUsersRequest(_message.Message):
     """
     email: _builtins.str
     """Optional exact e-mail filter, normalised like CreateUserRequest.email. Empty: no filter.
-    At most 254 characters, else INVALID_ARGUMENT.
+    At most 254 characters, else INVALID_ARGUMENT. The same as `email = "..."` in filter;
+    when both are set, a user must match both.
+    """
+    filter: _builtins.str
+    """Optional filter (AIP-160 subset), at most 1,024 characters. Terms joined with AND:
+      state = ACTIVE | DISABLED          (also "state:", and USER_STATE_ACTIVE etc.)
+      roles:"admin"                      the user holds the role ("admin" or "service")
+      email:"ada*"                       e-mail prefix (a value without "*" is exact),
+                                         normalised like CreateUserRequest.email
+      create_time >= "2026-01-01T00:00:00Z"   also >, <, <=; RFC 3339 with a time zone
+    Values may be quoted ("...", with \\" and \\\\ escapes) or bare. Example:
+      state = ACTIVE AND roles:"service" AND create_time < "2026-06-01T00:00:00Z"
+    Anything else (OR, NOT, parentheses, other fields or operators, bad values) gives
+    INVALID_ARGUMENT whose field violation names the 1-based character position. Page tokens
+    are bound to the filter: a token issued for another filter gives INVALID_ARGUMENT.
     """
     def __init__(
         self,
@@ -162,10 +245,11 @@ class ListUsersRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         email: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,6 +50,11 @@ class UserServiceStub:
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.GetUserRequest.SerializeToString,
                 response_deserializer=userservice_dot_v1_dot_user__service__pb2.GetUserResponse.FromString,
                 _registered_method=True)
+        self.BatchGetUsers = channel.unary_unary(
+                '/userservice.v1.UserService/BatchGetUsers',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.BatchGetUsersRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.BatchGetUsersResponse.FromString,
+                _registered_method=True)
         self.ListUsers = channel.unary_unary(
                 '/userservice.v1.UserService/ListUsers',
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.ListUsersRequest.SerializeToString,
@@ -107,6 +112,18 @@ class UserServiceServicer:
     def GetUser(self, request, context):
         """Returns one user. Callers: admin, service, the user itself.
         Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGetUsers(self, request, context):
+        """Returns many users in one call (AIP-231), in the order of the request's ids, duplicates
+        included; one database read whatever the number of ids. Callers: admin, service; any other
+        caller only for itself (every id its own, else PERMISSION_DENIED). Errors:
+        INVALID_ARGUMENT (more than 1,000 ids; malformed ids, one field violation per bad entry
+        such as "ids[3]", the first 9 listed and the rest counted), NOT_FOUND (some ids match no user and
+        allow_missing is false; the message names the first 10 of them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,6 +203,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.GetUser,
                     request_deserializer=userservice_dot_v1_dot_user__service__pb2.GetUserRequest.FromString,
                     response_serializer=userservice_dot_v1_dot_user__service__pb2.GetUserResponse.SerializeToString,
+            ),
+            'BatchGetUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGetUsers,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.BatchGetUsersRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.BatchGetUsersResponse.SerializeToString,
             ),
             'ListUsers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsers,
@@ -283,6 +305,33 @@ class UserService:
             '/userservice.v1.UserService/GetUser',
             userservice_dot_v1_dot_user__service__pb2.GetUserRequest.SerializeToString,
             userservice_dot_v1_dot_user__service__pb2.GetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGetUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/BatchGetUsers',
+            userservice_dot_v1_dot_user__service__pb2.BatchGetUsersRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.BatchGetUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,14 @@ class UserServiceStub:
     """Returns one user. Callers: admin, service, the user itself.
     Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
     """
+    BatchGetUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.BatchGetUsersRequest, _user_service_pb2.BatchGetUsersResponse]
+    """Returns many users in one call (AIP-231), in the order of the request's ids, duplicates
+    included; one database read whatever the number of ids. Callers: admin, service; any other
+    caller only for itself (every id its own, else PERMISSION_DENIED). Errors:
+    INVALID_ARGUMENT (more than 1,000 ids; malformed ids, one field violation per bad entry
+    such as "ids[3]", the first 9 listed and the rest counted), NOT_FOUND (some ids match no user and
+    allow_missing is false; the message names the first 10 of them).
+    """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]
     """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
     Errors: INVALID_ARGUMENT (negative page_size, bad page_token, bad filter).
@@ -100,6 +108,14 @@ class UserServiceAsyncStub(UserServiceStub):
     GetUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]  # type: ignore[assignment]
     """Returns one user. Callers: admin, service, the user itself.
     Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
+    """
+    BatchGetUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.BatchGetUsersRequest, _user_service_pb2.BatchGetUsersResponse]  # type: ignore[assignment]
+    """Returns many users in one call (AIP-231), in the order of the request's ids, duplicates
+    included; one database read whatever the number of ids. Callers: admin, service; any other
+    caller only for itself (every id its own, else PERMISSION_DENIED). Errors:
+    INVALID_ARGUMENT (more than 1,000 ids; malformed ids, one field violation per bad entry
+    such as "ids[3]", the first 9 listed and the rest counted), NOT_FOUND (some ids match no user and
+    allow_missing is false; the message names the first 10 of them).
     """
     ListUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]  # type: ignore[assignment]
     """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
@@ -163,6 +179,20 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.GetUserResponse, _abc.Awaitable[_user_service_pb2.GetUserResponse]]:
         """Returns one user. Callers: admin, service, the user itself.
         Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchGetUsers(
+        self,
+        request: _user_service_pb2.BatchGetUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.BatchGetUsersResponse, _abc.Awaitable[_user_service_pb2.BatchGetUsersResponse]]:
+        """Returns many users in one call (AIP-231), in the order of the request's ids, duplicates
+        included; one database read whatever the number of ids. Callers: admin, service; any other
+        caller only for itself (every id its own, else PERMISSION_DENIED). Errors:
+        INVALID_ARGUMENT (more than 1,000 ids; malformed ids, one field violation per bad entry
+        such as "ids[3]", the first 9 listed and the rest counted), NOT_FOUND (some ids match no user and
+        allow_missing is false; the message names the first 10 of them).
         """
 
     @_abc_1.abstractmethod

@@ -82,10 +82,43 @@ users = Table(
     # Unicode TS #39 skeleton of the e-mail: look-alike addresses cannot coexist. NULL only
     # for accounts older than the rule whose address collided with an even older one.
     Column("email_skeleton", String(1024), nullable=True),
-    # The list order (newest first, id as tiebreaker) served by one index scan.
+    # The list order (newest first, id as tiebreaker) served by one index scan; also the
+    # create_time bounds of ListUsers.filter.
     Index("ix_users_create_time_id", "create_time", "id"),
     Index("ix_users_email_skeleton", "email_skeleton", unique=True),
+    # filter `state = ...` in list order.
+    Index("ix_users_state_create_time_id", "state", "create_time", "id"),
 )
+
+
+def _postgresql_only(index: Index) -> Index:
+    """An index PostgreSQL has and SQLite does not (migration 0007 creates it there only)."""
+    index.info["dialect"] = "postgresql"
+    return index.ddl_if(dialect="postgresql")
+
+
+# filter `roles:"admin"`: jsonb containment (roles @> '["admin"]') through a GIN index.
+_postgresql_only(
+    Index(
+        "ix_users_roles",
+        users.c.roles,
+        postgresql_using="gin",
+        postgresql_ops={"roles": "jsonb_path_ops"},
+    )
+)
+# filter `email:"ada*"`: LIKE 'ada%' needs pattern ops under a non-C collation.
+_postgresql_only(
+    Index("ix_users_email_prefix", users.c.email, postgresql_ops={"email": "varchar_pattern_ops"})
+)
+
+
+def belongs_to(obj: object, dialect: str) -> bool:
+    """Whether a schema object exists on `dialect` (for comparing the migrations with these
+    tables: an index declared for PostgreSQL only is no difference on SQLite)."""
+    info = getattr(obj, "info", None) or {}
+    wanted = info.get("dialect")
+    return wanted is None or wanted == dialect
+
 
 # Transactional outbox: written in the same transaction as the change it announces, delivered
 # later by the dispatcher. Rows are claimed with a lease (claimed_until) so a crashed

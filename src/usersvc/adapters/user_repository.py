@@ -3,34 +3,50 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Row,
+    Select,
+    Uuid,
     and_,
+    any_,
     bindparam,
     case,
     delete,
+    exists,
+    false,
     func,
     insert,
+    literal,
     or_,
     select,
     tuple_,
+    type_coerce,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.tables import users
 from usersvc.domain.errors import EmailLookalike, EmailTaken
 from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.user_filter import UserFilter
 from usersvc.domain.validation import email_skeleton
 
 # Statements built once; SQLAlchemy caches their compiled form.
 _GET_BY_ID = select(users).where(users.c.id == bindparam("id"))
 # Row lock on PostgreSQL; SQLite's write transactions are already exclusive (BEGIN IMMEDIATE).
 _GET_BY_ID_FOR_UPDATE = _GET_BY_ID.with_for_update()
+# One array parameter on PostgreSQL: a short statement the driver parses once and caches,
+# where IN (...) would render and parse one placeholder per id on every call.
+_GET_MANY_POSTGRESQL = select(users).where(
+    users.c.id == any_(bindparam("ids", type_=ARRAY(Uuid())))
+)
+_GET_MANY = select(users).where(users.c.id.in_(bindparam("ids", expanding=True)))
 _GET_BY_EMAIL = select(users).where(users.c.email == bindparam("email"))
 _GET_BY_SKELETON = (
     select(users.c.id, users.c.email)
@@ -43,6 +59,61 @@ _ORDER = (users.c.create_time.desc(), users.c.id.desc())
 
 # Columns an update may write; anything else is a programming error, never request data.
 WRITABLE_COLUMNS = frozenset({"email", "name", "password_hash", "roles", "state", "update_time"})
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching values that start with `prefix` taken literally."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+def filter_conditions(where: UserFilter, dialect: str) -> list[ColumnElement[bool]]:
+    """The filter as SQL conditions; every value a bound parameter.
+
+    Each condition is one an index serves on PostgreSQL (migration 0007): state with the
+    list order, roles by the GIN index (jsonb containment), e-mail prefixes by the pattern
+    index, create_time bounds by the list-order index.
+    """
+    if where.impossible:
+        return [false()]
+    conditions: list[ColumnElement[bool]] = []
+    for state in sorted(s.value for s in where.states):
+        conditions.append(users.c.state == state)
+    for role in sorted(where.roles):
+        if dialect == "postgresql":
+            conditions.append(type_coerce(users.c.roles, JSONB).contains([role]))
+        else:
+            each = func.json_each(users.c.roles).table_valued("value")
+            conditions.append(exists().where(each.c.value == literal(role)))
+    if where.email is not None:
+        conditions.append(users.c.email == where.email)
+    for prefix in sorted(where.email_prefixes):
+        conditions.append(users.c.email.like(_like_prefix(prefix), escape="\\"))
+    for bound in where.create_after:
+        conditions.append(
+            users.c.create_time >= bound.value
+            if bound.inclusive
+            else users.c.create_time > bound.value
+        )
+    for bound in where.create_before:
+        conditions.append(
+            users.c.create_time <= bound.value
+            if bound.inclusive
+            else users.c.create_time < bound.value
+        )
+    return conditions
+
+
+def list_statement(
+    *, limit: int, after: PageCursor | None, where: UserFilter, dialect: str
+) -> Select[Any]:
+    """One page of the list: the filter, strictly after the cursor, in list order."""
+    stmt = select(users).where(*filter_conditions(where, dialect)).order_by(*_ORDER).limit(limit)
+    if after is not None:
+        stmt = stmt.where(
+            tuple_(users.c.create_time, users.c.id) < tuple_(after.create_time, after.id)
+        )
+    return stmt
 
 
 def _to_user(row: Row[Any]) -> User:
@@ -68,6 +139,7 @@ class UserRepository:
 
     def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
+        self._dialect = conn.dialect.name
 
     async def _refuse_lookalike(self, email: str, skeleton: str, user_id: uuid.UUID) -> None:
         """EmailTaken or EmailLookalike if another user's address has this skeleton. The
@@ -107,24 +179,27 @@ class UserRepository:
         row = (await self._conn.execute(_GET_BY_EMAIL, {"email": email})).first()
         return _to_user(row) if row is not None else None
 
+    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]:
+        """The users among `user_ids` that exist, in no particular order; one statement."""
+        if not user_ids:
+            return []
+        stmt = _GET_MANY_POSTGRESQL if self._dialect == "postgresql" else _GET_MANY
+        rows = (await self._conn.execute(stmt, {"ids": list(user_ids)})).all()
+        return [_to_user(r) for r in rows]
+
     async def list(
-        self, *, limit: int, after: PageCursor | None, email: str | None
+        self, *, limit: int, after: PageCursor | None, where: UserFilter
     ) -> Sequence[User]:
-        """Up to `limit` users in list order, strictly after `after` (keyset, no OFFSET)."""
-        stmt = select(users).order_by(*_ORDER).limit(limit)
-        if email is not None:
-            stmt = stmt.where(users.c.email == email)
-        if after is not None:
-            stmt = stmt.where(
-                tuple_(users.c.create_time, users.c.id) < tuple_(after.create_time, after.id)
-            )
+        """Up to `limit` users matching `where` in list order, strictly after `after`
+        (keyset, no OFFSET)."""
+        stmt = list_statement(limit=limit, after=after, where=where, dialect=self._dialect)
         rows = (await self._conn.execute(stmt)).all()
         return [_to_user(r) for r in rows]
 
-    async def count(self, *, email: str | None) -> int:
-        stmt = select(func.count()).select_from(users)
-        if email is not None:
-            stmt = stmt.where(users.c.email == email)
+    async def count(self, *, where: UserFilter) -> int:
+        stmt = (
+            select(func.count()).select_from(users).where(*filter_conditions(where, self._dialect))
+        )
         return int((await self._conn.execute(stmt)).scalar_one())
 
     async def update(

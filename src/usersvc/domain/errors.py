@@ -50,6 +50,18 @@ class UserNotFound(NotFound):
         super().__init__(f"user {user_id} not found")
 
 
+class UsersNotFound(NotFound):
+    """Some ids of a batch matched no user; the first `limit` are named, the rest counted."""
+
+    reason = "USER_NOT_FOUND"
+
+    def __init__(self, user_ids: list[str], *, limit: int) -> None:
+        named = ", ".join(user_ids[:limit])
+        more = f" and {len(user_ids) - limit} more" if len(user_ids) > limit else ""
+        super().__init__(f"users not found: {named}{more}")
+        self.user_ids = user_ids
+
+
 class AlreadyExists(DomainError):
     reason = "ALREADY_EXISTS"
 

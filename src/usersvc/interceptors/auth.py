@@ -124,7 +124,10 @@ class AuthInterceptor(UnaryWrappingInterceptor):
 
 
 def _is_self(request: Any, path: tuple[str, ...], user_id: uuid.UUID) -> bool:
+    """The field holds the caller's id; a repeated field, only the caller's id, at least once."""
+    value = _field(request, path)
+    values = [value] if isinstance(value, str) else list(value)
     try:
-        return uuid.UUID(str(_field(request, path))) == user_id
+        return bool(values) and all(uuid.UUID(str(v)) == user_id for v in values)
     except ValueError:
         return False

@@ -20,11 +20,14 @@ from google.protobuf.message import Message
 
 from usersvc.domain.errors import FieldViolation, ValidationFailed
 from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+from usersvc.services.users import BATCH_GET_MAX
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 EDGE_SPACE = " \t\r\n"
 MAX_STRING_CHARS = 1024
 MAX_REPEATED = 16
+# Repeated fields whose contract allows more entries than MAX_REPEATED, by full field name.
+REPEATED_LIMITS: Mapping[str, int] = {"userservice.v1.BatchGetUsersRequest.ids": BATCH_GET_MAX}
 # google.protobuf.FieldMask paths name fields; no field of ours is longer than this.
 MAX_MASK_PATH_CHARS = 64
 FIELD_MASK = "google.protobuf.FieldMask"
@@ -38,6 +41,7 @@ class _Field:
     name: str
     repeated: bool
     max_chars: int
+    max_entries: int
     # For message fields: the plan of the nested message; None for strings.
     nested: tuple[_Field, ...] | None
 
@@ -50,14 +54,15 @@ def _plan(descriptor: Any, depth: int = 0) -> tuple[_Field, ...]:
     max_chars = MAX_MASK_PATH_CHARS if descriptor.full_name == FIELD_MASK else MAX_STRING_CHARS
     for field in descriptor.fields:
         repeated = field.is_repeated
+        max_entries = REPEATED_LIMITS.get(field.full_name, MAX_REPEATED)
         if field.type == FieldDescriptor.TYPE_STRING:
-            fields.append(_Field(field.name, repeated, max_chars, None))
+            fields.append(_Field(field.name, repeated, max_chars, max_entries, None))
         elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
             if field.message_type.GetOptions().map_entry:
                 continue  # no request of ours has map fields
             nested = _plan(field.message_type, depth + 1)
             if nested or repeated:
-                fields.append(_Field(field.name, repeated, max_chars, nested))
+                fields.append(_Field(field.name, repeated, max_chars, max_entries, nested))
     return tuple(fields)
 
 
@@ -78,10 +83,10 @@ def _walk(
         if field.nested is None:
             if field.repeated:
                 values = getattr(message, field.name)
-                if len(values) > MAX_REPEATED:
+                if len(values) > field.max_entries:
                     out.append(
                         FieldViolation(
-                            path, f"must have at most {MAX_REPEATED} entries", "TOO_MANY"
+                            path, f"must have at most {field.max_entries} entries", "TOO_MANY"
                         )
                     )
                     continue
@@ -91,9 +96,11 @@ def _walk(
                 _check_string(getattr(message, field.name), path, field.max_chars, out)
         elif field.repeated:
             items = getattr(message, field.name)
-            if len(items) > MAX_REPEATED:
+            if len(items) > field.max_entries:
                 out.append(
-                    FieldViolation(path, f"must have at most {MAX_REPEATED} entries", "TOO_MANY")
+                    FieldViolation(
+                        path, f"must have at most {field.max_entries} entries", "TOO_MANY"
+                    )
                 )
                 continue
             for i, item in enumerate(items):

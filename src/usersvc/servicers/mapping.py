@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -15,10 +17,15 @@ _STATE = {
 }
 
 
-def timestamp(value: object) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value)  # type: ignore[arg-type]
-    return ts
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def timestamp(value: datetime) -> Timestamp:
+    """A timezone-aware datetime as a Timestamp, by integer arithmetic: Timestamp.FromDatetime
+    costs several times as much, twice per user of every list and batch."""
+    seconds, micros = divmod((value - _EPOCH) // _MICROSECOND, 1_000_000)
+    return Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
 def user_to_proto(user: UserView) -> user_pb2.User:

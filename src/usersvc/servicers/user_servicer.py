@@ -37,11 +37,27 @@ class UserServicer(pb_grpc.UserServiceServicer):
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
         return pb.GetUserResponse(user=user_to_proto(await self._users.get_user(request.id)))
 
+    async def BatchGetUsers(
+        self, request: pb.BatchGetUsersRequest, context: Context
+    ) -> pb.BatchGetUsersResponse:
+        result = await self._users.batch_get_users(
+            ctx=_request_context(),
+            user_ids=list(request.ids),
+            allow_missing=request.allow_missing,
+        )
+        return pb.BatchGetUsersResponse(
+            users=[user_to_proto(u) for u in result.users],
+            missing_ids=[str(u) for u in result.missing_ids],
+        )
+
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: Context
     ) -> pb.ListUsersResponse:
         result = await self._users.list_users(
-            page_size=request.page_size, page_token=request.page_token, email=request.email
+            page_size=request.page_size,
+            page_token=request.page_token,
+            email=request.email,
+            filter=request.filter,
         )
         return pb.ListUsersResponse(
             users=[user_to_proto(u) for u in result.users],

@@ -16,6 +16,7 @@ from usersvc.domain.audit import AuditEvent
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.models import PageCursor, User, UserState
 from usersvc.domain.records import ClaimedOutboxMessage, IdempotencyRecord, RefreshTokenRecord
+from usersvc.domain.user_filter import UserFilter
 
 
 class Clock(Protocol):
@@ -36,12 +37,16 @@ class UserStore(Protocol):
 
     async def get_by_email(self, email: str) -> User | None: ...
 
-    async def list(
-        self, *, limit: int, after: PageCursor | None, email: str | None
-    ) -> Sequence[User]:
-        """Up to `limit` users in list order, strictly after `after`."""
+    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]:
+        """The users among `user_ids` that exist, in any order; one round trip."""
 
-    async def count(self, *, email: str | None) -> int: ...
+    async def list(
+        self, *, limit: int, after: PageCursor | None, where: UserFilter
+    ) -> Sequence[User]:
+        """Up to `limit` users matching `where` in list order, strictly after `after`."""
+
+    async def count(self, *, where: UserFilter) -> int:
+        """How many users match `where`."""
 
     async def update(
         self,

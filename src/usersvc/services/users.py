@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -11,7 +12,7 @@ from typing import Any
 
 from usersvc.domain import audit
 from usersvc.domain.audit import AuditEvent, redact
-from usersvc.domain.auth import SYSTEM, RequestContext
+from usersvc.domain.auth import ADMIN, SERVICE, SYSTEM, RequestContext
 from usersvc.domain.errors import (
     DuplicateRequest,
     EtagMismatch,
@@ -19,6 +20,7 @@ from usersvc.domain.errors import (
     FieldViolation,
     PermissionDenied,
     UserNotFound,
+    UsersNotFound,
     ValidationFailed,
 )
 from usersvc.domain.events import TOPIC_USER_CREATED, OutboxMessage
@@ -32,6 +34,7 @@ from usersvc.domain.models import (
     version_of_etag,
 )
 from usersvc.domain.update_mask import ADMIN_ONLY_PATHS, parse_update_mask
+from usersvc.domain.user_filter import FilterSyntaxError, UserFilter, parse_filter
 from usersvc.domain.validation import (
     EMAIL_MAX,
     check_email,
@@ -63,12 +66,33 @@ class ListUsersResult:
     total_size: int
 
 
+@dataclass(frozen=True, slots=True)
+class BatchGetUsersResult:
+    """The users in request order (duplicates included) and, with allow_missing, the ids
+    that matched no user, each once, in request order."""
+
+    users: Sequence[UserView]
+    missing_ids: Sequence[uuid.UUID]
+
+
+# AIP-231: a batch is bounded; more ids than this is INVALID_ARGUMENT.
+BATCH_GET_MAX = 1000
+# Missing ids named in one NOT_FOUND; the rest are counted.
+REPORTED_IDS_MAX = 10
+# Malformed ids given a violation each; one more violation counts the rest, so that the
+# answer stays within the error mapping's ten violations.
+REPORTED_MALFORMED_MAX = 9
+
+
 def require_user_id(raw: str, field: str = "id") -> uuid.UUID:
     user_id, violation = parse_user_id(raw, field)
     if violation is not None or user_id is None:
         raise ValidationFailed([violation or FieldViolation(field, "id must be a UUID")])
     return user_id
 
+
+# Roles that may read any user (GetUser, BatchGetUsers); others read only themselves.
+READ_ANY_ROLES = frozenset({ADMIN, SERVICE})
 
 # The operator tooling acting on its own authority, outside any request.
 OPERATOR = RequestContext(SYSTEM)
@@ -251,28 +275,99 @@ class UserService:
             user = await uow.users.get_by_email(normalize_email(email))
         return user.view() if user is not None else None
 
-    async def list_users(self, *, page_size: int, page_token: str, email: str) -> ListUsersResult:
-        """One page, newest first, with a token for the next page (empty at the end)."""
+    async def batch_get_users(
+        self, *, ctx: RequestContext, user_ids: Sequence[str], allow_missing: bool = False
+    ) -> BatchGetUsersResult:
+        """The users with these ids, in request order, duplicates included; one read.
+
+        At most BATCH_GET_MAX ids; one violation per malformed id (`ids[3]`), the first
+        REPORTED_MALFORMED_MAX named and the rest counted. Unknown ids: UsersNotFound naming
+        them, unless `allow_missing`, which leaves them out and returns them in `missing_ids`.
+        A caller without admin or service role may ask only for itself (every id its own).
+        """
+        if len(user_ids) > BATCH_GET_MAX:
+            raise ValidationFailed(
+                [
+                    FieldViolation(
+                        "ids",
+                        f"at most {BATCH_GET_MAX} ids per call, got {len(user_ids)}",
+                        "TOO_MANY",
+                    )
+                ]
+            )
+        parsed: list[uuid.UUID] = []
+        violations: list[FieldViolation] = []
+        malformed = 0
+        for index, raw in enumerate(user_ids):
+            uid, violation = parse_user_id(raw, f"ids[{index}]")
+            if uid is not None:
+                parsed.append(uid)
+                continue
+            malformed += 1
+            if violation is not None and len(violations) < REPORTED_MALFORMED_MAX:
+                violations.append(violation)
+        if malformed > len(violations):
+            violations.append(
+                FieldViolation(
+                    "ids",
+                    f"{malformed - len(violations)} more malformed ids not listed",
+                    "INVALID_FORMAT",
+                )
+            )
+        if violations:
+            raise ValidationFailed(violations)
+        actor = ctx.actor
+        if not actor.roles & READ_ANY_ROLES and not all(actor.is_self(u) for u in parsed):
+            # The contract's policy already refuses this; the rule holds here on its own too.
+            raise PermissionDenied("a user may batch-get only itself")
+        async with self._uow(write=False) as uow:
+            found = {u.id: u.view() for u in await uow.users.get_many(set(parsed))}
+        missing = list(dict.fromkeys(u for u in parsed if u not in found))
+        if missing and not allow_missing:
+            raise UsersNotFound([str(u) for u in missing], limit=REPORTED_IDS_MAX)
+        return BatchGetUsersResult(
+            users=[found[u] for u in parsed if u in found], missing_ids=missing
+        )
+
+    async def list_users(
+        self, *, page_size: int, page_token: str, email: str, filter: str = ""
+    ) -> ListUsersResult:
+        """One page, newest first, with a token for the next page (empty at the end).
+
+        `filter` is the AIP-160 subset of domain.user_filter; `email` is an exact e-mail,
+        the same as `email = "..."` in the filter, and ANDed with it.
+        """
         violations: list[FieldViolation] = []
         email_filter = normalize_email(email) if email else None
         if email_filter is not None and len(email_filter) > EMAIL_MAX:
             violations.append(
                 FieldViolation("email", f"email must be at most {EMAIL_MAX} characters", "TOO_LONG")
             )
+        where = UserFilter()
+        try:
+            where = parse_filter(filter)
+        except FilterSyntaxError as err:
+            violations.append(err.violation())
+        if email_filter is not None:
+            where = _with_email(where, email_filter)
+        # Tokens of an unfiltered list keep the form they had before filters existed.
+        query = f"email={email_filter or ''}"
+        if filter.strip():
+            query += f";filter={where.canonical}"
         page_request = parse_page_request(
             self._page_tokens,
             page_size=page_size,
             page_token=page_token,
-            query=f"email={email_filter or ''}",
+            query=query,
             violations=violations,
         )
         if violations:
             raise ValidationFailed(violations)
         async with self._uow(write=False) as uow:
             rows = await uow.users.list(
-                limit=page_request.size + 1, after=page_request.cursor, email=email_filter
+                limit=page_request.size + 1, after=page_request.cursor, where=where
             )
-            total = await uow.users.count(email=email_filter)
+            total = await uow.users.count(where=where)
         page, next_token = cut_page(self._page_tokens, page_request, rows)
         return ListUsersResult(
             users=[u.view() for u in page], next_page_token=next_token, total_size=total
@@ -535,6 +630,13 @@ class UserService:
         version = version_of_etag(etag)
         # Never issued by us, so it cannot match any version; existence is still checked first.
         return -1 if version is None else version
+
+
+def _with_email(where: UserFilter, email: str) -> UserFilter:
+    """`where` AND email = `email`."""
+    if where.email is not None and where.email != email:
+        return dataclasses.replace(where, impossible=True)
+    return dataclasses.replace(where, email=email)
 
 
 def _changes(current: User, values: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

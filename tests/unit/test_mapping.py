@@ -1,0 +1,27 @@
+"""Domain -> proto conversions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from usersvc.servicers.mapping import timestamp
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(1901, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC),
+        datetime(2026, 11, 27, 15, 3, 4, 999_999, tzinfo=UTC),
+        datetime(2026, 1, 1, 1, 0, tzinfo=timezone(timedelta(hours=1))),
+    ],
+)
+def test_timestamps_match_the_protobuf_conversion(value: datetime) -> None:
+    expected = Timestamp()
+    expected.FromDatetime(value)
+    assert timestamp(value) == expected
+    assert timestamp(value).ToDatetime(tzinfo=UTC) == value

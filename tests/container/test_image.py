@@ -62,6 +62,8 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "--quiet",
             "--wheel-dir",
             str(context / "dist" / "wheels"),
+            # The API package first: the server requires it by name, from no index.
+            str(ROOT / "generated"),
             str(ROOT),
         ],
         check=True,

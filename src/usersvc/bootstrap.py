@@ -7,8 +7,10 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from opentelemetry import trace
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from usersvc.adapters.common_passwords import load_common_passwords
@@ -16,6 +18,7 @@ from usersvc.adapters.db import create_engine, create_read_engine
 from usersvc.adapters.jwt_tokens import AccessTokenCodec, load_or_create_keys
 from usersvc.adapters.page_tokens import PageTokenCodec
 from usersvc.adapters.password_hasher import Argon2PasswordHasher
+from usersvc.adapters.point_reads import PostgresPointReads, SqlitePointReads
 from usersvc.adapters.secret_files import create_once
 from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
 from usersvc.config import Settings
@@ -25,7 +28,8 @@ from usersvc.notifications.smtp import SmtpSender
 from usersvc.services.audit import AuditService
 from usersvc.services.auth import AuthService, TokenStateCache
 from usersvc.services.clock import utc_now
-from usersvc.services.ports import Clock
+from usersvc.services.point_reads import UnitOfWorkPointReads
+from usersvc.services.ports import Clock, UserPointReads
 from usersvc.services.users import UserService
 
 log = logging.getLogger(__name__)
@@ -46,8 +50,10 @@ class Components:
     users: UserService
     auth: AuthService
     audit: AuditService
+    point_reads: PointReads
 
     async def close(self) -> None:
+        await self.point_reads.close()
         await self.engine.dispose()
         if self.uow.read_engine is not self.engine:
             await self.uow.read_engine.dispose()
@@ -65,14 +71,46 @@ def load_or_create_secret(settings: Settings) -> bytes:
     return path.read_text().strip().encode()
 
 
-def create_engines(settings: Settings) -> tuple[AsyncEngine, AsyncEngine | None]:
-    """The write engine and, on PostgreSQL, the autocommit read engine; together they hold at
-    most `db_pool_size` connections (the read engine gets half, rounded down)."""
+def create_engines(settings: Settings) -> tuple[AsyncEngine, AsyncEngine | None, int]:
+    """The write engine, on PostgreSQL the autocommit read engine, and how many connections
+    the point reads may hold; together at most `db_pool_size` connections.
+
+    On PostgreSQL reads get half (rounded down): the point reads (every authenticated call's
+    token check, GetUser) the larger part of it, list queries the rest.
+    """
     url = settings.effective_database_url
     read_share = settings.db_pool_size // 2
+    point_share = (read_share + 1) // 2 if read_share >= 2 else 0
+    read_share -= point_share
     read_engine = create_read_engine(url, pool_size=read_share) if read_share else None
     write_share = settings.db_pool_size - (read_share if read_engine is not None else 0)
-    return create_engine(url, pool_size=write_share), read_engine
+    if read_engine is not None:
+        write_share -= point_share
+    return create_engine(url, pool_size=write_share), read_engine, point_share
+
+
+class PointReads(UserPointReads, Protocol):
+    async def close(self) -> None: ...
+
+
+def create_point_reads(
+    settings: Settings, uow: SqlUnitOfWorkFactory, *, pool_size: int
+) -> PointReads:
+    """The cheapest sound path for the per-call reads on this database (see point_reads)."""
+    portable = ClosablePointReads(uow)
+    url = make_url(settings.effective_database_url)
+    if url.get_backend_name() == "postgresql":
+        if pool_size:
+            return PostgresPointReads(settings.effective_database_url, size=pool_size)
+        return portable
+    if url.database and url.database != ":memory:":
+        return SqlitePointReads(Path(url.database), fallback=portable)
+    return portable
+
+
+class ClosablePointReads(UnitOfWorkPointReads):
+    async def close(self) -> None:
+        return None
 
 
 def build_dispatcher(
@@ -111,7 +149,7 @@ def build_components(
 ) -> Components:
     """Create the engine, hasher, token codecs and use cases described by `settings`;
     with `metrics`, pools, the hashing queue and login failures report to it."""
-    engine, read_engine = create_engines(settings)
+    engine, read_engine, point_share = create_engines(settings)
     if metrics is not None:
         metrics.watch_pool("primary", engine)
         if read_engine is not None:
@@ -121,6 +159,7 @@ def build_components(
         memory_kib=settings.argon2_memory_kib,
         parallelism=settings.argon2_parallelism,
         concurrency=settings.hash_concurrency,
+        queue_limit=settings.hash_queue_limit,
         queue_hooks=metrics.hash_queue_hooks() if metrics is not None else None,
     )
     uow = SqlUnitOfWorkFactory(engine, read_engine)
@@ -134,7 +173,8 @@ def build_components(
         ttl_seconds=settings.access_token_ttl_seconds,
         leeway=settings.jwt_leeway_seconds,
     )
-    token_states = TokenStateCache(uow, ttl=settings.token_cache_seconds)
+    point_reads = create_point_reads(settings, uow, pool_size=point_share)
+    token_states = TokenStateCache(uow, ttl=settings.token_cache_seconds, point_reads=point_reads)
     secret = load_or_create_secret(settings)
     page_tokens = PageTokenCodec(secret)
     users = UserService(
@@ -148,6 +188,7 @@ def build_components(
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
         login_max_failures=settings.login_max_failures,
         login_lock_seconds=settings.login_lock_seconds,
+        point_reads=point_reads,
     )
     audit = AuditService(uow=uow, page_tokens=page_tokens)
     auth = AuthService(
@@ -172,4 +213,5 @@ def build_components(
         users=users,
         auth=auth,
         audit=audit,
+        point_reads=point_reads,
     )

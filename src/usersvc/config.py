@@ -125,8 +125,10 @@ class Settings(BaseSettings):
     argon2_time_cost: int = Field(default=2, ge=2)
     argon2_memory_kib: int = Field(default=19456, ge=19456)
     argon2_parallelism: int = Field(default=1, ge=1)
-    # Hashes computed at once; the rest wait, so logins cannot starve the CPU.
-    hash_concurrency: int = Field(default=4, ge=1)
+    # Hashes computed at once (0: one per usable core), in threads of lower priority than the
+    # event loop; up to hash_queue_limit more wait, beyond that RESOURCE_EXHAUSTED + RetryInfo.
+    hash_concurrency: int = Field(default=0, ge=0)
+    hash_queue_limit: int = Field(default=64, ge=0)
     reflection: bool = True
 
     # Tokens. The signing key is a PEM EC P-256 private key; verification keys (comma-separated

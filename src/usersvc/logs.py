@@ -26,10 +26,18 @@ SENSITIVE_KEYS = REDACTED_FIELDS | {"authorization", "secret"}
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object on one line."""
 
+    # The timestamp up to the second, kept while the second lasts: strftime per line was a
+    # visible part of an access-log line's cost.
+    _second = -1
+    _second_text = ""
+
     def format(self, record: logging.LogRecord) -> str:
-        created = time.gmtime(record.created)
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", created) + f".{int(record.msecs):03d}Z",
+            "time": f"{self._second_text}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -72,5 +80,11 @@ def configure_logging(level: str) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     cap_library_loggers()
+    # No line shows the caller's source line, thread, process or task names: skip collecting
+    # them for every record (the logging HOWTO's "Optimization" settings).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # Alembic announces every plugin at INFO; its migration steps are still logged at WARNING+.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -25,6 +25,7 @@ from usersvc.context import request_id_var
 from usersvc.health import NOT_SERVING, SERVING, HealthServicer, Readiness
 from usersvc.interceptors.access_log import AccessLogInterceptor
 from usersvc.interceptors.auth import AuthInterceptor, policies_from
+from usersvc.interceptors.base import InterceptorChain, UnaryWrappingInterceptor
 from usersvc.interceptors.errors import ErrorInterceptor
 from usersvc.interceptors.input_check import InputCheckInterceptor, RefusalHook
 from usersvc.interceptors.malformed import MalformedRequestInterceptor
@@ -121,8 +122,9 @@ async def build_server(
     # Outermost first: the request id must exist before anything logs; the error mapper sits
     # inside the access log so that the log line records the mapped code, and outside auth so
     # that auth failures get the same rich details.
+    # One grpc interceptor for all of them: each method's handler is composed once (base.py).
     gate = ShutdownGateInterceptor()
-    interceptors: list[grpc.aio.ServerInterceptor] = [
+    concerns: list[UnaryWrappingInterceptor] = [
         RequestIdInterceptor(),
         AccessLogInterceptor(metrics),
         ErrorInterceptor(),
@@ -143,9 +145,11 @@ async def build_server(
         # Before any use case reads a field: control characters and unbounded sizes stop here.
         InputCheckInterceptor(on_refused={LOGIN_METHOD: _audit_refused_login(c)}),
     ]
+    interceptors: list[grpc.aio.ServerInterceptor] = [InterceptorChain(concerns)]
     if tracer_provider is not None:
         # Outermost, so that the span is current while every other interceptor runs and the
-        # access-log line carries its trace id.
+        # access-log line carries its trace id. (OpenTelemetry's own interceptor: not one of
+        # our concerns, so it stays a grpc interceptor of its own, and only when tracing is on.)
         interceptors.insert(0, server_interceptor(tracer_provider))
     server = grpc.aio.server(
         interceptors=interceptors,

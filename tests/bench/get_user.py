@@ -69,16 +69,50 @@ def _bare_handler() -> grpc.GenericRpcHandler:
     )
 
 
-async def _serve_bare() -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+async def _serve_bare(address: str = "127.0.0.1:0", *, reuse_port: bool = False) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
     server.add_generic_rpc_handlers((_bare_handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(address)
     await server.start()
-    print(json.dumps({"message": "serving", "address": f"127.0.0.1:{port}"}), flush=True)
+    print(
+        json.dumps({"message": "serving", "address": f"127.0.0.1:{port}", "pid": os.getpid()}),
+        flush=True,
+    )
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await server.stop(0)
+
+
+def _serve_bare_processes(processes: int) -> int:
+    """`processes` bare servers on one port (SO_REUSEPORT), forked before any gRPC object,
+    as usersvc's workers are."""
+    if processes == 1:
+        asyncio.run(_serve_bare())
+        return 0
+    import socket
+
+    reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{reserved.getsockname()[1]}"
+    children = []
+    for _ in range(processes):
+        pid = os.fork()
+        if pid == 0:
+            reserved.close()
+            asyncio.run(_serve_bare(address, reuse_port=True))
+            os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    for _ in children:
+        os.wait()
+    return 0
 
 
 async def _load(address: str, user_id: str, token: str, seconds: float, concurrency: int) -> None:
@@ -294,13 +328,13 @@ def main() -> int:
         help="load generator (default: h2load when installed)",
     )
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument(
         "--client", nargs=3, metavar=("ADDRESS", "USER_ID", "TOKEN"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.bare:
-        asyncio.run(_serve_bare())
-        return 0
+        return _serve_bare_processes(args.processes)
     if args.client:
         address, user_id, token = args.client
         asyncio.run(_load(address, user_id, token, args.seconds, args.concurrency))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from tests.unit.fakes import FakeUnitOfWorkFactory
 from usersvc.adapters.db import create_engine
+from usersvc.adapters.point_reads import PostgresPointReads, SqlitePointReads
 from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
-from usersvc.services.ports import UnitOfWorkFactory
+from usersvc.services.point_reads import UnitOfWorkPointReads
+from usersvc.services.ports import UnitOfWorkFactory, UserPointReads
 
 STORES = ("fake", "sqlite", "postgresql")
 
@@ -39,3 +42,21 @@ async def stores(store_url: str) -> AsyncIterator[UnitOfWorkFactory]:
         yield SqlUnitOfWorkFactory(engine)
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+async def point_reads(store_url: str, stores: UnitOfWorkFactory) -> AsyncIterator[UserPointReads]:
+    """The per-call reads the server wires for this store (see bootstrap.create_point_reads)."""
+    if store_url == "fake":
+        yield UnitOfWorkPointReads(stores)
+        return
+    reads: PostgresPointReads | SqlitePointReads
+    if store_url.startswith("postgresql"):
+        reads = PostgresPointReads(store_url, size=1)
+    else:
+        path = Path(store_url.split("///", 1)[1])
+        reads = SqlitePointReads(path, fallback=UnitOfWorkPointReads(stores))
+    try:
+        yield reads
+    finally:
+        await reads.close()

@@ -18,7 +18,7 @@ from usersvc.domain.events import OutboxMessage
 from usersvc.domain.models import PageCursor, User, UserState
 from usersvc.domain.records import RefreshTokenStatus
 from usersvc.domain.user_filter import UserFilter, parse_filter
-from usersvc.services.ports import UnitOfWorkFactory
+from usersvc.services.ports import UnitOfWorkFactory, UserPointReads
 
 # In the past, so that nothing here is ever the newest row another test on the same
 # database lists, and no pending outbox row waits for anyone's dispatcher.
@@ -66,6 +66,31 @@ async def test_a_user_reads_back_as_written(stores: UnitOfWorkFactory) -> None:
         assert await tx.users.count(where=UserFilter(email=user.email)) == 1
         assert await tx.users.auth_state(user.id) == (1, UserState.ACTIVE)
         assert await tx.users.auth_state(uuid.uuid4()) is None
+
+
+async def test_point_reads_answer_as_the_store_does_and_see_each_commit(
+    stores: UnitOfWorkFactory, point_reads: UserPointReads
+) -> None:
+    """The per-call fast path (raw driver, no unit of work) decodes rows exactly as the
+    store does, and a committed change is visible to the very next read."""
+    user = new_user(
+        roles=("service",),
+        create_time=NOW.replace(microsecond=123456),
+        locked_until=NOW + timedelta(minutes=5),
+    )
+    plain = new_user(state=UserState.DISABLED, token_version=7)
+    await add(stores, user, plain)
+    assert await point_reads.get(user.id) == await stored(stores, user.id) == user
+    assert await point_reads.get(plain.id) == plain
+    assert await point_reads.auth_state(plain.id) == (7, UserState.DISABLED)
+    assert await point_reads.get(uuid.uuid4()) is None
+    assert await point_reads.auth_state(uuid.uuid4()) is None
+    async with stores() as tx:
+        await tx.users.update(user.id, {"name": "Renamed"}, revoke_tokens=True)
+        await tx.commit()
+    assert (await point_reads.auth_state(user.id)) == (2, UserState.ACTIVE)
+    renamed = await point_reads.get(user.id)
+    assert renamed is not None and renamed.name == "Renamed" and renamed.version == 2
 
 
 async def test_an_email_is_unique_and_the_failed_insert_leaves_nothing(

@@ -132,7 +132,7 @@ class FakeUserRepository(_Writes):
     async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]:
         return [self.db.users[i] for i in set(user_ids) if i in self.db.users]
 
-    async def count(self, *, where: UserFilter) -> int:
+    async def count(self, *, where: UserFilter, exact_below: int | None = None) -> int:
         return sum(1 for u in self.db.users.values() if _matches(where, u))
 
     def _matching(

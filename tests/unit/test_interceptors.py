@@ -17,6 +17,7 @@ from usersvc.context import principal_var, request_id_var
 from usersvc.domain.auth import ADMIN, SERVICE, Principal
 from usersvc.domain.errors import (
     FieldViolation,
+    Overloaded,
     PermissionDenied,
     StorageUnavailable,
     Unauthenticated,
@@ -25,9 +26,13 @@ from usersvc.domain.errors import (
 )
 from usersvc.interceptors.access_log import AccessLogInterceptor
 from usersvc.interceptors.auth import PUBLIC, AuthInterceptor, MethodPolicy
-from usersvc.interceptors.base import UnaryWrappingInterceptor
+from usersvc.interceptors.base import InterceptorChain, UnaryWrappingInterceptor
 from usersvc.interceptors.errors import ErrorInterceptor
-from usersvc.interceptors.request_id import REQUEST_ID_KEY, RequestIdInterceptor
+from usersvc.interceptors.request_id import (
+    REQUEST_ID_KEY,
+    UNIMPLEMENTED_HANDLER,
+    RequestIdInterceptor,
+)
 from usersvc.services.auth import Authenticator
 
 Behavior = Callable[[Any, Any], Awaitable[Any]]
@@ -94,7 +99,7 @@ class CallDetails(grpc.HandlerCallDetails):
 
 
 async def handler_through(
-    interceptor: UnaryWrappingInterceptor, method: str, behavior: Behavior
+    interceptor: UnaryWrappingInterceptor | InterceptorChain, method: str, behavior: Behavior
 ) -> tuple[grpc.RpcMethodHandler[Any, Any], int]:
     """The handler the interceptor serves `method` with, and how often it asked for the next."""
     asked = 0
@@ -184,6 +189,58 @@ async def test_the_wrapped_handler_is_built_once_per_method() -> None:
     assert other is not first
 
 
+class _Recording(UnaryWrappingInterceptor):
+    def __init__(self, name: str, seen: list[str]) -> None:
+        super().__init__()
+        self._name = name
+        self._seen = seen
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def recorded(request: Any, context: Any) -> Any:
+            self._seen.append(f"{self._name}>")
+            try:
+                return await behavior(request, context)
+            finally:
+                self._seen.append(f"<{self._name}")
+
+        return recorded
+
+
+async def test_a_chain_runs_its_concerns_in_order_and_builds_each_method_once() -> None:
+    seen: list[str] = []
+    chain = InterceptorChain([_Recording("outer", seen), _Recording("inner", seen)])
+
+    async def behavior(request: Any, context: Any) -> str:
+        seen.append("handler")
+        return "answer"
+
+    first, asked_first = await handler_through(chain, "/test.v1.Test/Do", behavior)
+    again, asked_again = await handler_through(chain, "/test.v1.Test/Do", behavior)
+    assert (asked_first, asked_again) == (1, 0) and again is first
+    assert first.unary_unary is not None
+    assert await first.unary_unary(None, DummyContext()) == "answer"  # type: ignore[arg-type]
+    assert seen == ["outer>", "inner>", "handler", "<inner", "<outer"]
+
+
+async def test_a_chain_answers_unknown_methods_through_its_concerns_without_caching() -> None:
+    asked = 0
+
+    async def continuation(details: grpc.HandlerCallDetails) -> None:
+        nonlocal asked
+        asked += 1
+
+    seen: list[str] = []
+    plain = InterceptorChain([_Recording("only", seen)])
+    with_fallback = InterceptorChain([_Recording("outer", seen), RequestIdInterceptor()])
+    for _ in range(2):
+        assert await plain.intercept_service(continuation, CallDetails("/no.Such/Method")) is None
+        handler = await with_fallback.intercept_service(
+            continuation, CallDetails("/no.Such/Method")
+        )
+        assert handler is UNIMPLEMENTED_HANDLER
+    assert asked == 4
+
+
 # --- error mapping -------------------------------------------------------------------------
 
 
@@ -230,6 +287,14 @@ async def test_an_unavailable_database_says_when_to_retry() -> None:
     status = await _aborted_with(StorageUnavailable())
     assert status.code is grpc.StatusCode.UNAVAILABLE
     assert details_of(status)["RetryInfo"].retry_delay.seconds == 1
+
+
+async def test_an_overloaded_hash_queue_is_resource_exhausted_with_its_retry_delay() -> None:
+    status = await _aborted_with(Overloaded("too many password hashes", retry_after=1.5))
+    assert status.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = details_of(status)
+    assert details["ErrorInfo"].reason == "OVERLOADED"
+    assert details["RetryInfo"].retry_delay.ToNanoseconds() == 1_500_000_000
 
 
 async def test_an_unexpected_error_is_internal_and_tells_nothing(

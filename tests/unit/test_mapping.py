@@ -16,8 +16,11 @@ from usersvc.servicers.mapping import timestamp
         datetime(1970, 1, 1, tzinfo=UTC),
         datetime(1901, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
         datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
         datetime(2026, 11, 27, 15, 3, 4, 999_999, tzinfo=UTC),
         datetime(2026, 1, 1, 1, 0, tzinfo=timezone(timedelta(hours=1))),
+        datetime(1991, 5, 4, 12, 0, tzinfo=timezone(timedelta(hours=-7))),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
     ],
 )
 def test_timestamps_match_the_protobuf_conversion(value: datetime) -> None:

@@ -25,7 +25,12 @@ from usersvc.domain.errors import (
 )
 from usersvc.domain.events import TOPIC_USER_CREATED
 from usersvc.domain.models import User, UserState, UserView
-from usersvc.services.users import ListUsersResult, UserService
+from usersvc.services.users import (
+    ESTIMATE_SECONDS,
+    EXACT_COUNT_BELOW,
+    ListUsersResult,
+    UserService,
+)
 
 # Callers: the service leaves who-may-touch-whom to the access layer, except for roles.
 MEMBER = Principal(user_id=uuid.uuid4(), roles=frozenset())
@@ -287,6 +292,44 @@ async def test_list_page_size_defaults_to_50_and_is_capped_at_100(
     assert result.next_page_token != ""
     assert result.total_size == 120
     assert not uow.last.write
+
+
+async def test_a_large_total_is_reused_for_a_few_seconds_but_filtered_counts_are_exact(
+    make_user_service: UserServiceFactory, uow: FakeUnitOfWorkFactory
+) -> None:
+    now = [100.0]
+    service = make_user_service(monotonic=lambda: now[0])
+    users = [_stored_user(n, START + timedelta(seconds=n)) for n in range(EXACT_COUNT_BELOW)]
+    uow.store.update((u.id, u) for u in users)
+
+    async def total(email: str = "", filter: str = "") -> int:
+        result = await service.list_users(page_size=1, page_token="", email=email, filter=filter)
+        return result.total_size
+
+    assert await total() == EXACT_COUNT_BELOW
+    extra = _stored_user(EXACT_COUNT_BELOW, START - timedelta(days=1))
+    uow.store[extra.id] = extra
+    # Within the estimate's lifetime the unfiltered total is the one already taken ...
+    now[0] += ESTIMATE_SECONDS - 0.5
+    assert await total() == EXACT_COUNT_BELOW
+    # ... while a filtered count is always exact, and the estimate is taken anew after it.
+    assert await total(extra.email) == 1
+    assert await total(filter="state = ACTIVE") == EXACT_COUNT_BELOW + 1
+    assert await total(filter=f'email = "{extra.email}"') == 1
+    now[0] += 1.0
+    assert await total() == EXACT_COUNT_BELOW + 1
+
+
+async def test_a_small_total_is_counted_on_every_page(
+    make_user_service: UserServiceFactory, uow: FakeUnitOfWorkFactory
+) -> None:
+    service = make_user_service(monotonic=lambda: 0.0)
+    first = _stored_user(1, START)
+    uow.store[first.id] = first
+    assert (await service.list_users(page_size=1, page_token="", email="")).total_size == 1
+    second = _stored_user(2, START + timedelta(seconds=1))
+    uow.store[second.id] = second
+    assert (await service.list_users(page_size=1, page_token="", email="")).total_size == 2
 
 
 async def _all_pages(

@@ -267,8 +267,12 @@ class ListUsersResponse(_message.Message):
     next_page_token: _builtins.str
     """Token for the next page; empty when there are no more pages (the only end signal)."""
     total_size: _builtins.int
-    """Number of users matching the filter across all pages. Exact in this version: it costs a
-    COUNT over the matching rows; AIP-132 allows it to become an estimate on large tables.
+    """Number of users matching the request across all pages. Exact when the request sets email
+    or filter, and whenever fewer than 10,000 users exist. Otherwise (an unfiltered list of a
+    large table on PostgreSQL) an estimate from the database's statistics, as AIP-132
+    allows: usually within a few percent and up to a few seconds old, never a reason to stop
+    paging (only an empty next_page_token ends the list). An exact count of a million rows
+    would cost more than the page itself.
     """
     @_builtins.property
     def users(self) -> _containers.RepeatedCompositeFieldContainer[_user_pb2.User]:

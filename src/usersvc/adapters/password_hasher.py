@@ -1,17 +1,62 @@
-"""Argon2id password hashing off the event loop, with bounded concurrency."""
+"""Argon2id password hashing off the event loop, with bounded concurrency and a bounded queue."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from usersvc.domain.errors import Overloaded
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Hashing threads run this much nicer than the process (Linux): the event loop's thread, at the
+# process's own priority, gets a core whenever it has work, and hashes take whatever CPU is
+# left - all of it when nothing else runs. Reserving a core instead would halve hashing on a
+# 2-core machine.
+HASH_THREAD_NICENESS = 10
+# What a refused caller is told to wait: about the time the queue takes to move on.
+OVERLOADED_RETRY_SECONDS = 1.0
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _lower_thread_priority() -> None:
+    # On Linux a thread has its own nice value, set through its thread id. Elsewhere the id
+    # is no process id, so nothing is changed there.
+    if sys.platform != "linux":  # pragma: no cover
+        return
+    try:
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + HASH_THREAD_NICENESS))
+    except OSError as err:  # pragma: no cover - a sandbox may forbid it; hashing still works
+        log.warning("could not lower the hashing threads' priority: %s", err)
+
 
 class Argon2PasswordHasher:
-    """Hashes and verifies in a small thread pool; argon2-cffi releases the GIL while hashing."""
+    """Hashes and verifies in a thread pool; argon2-cffi releases the GIL while hashing.
+
+    `concurrency` hashes run at once (0: one per usable core) in threads of lower priority
+    than the event loop; up to `queue_limit` more wait for a slot, and beyond that a call is
+    refused at once with Overloaded (RESOURCE_EXHAUSTED with RetryInfo) rather than stalling.
+    """
 
     def __init__(
         self,
@@ -19,7 +64,8 @@ class Argon2PasswordHasher:
         time_cost: int,
         memory_kib: int,
         parallelism: int,
-        concurrency: int,
+        concurrency: int = 0,
+        queue_limit: int = 64,
         queue_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None,
     ) -> None:
         self._hasher = PasswordHasher(
@@ -28,39 +74,49 @@ class Argon2PasswordHasher:
             parallelism=parallelism,
             type=Type.ID,
         )
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="argon2")
-        self._slots = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency or usable_cores()
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.concurrency,
+            thread_name_prefix="argon2",
+            initializer=_lower_thread_priority,
+        )
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._queue_limit = queue_limit
+        self._waiting = 0
         # (enqueued, dequeued): told when a hash has to wait for a slot, and when it got one.
         self._queue_hooks = queue_hooks
         # Verified against when an account does not exist, so that path costs the same work.
         self.dummy_hash = self._hasher.hash("usersvc-dummy-password-for-timing")
 
-    async def hash(self, password: str) -> str:
-        await self._wait_for_slot()
+    async def _run(self, work: Callable[..., T], *args: str) -> T:
+        if self._slots.locked():
+            if self._waiting >= self._queue_limit:
+                raise Overloaded(
+                    "too many password hashes queued; retry later",
+                    retry_after=OVERLOADED_RETRY_SECONDS,
+                )
+            self._waiting += 1
+            hooks = self._queue_hooks
+            if hooks is not None:
+                hooks[0]()
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+                if hooks is not None:
+                    hooks[1]()
+        else:
+            await self._slots.acquire()
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._hasher.hash, password)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
         finally:
             self._slots.release()
+
+    async def hash(self, password: str) -> str:
+        return await self._run(self._hasher.hash, password)
 
     async def verify(self, password_hash: str, password: str) -> bool:
-        await self._wait_for_slot()
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._verify, password_hash, password)
-        finally:
-            self._slots.release()
-
-    async def _wait_for_slot(self) -> None:
-        hooks = self._queue_hooks
-        if hooks is None or not self._slots.locked():
-            await self._slots.acquire()
-            return
-        hooks[0]()
-        try:
-            await self._slots.acquire()
-        finally:
-            hooks[1]()
+        return await self._run(self._verify, password_hash, password)
 
     def _verify(self, password_hash: str, password: str) -> bool:
         try:

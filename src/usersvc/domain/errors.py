@@ -148,6 +148,16 @@ class StorageUnavailable(DomainError):
         super().__init__(message)
 
 
+class Overloaded(ResourceExhausted):
+    """Too much of one kind of work is queued already; a retry after `retry_after` s may pass."""
+
+    reason = "OVERLOADED"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retry_after_seconds=retry_after)
+        self.retry_after = retry_after
+
+
 class InvalidPageToken(ValueError):
     """Garbage, tampered, expired, or issued for another query."""
 

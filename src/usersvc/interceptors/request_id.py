@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -43,15 +42,8 @@ UNIMPLEMENTED_HANDLER: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_me
 
 
 class RequestIdInterceptor(UnaryWrappingInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await super().intercept_service(continuation, handler_call_details)
-        return handler if handler is not None else UNIMPLEMENTED_HANDLER
+    def handler_for_unknown(self, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
+        return UNIMPLEMENTED_HANDLER
 
     def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def with_request_id(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

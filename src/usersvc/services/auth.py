@@ -19,12 +19,14 @@ from usersvc.domain.models import User, UserState
 from usersvc.domain.records import RefreshTokenStatus
 from usersvc.domain.validation import check_email, normalize_email, parse_user_id
 from usersvc.services.clock import utc_now
+from usersvc.services.point_reads import UnitOfWorkPointReads
 from usersvc.services.ports import (
     AccessTokenCodec,
     Clock,
     PasswordHasher,
     UnitOfWork,
     UnitOfWorkFactory,
+    UserPointReads,
 )
 from usersvc.services.transactions import in_transaction
 
@@ -50,8 +52,9 @@ class TokenStateCache:
         *,
         ttl: float,
         monotonic: Callable[[], float] = time.monotonic,
+        point_reads: UserPointReads | None = None,
     ) -> None:
-        self._uow = uow
+        self._reads = point_reads or UnitOfWorkPointReads(uow)
         self._ttl = ttl
         self._now = monotonic
         # user id -> (expires at, token version or None if deleted, active)
@@ -67,8 +70,7 @@ class TokenStateCache:
         entry = self._entries.get(user_id)
         if entry is not None and entry[0] > now and (entry[1] is None or entry[1] >= at_least):
             return entry[1] if entry[2] else None
-        async with self._uow(write=False) as uow:
-            state = await uow.users.auth_state(user_id)
+        state = await self._reads.auth_state(user_id)
         version = state[0] if state is not None else None
         active = state is not None and state[1] is UserState.ACTIVE
         if len(self._entries) >= self.MAX_ENTRIES:

@@ -45,8 +45,10 @@ class UserStore(Protocol):
     ) -> Sequence[User]:
         """Up to `limit` users matching `where` in list order, strictly after `after`."""
 
-    async def count(self, *, where: UserFilter) -> int:
-        """How many users match `where`."""
+    async def count(self, *, where: UserFilter, exact_below: int | None = None) -> int:
+        """How many users match `where`. With `exact_below`, an unfiltered count (an empty
+        `where`) may be the database's estimate instead when that estimate is at least
+        `exact_below`; a filtered count is always exact."""
 
     async def update(
         self,
@@ -75,6 +77,15 @@ class UserStore(Protocol):
         """Store a re-hash of the same password; not a change of the user (no new version)."""
 
     async def reset_login_failures(self, user_id: uuid.UUID) -> None: ...
+
+
+class UserPointReads(Protocol):
+    """The two reads on every authenticated call, outside any unit of work: each sees the
+    latest committed row. Same answers as the UserStore methods of the same name."""
+
+    async def get(self, user_id: uuid.UUID) -> User | None: ...
+
+    async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None: ...
 
 
 class RefreshTokenStore(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,16 +48,23 @@ from usersvc.domain.validation import (
 from usersvc.services.clock import utc_now
 from usersvc.services.idempotency import IdempotentCreates
 from usersvc.services.paging import cut_page, parse_page_request
+from usersvc.services.point_reads import UnitOfWorkPointReads
 from usersvc.services.ports import (
     Clock,
     PageCursorCodec,
     PasswordHasher,
     UnitOfWork,
     UnitOfWorkFactory,
+    UserPointReads,
 )
 from usersvc.services.transactions import in_transaction
 
 log = logging.getLogger(__name__)
+
+# Unfiltered lists of at least this many users report an estimated total_size, which is then
+# reused for ESTIMATE_SECONDS: paging through a large list costs no extra query per page.
+EXACT_COUNT_BELOW = 10_000
+ESTIMATE_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +130,18 @@ class UserService:
         idempotency_ttl_seconds: int = 24 * 3600,
         login_max_failures: int = 10,
         login_lock_seconds: int = 900,
+        point_reads: UserPointReads | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._uow = uow
         # ChangePassword checks passwords too: it shares Login's per-account lock.
         self._max_failures = login_max_failures
         self._lock = timedelta(seconds=login_lock_seconds)
+        self._monotonic = monotonic
+        # (valid until, estimated total of the unfiltered list)
+        self._estimate: tuple[float, int] = (-1.0, 0)
+        # GetUser's read; the adapters' fast path when wired, else a read-only unit of work.
+        self._point_reads = point_reads or UnitOfWorkPointReads(uow)
         self._hasher = hasher
         self._page_tokens = page_tokens
         self._clock = clock
@@ -264,8 +279,7 @@ class UserService:
         return (await self._stored(require_user_id(user_id))).view()
 
     async def _stored(self, uid: uuid.UUID) -> User:
-        async with self._uow(write=False) as uow:
-            user = await uow.users.get(uid)
+        user = await self._point_reads.get(uid)
         if user is None:
             raise UserNotFound(str(uid))
         return user
@@ -363,11 +377,21 @@ class UserService:
         )
         if violations:
             raise ValidationFailed(violations)
+        now = self._monotonic()
+        unfiltered = where == UserFilter()
+        reuse = unfiltered and self._estimate[0] > now
         async with self._uow(write=False) as uow:
             rows = await uow.users.list(
                 limit=page_request.size + 1, after=page_request.cursor, where=where
             )
-            total = await uow.users.count(where=where)
+            # AIP-132: an estimate on large unfiltered lists (an exact COUNT would cost more
+            # than the page); exact when filtered or small.
+            if reuse:
+                total = self._estimate[1]
+            else:
+                total = await uow.users.count(where=where, exact_below=EXACT_COUNT_BELOW)
+                if unfiltered and total >= EXACT_COUNT_BELOW:
+                    self._estimate = (now + ESTIMATE_SECONDS, total)
         page, next_token = cut_page(self._page_tokens, page_request, rows)
         return ListUsersResult(
             users=[u.view() for u in page], next_page_token=next_token, total_size=total

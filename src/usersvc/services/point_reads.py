@@ -1,0 +1,23 @@
+"""Point reads through a read-only unit of work: the portable way, and the fallback."""
+
+from __future__ import annotations
+
+import uuid
+
+from usersvc.domain.models import User, UserState
+from usersvc.services.ports import UnitOfWorkFactory
+
+
+class UnitOfWorkPointReads:
+    """UserPointReads over any unit of work (the fakes, in-memory SQLite)."""
+
+    def __init__(self, uow: UnitOfWorkFactory) -> None:
+        self._uow = uow
+
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        async with self._uow(write=False) as uow:
+            return await uow.users.get(user_id)
+
+    async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
+        async with self._uow(write=False) as uow:
+            return await uow.users.auth_state(user_id)

@@ -56,12 +56,16 @@ class AccessLogInterceptor(UnaryWrappingInterceptor):
 
     def _finisher(
         self, method: str, rpc: RpcMetrics | None
-    ) -> Callable[[Any, float, BaseException | None, CallRecord], None]:
+    ) -> Callable[[Any, float, BaseException | None, CallRecord, str | None], None]:
         level = _level_for(method)
         pid = os.getpid()
 
         def finish(
-            context: Any, started: float, error: BaseException | None, record: CallRecord
+            context: Any,
+            started: float,
+            error: BaseException | None,
+            record: CallRecord,
+            peer: str | None = None,
         ) -> None:
             elapsed = time.perf_counter() - started
             code = _code_of(context, error)
@@ -76,7 +80,7 @@ class AccessLogInterceptor(UnaryWrappingInterceptor):
                         "method": method,
                         "code": code.name,
                         "duration_ms": round(elapsed * 1000, 3),
-                        "peer": context.peer(),
+                        "peer": peer if peer is not None else context.peer(),
                         "subject": str(principal.user_id) if principal else None,
                         "roles": sorted(principal.roles) if principal else None,
                         "pid": pid,
@@ -106,7 +110,7 @@ class AccessLogInterceptor(UnaryWrappingInterceptor):
                 error = err
                 raise
             finally:
-                finish(context, started, error, record)
+                finish(context, started, error, record, None)
 
         return logged
 
@@ -148,17 +152,19 @@ class AccessLogInterceptor(UnaryWrappingInterceptor):
         rpc = self._rpc_metrics(method, grpc_type)
         finish = self._finisher(method, rpc)
 
-        def begin() -> tuple[float, CallRecord]:
+        def begin(context: Any) -> tuple[float, CallRecord, str]:
             if rpc is not None:
                 rpc.started()
             record = CallRecord()
             call_record_var.set(record)
-            return time.perf_counter(), record
+            # Read while the call is alive: a stream's end may come after the client went away,
+            # when asking grpc for the peer has crashed the process.
+            return time.perf_counter(), record, context.peer()
 
         if inspect.isasyncgenfunction(behavior):
 
             async def logged_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                started, record = begin()
+                started, record, peer = begin(context)
                 error: BaseException | None = None
                 try:
                     async for response in behavior(request, context):
@@ -167,12 +173,12 @@ class AccessLogInterceptor(UnaryWrappingInterceptor):
                     error = err
                     raise
                 finally:
-                    finish(context, started, error, record)
+                    finish(context, started, error, record, peer)
 
             return logged_stream
 
         async def logged_call(request: Any, context: Any) -> Any:
-            started, record = begin()
+            started, record, peer = begin(context)
             error: BaseException | None = None
             try:
                 return await behavior(request, context)
@@ -180,6 +186,6 @@ class AccessLogInterceptor(UnaryWrappingInterceptor):
                 error = err
                 raise
             finally:
-                finish(context, started, error, record)
+                finish(context, started, error, record, peer)
 
         return logged_call

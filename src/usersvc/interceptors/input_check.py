@@ -75,6 +75,13 @@ def _check_string(value: str, path: str, limit: int, out: list[FieldViolation]) 
         out.append(FieldViolation(path, "must not contain control characters", "CONTROL_CHARACTER"))
 
 
+def _too_many(values: Any, field: _Field, path: str, out: list[FieldViolation]) -> bool:
+    if len(values) <= field.max_entries:
+        return False
+    out.append(FieldViolation(path, f"must have at most {field.max_entries} entries", "TOO_MANY"))
+    return True
+
+
 def _walk(
     message: Message, plan: tuple[_Field, ...], prefix: str, out: list[FieldViolation]
 ) -> None:
@@ -83,12 +90,7 @@ def _walk(
         if field.nested is None:
             if field.repeated:
                 values = getattr(message, field.name)
-                if len(values) > field.max_entries:
-                    out.append(
-                        FieldViolation(
-                            path, f"must have at most {field.max_entries} entries", "TOO_MANY"
-                        )
-                    )
+                if _too_many(values, field, path, out):
                     continue
                 for i, value in enumerate(values):
                     _check_string(value, f"{path}[{i}]", field.max_chars, out)
@@ -96,12 +98,7 @@ def _walk(
                 _check_string(getattr(message, field.name), path, field.max_chars, out)
         elif field.repeated:
             items = getattr(message, field.name)
-            if len(items) > field.max_entries:
-                out.append(
-                    FieldViolation(
-                        path, f"must have at most {field.max_entries} entries", "TOO_MANY"
-                    )
-                )
+            if _too_many(items, field, path, out):
                 continue
             for i, item in enumerate(items):
                 _walk(item, field.nested, f"{path}[{i}].", out)

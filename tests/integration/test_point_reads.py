@@ -1,13 +1,16 @@
-"""The per-call point reads when the database cannot be reached."""
+"""The per-call point reads: when the database cannot be reached, and their round trips."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import uuid
 
 import pytest
+from sqlalchemy import text
 
-from usersvc.adapters.point_reads import PostgresPointReads
+from tests.support import sync_engine
+from usersvc.adapters.point_reads import APPLICATION_NAME, ConnectionLender, PostgresPointReads
 from usersvc.domain.errors import StorageUnavailable
 
 
@@ -26,5 +29,121 @@ async def test_an_unreachable_postgresql_is_storage_unavailable() -> None:
             await reads.get(uuid.uuid4())
         with pytest.raises(StorageUnavailable):
             await reads.auth_state(uuid.uuid4())
+    finally:
+        await reads.close()
+
+
+async def test_a_read_is_one_round_trip_with_no_session_reset(postgres_url: str) -> None:
+    """Returning a connection to the pool sends nothing: the last statement each pooled
+    connection ran is the read itself, not asyncpg's default reset query."""
+    reads = PostgresPointReads(postgres_url, size=1)
+    try:
+        await reads.get(uuid.uuid4())
+        await reads.auth_state(uuid.uuid4())
+        engine = sync_engine(postgres_url)
+        try:
+            with engine.connect() as conn:
+                last = (
+                    conn.execute(
+                        text(
+                            "SELECT query FROM pg_stat_activity"
+                            " WHERE application_name = :name AND datname = current_database()"
+                        ),
+                        {"name": APPLICATION_NAME},
+                    )
+                    .scalars()
+                    .all()
+                )
+        finally:
+            engine.dispose()
+        assert len(last) == 1, last
+        assert "FROM users" in last[0] and "RESET" not in last[0].upper(), last
+    finally:
+        await reads.close()
+
+
+def _backends(url: str) -> list[int]:
+    engine = sync_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(
+                conn.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE application_name = :name AND datname = current_database()"
+                    ),
+                    {"name": APPLICATION_NAME},
+                ).scalars()
+            )
+    finally:
+        engine.dispose()
+
+
+def _dsn(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+async def test_many_reads_share_at_most_size_connections(postgres_url: str) -> None:
+    lender = ConnectionLender(_dsn(postgres_url), size=3)
+    try:
+        rows = await asyncio.gather(*(lender.fetchrow("SELECT $1::int", n) for n in range(50)))
+        assert [row[0] for row in rows if row is not None] == list(range(50))
+        assert 1 <= len(_backends(postgres_url)) <= 3
+    finally:
+        await lender.close()
+    assert _backends(postgres_url) == []
+
+
+async def test_a_cancelled_read_closes_its_connection_and_the_next_reads_work(
+    postgres_url: str,
+) -> None:
+    lender = ConnectionLender(_dsn(postgres_url), size=1)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await lender.fetchrow("SELECT pg_sleep(30)")
+        # The only connection was the cancelled one; waiting callers are served by a new one.
+        rows = await asyncio.gather(*(lender.fetchrow("SELECT $1::int", n) for n in range(5)))
+        assert [row[0] for row in rows if row is not None] == list(range(5))
+    finally:
+        await lender.close()
+
+
+async def test_a_waiter_cancelled_while_queued_does_not_leak_the_connection(
+    postgres_url: str,
+) -> None:
+    lender = ConnectionLender(_dsn(postgres_url), size=1)
+    try:
+        slow = asyncio.create_task(lender.fetchrow("SELECT pg_sleep(0.3)"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await lender.fetchrow("SELECT 1")
+        await slow
+        row = await asyncio.wait_for(lender.fetchrow("SELECT 2"), 5)
+        assert row is not None and row[0] == 2
+    finally:
+        await lender.close()
+
+
+async def test_a_connection_the_server_closed_is_replaced_without_an_error(
+    postgres_url: str,
+) -> None:
+    reads = PostgresPointReads(postgres_url, size=2)
+    try:
+        await asyncio.gather(reads.get(uuid.uuid4()), reads.get(uuid.uuid4()))
+        before = _backends(postgres_url)
+        assert before
+        engine = sync_engine(postgres_url)
+        try:
+            with engine.connect() as conn:
+                for pid in before:
+                    conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        finally:
+            engine.dispose()
+        # As after a database restart: the idle connections are dead; reads go on.
+        assert await reads.get(uuid.uuid4()) is None
+        assert await reads.auth_state(uuid.uuid4()) is None
+        assert not set(_backends(postgres_url)) & set(before)
     finally:
         await reads.close()

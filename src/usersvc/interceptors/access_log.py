@@ -22,6 +22,7 @@ import grpc
 
 from usersvc.context import CallRecord, call_record_var
 from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+from usersvc.logs import LineWriter
 from usersvc.metrics import (
     BIDI_STREAM,
     CLIENT_STREAM,
@@ -53,12 +54,14 @@ class AccessLogInterceptor(UnaryWrappingInterceptor):
     def __init__(self, metrics: Metrics | None = None) -> None:
         super().__init__()
         self._metrics = metrics
+        self._lines = LineWriter(log)
 
     def _finisher(
         self, method: str, rpc: RpcMetrics | None
     ) -> Callable[[Any, float, BaseException | None, CallRecord, str | None], None]:
         level = _level_for(method)
         pid = os.getpid()
+        lines = self._lines
 
         def finish(
             context: Any,
@@ -73,10 +76,10 @@ class AccessLogInterceptor(UnaryWrappingInterceptor):
                 rpc.handled(code, elapsed)
             if log.isEnabledFor(level):
                 principal = record.principal
-                log.log(
+                lines.write(
                     level,
                     "rpc",
-                    extra={
+                    {
                         "method": method,
                         "code": code.name,
                         "duration_ms": round(elapsed * 1000, 3),

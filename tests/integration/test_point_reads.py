@@ -36,7 +36,8 @@ async def test_an_unreachable_postgresql_is_storage_unavailable() -> None:
 async def test_a_read_is_one_round_trip_with_no_session_reset(postgres_url: str) -> None:
     """Returning a connection to the pool sends nothing: the last statement each pooled
     connection ran is the read itself, not asyncpg's default reset query."""
-    reads = PostgresPointReads(postgres_url, size=1)
+    name = _own_name()
+    reads = PostgresPointReads(postgres_url, size=1, application_name=name)
     try:
         await reads.get(uuid.uuid4())
         await reads.auth_state(uuid.uuid4())
@@ -49,7 +50,7 @@ async def test_a_read_is_one_round_trip_with_no_session_reset(postgres_url: str)
                             "SELECT query FROM pg_stat_activity"
                             " WHERE application_name = :name AND datname = current_database()"
                         ),
-                        {"name": APPLICATION_NAME},
+                        {"name": name},
                     )
                     .scalars()
                     .all()
@@ -62,7 +63,12 @@ async def test_a_read_is_one_round_trip_with_no_session_reset(postgres_url: str)
         await reads.close()
 
 
-def _backends(url: str) -> list[int]:
+def _own_name() -> str:
+    """An application_name of this test's own: other tests' servers share the database."""
+    return f"{APPLICATION_NAME}-{uuid.uuid4().hex[:12]}"
+
+
+def _backends(url: str, name: str) -> list[int]:
     engine = sync_engine(url)
     try:
         with engine.connect() as conn:
@@ -72,7 +78,7 @@ def _backends(url: str) -> list[int]:
                         "SELECT pid FROM pg_stat_activity"
                         " WHERE application_name = :name AND datname = current_database()"
                     ),
-                    {"name": APPLICATION_NAME},
+                    {"name": name},
                 ).scalars()
             )
     finally:
@@ -84,14 +90,15 @@ def _dsn(url: str) -> str:
 
 
 async def test_many_reads_share_at_most_size_connections(postgres_url: str) -> None:
-    lender = ConnectionLender(_dsn(postgres_url), size=3)
+    name = _own_name()
+    lender = ConnectionLender(_dsn(postgres_url), size=3, application_name=name)
     try:
         rows = await asyncio.gather(*(lender.fetchrow("SELECT $1::int", n) for n in range(50)))
         assert [row[0] for row in rows if row is not None] == list(range(50))
-        assert 1 <= len(_backends(postgres_url)) <= 3
+        assert 1 <= len(_backends(postgres_url, name)) <= 3
     finally:
         await lender.close()
-    assert _backends(postgres_url) == []
+    assert _backends(postgres_url, name) == []
 
 
 async def test_a_cancelled_read_closes_its_connection_and_the_next_reads_work(
@@ -129,10 +136,11 @@ async def test_a_waiter_cancelled_while_queued_does_not_leak_the_connection(
 async def test_a_connection_the_server_closed_is_replaced_without_an_error(
     postgres_url: str,
 ) -> None:
-    reads = PostgresPointReads(postgres_url, size=2)
+    name = _own_name()
+    reads = PostgresPointReads(postgres_url, size=2, application_name=name)
     try:
         await asyncio.gather(reads.get(uuid.uuid4()), reads.get(uuid.uuid4()))
-        before = _backends(postgres_url)
+        before = _backends(postgres_url, name)
         assert before
         engine = sync_engine(postgres_url)
         try:
@@ -144,6 +152,6 @@ async def test_a_connection_the_server_closed_is_replaced_without_an_error(
         # As after a database restart: the idle connections are dead; reads go on.
         assert await reads.get(uuid.uuid4()) is None
         assert await reads.auth_state(uuid.uuid4()) is None
-        assert not set(_backends(postgres_url)) & set(before)
+        assert not set(_backends(postgres_url, name)) & set(before)
     finally:
         await reads.close()

@@ -94,9 +94,10 @@ class ConnectionLender:
     again, and replaced on demand; callers waiting for a connection are served in order.
     """
 
-    def __init__(self, dsn: str, *, size: int) -> None:
+    def __init__(self, dsn: str, *, size: int, application_name: str = APPLICATION_NAME) -> None:
         self._dsn = dsn
         self._size = size
+        self._server_settings = {"application_name": application_name}
         self._idle: list[asyncpg.Connection[asyncpg.Record]] = []
         self._opened = 0  # idle, lent, or being opened
         # A waiter gets a connection, or None: "open one yourself" (one was closed).
@@ -164,9 +165,7 @@ class ConnectionLender:
         else:
             self._opened += 1
         try:
-            return await asyncpg.connect(
-                self._dsn, server_settings={"application_name": APPLICATION_NAME}
-            )
+            return await asyncpg.connect(self._dsn, server_settings=self._server_settings)
         except BaseException:
             self._opened -= 1
             self._pass_on_opening()
@@ -219,9 +218,9 @@ class PostgresPointReads:
     connection budget (see bootstrap.create_engines); broken ones are replaced.
     """
 
-    def __init__(self, url: str, *, size: int) -> None:
+    def __init__(self, url: str, *, size: int, application_name: str = APPLICATION_NAME) -> None:
         dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-        self._connections = ConnectionLender(dsn, size=size)
+        self._connections = ConnectionLender(dsn, size=size, application_name=application_name)
 
     async def _fetch(self, query: str, user_id: uuid.UUID) -> asyncpg.Record | None:
         try:

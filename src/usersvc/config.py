@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     # Login hardening: consecutive failures before a lock, and how long the lock lasts.
     login_max_failures: int = Field(default=10, ge=1)
     login_lock_seconds: int = Field(default=900, ge=1)
+    # Disable active users (service accounts aside) whose last login, or creation if they
+    # never logged in, is older than this many days; checked hourly. 0: off.
+    dormant_disable_days: int = Field(default=0, ge=0, le=36500)
     # Longest lifetime `usersvc issue-service-token --ttl` may give: verifiers that check
     # tokens offline cannot see a revocation before the token's exp.
     service_token_max_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=60)

@@ -1,4 +1,5 @@
-"""Background jobs: the idempotency-key purge and the welcome e-mail dispatcher.
+"""Background jobs: the idempotency-key purge, the dormant-account job (off by default) and
+the welcome e-mail dispatcher.
 
 The server runs both beside the gRPC service; `usersvc dispatch` runs the dispatcher alone.
 """
@@ -41,6 +42,31 @@ async def purge_idempotency_keys_forever(
                 log.info("purged idempotency keys", extra={"count": purged})
         except Exception:
             log.exception("purging idempotency keys failed; will try again")
+        await asyncio.sleep(interval)
+
+
+DORMANT_CHECK_INTERVAL_SECONDS = 3600.0
+
+
+async def disable_dormant_users_forever(
+    users: UserService,
+    *,
+    days: int,
+    interval: float = DORMANT_CHECK_INTERVAL_SECONDS,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Disable users not seen for `days` days, every `interval` s until cancelled; with
+    `ready`, only while it is set. Several replicas may run it at once: each user is disabled
+    under its row lock, once (the others find it disabled and skip it)."""
+    while True:
+        if ready is not None:
+            await ready.wait()
+        try:
+            disabled = await users.disable_dormant_users(days=days)
+            if disabled:
+                log.info("disabled dormant users", extra={"count": disabled, "days": days})
+        except Exception:
+            log.exception("disabling dormant users failed; will try again")
         await asyncio.sleep(interval)
 
 

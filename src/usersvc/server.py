@@ -32,7 +32,11 @@ from usersvc.interceptors.malformed import MalformedRequestInterceptor
 from usersvc.interceptors.rate_limit import RateLimitInterceptor, RateLimits
 from usersvc.interceptors.request_id import RequestIdInterceptor
 from usersvc.interceptors.shutdown_gate import ShutdownGateInterceptor
-from usersvc.jobs import count_outbox_forever, purge_idempotency_keys_forever
+from usersvc.jobs import (
+    count_outbox_forever,
+    disable_dormant_users_forever,
+    purge_idempotency_keys_forever,
+)
 from usersvc.metrics import Metrics, MetricsEndpoint
 from usersvc.migrate import script_revisions
 from usersvc.reflection import enable_reflection
@@ -223,6 +227,15 @@ async def build_server(
             name="idempotency-purge",
         )
     )
+    if settings.dormant_disable_days:
+        running.background.append(
+            asyncio.create_task(
+                disable_dormant_users_forever(
+                    c.users, days=settings.dormant_disable_days, ready=readiness.ready_event
+                ),
+                name="dormant-users",
+            )
+        )
     if settings.metrics_address:
         running.background.append(
             asyncio.create_task(count_outbox_forever(c.engine, metrics), name="outbox-count")

@@ -15,7 +15,7 @@ import pytest
 from usersvc.domain.audit import AuditEvent
 from usersvc.domain.errors import DuplicateRequest, EmailTaken
 from usersvc.domain.events import OutboxMessage
-from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.models import SERVICE_ACCOUNT_PASSWORD_HASH, PageCursor, User, UserState
 from usersvc.domain.records import RefreshTokenStatus
 from usersvc.domain.user_filter import UserFilter, parse_filter
 from usersvc.services.ports import UnitOfWorkFactory, UserPointReads
@@ -529,3 +529,139 @@ async def test_every_filter_term_selects_alike(
     # Newest first, as always.
     assert got == [n for n in reversed([s[0] for s in specs]) if n in expected]
     assert count == len(expected)
+
+
+# --- last login, password change time, unlock, dormant accounts ------------------------------
+
+
+async def test_a_login_success_sets_the_last_login_time_and_clears_failures(
+    stores: UnitOfWorkFactory,
+) -> None:
+    user = new_user()
+    await add(stores, user)
+    lock_until = NOW + timedelta(minutes=15)
+    async with stores() as tx:
+        for _ in range(3):
+            await tx.users.record_login_failure(
+                user.id, now=NOW, max_failures=3, lock_until=lock_until
+            )
+        await tx.commit()
+    locked = await stored(stores, user.id)
+    assert locked is not None and (locked.failed_login_count, locked.locked_until) == (
+        3,
+        lock_until,
+    )
+    at = NOW + timedelta(hours=1, microseconds=7)
+    async with stores() as tx:
+        await tx.users.record_login_success(user.id, now=at)
+        await tx.commit()
+    after = await stored(stores, user.id)
+    assert after == dataclasses.replace(
+        user, last_login_time=at, failed_login_count=0, locked_until=None
+    )
+
+
+async def test_unlock_and_password_columns_are_writable(stores: UnitOfWorkFactory) -> None:
+    user = new_user(failed_login_count=4, locked_until=NOW + timedelta(minutes=5))
+    await add(stores, user)
+    changed = NOW + timedelta(days=1)
+    async with stores() as tx:
+        updated = await tx.users.update(
+            user.id,
+            {"failed_login_count": 0, "locked_until": None, "password_change_time": changed},
+            expected_version=1,
+        )
+        await tx.commit()
+    assert updated == dataclasses.replace(
+        user, failed_login_count=0, locked_until=None, password_change_time=changed, version=2
+    )
+    assert await stored(stores, user.id) == updated
+
+
+async def test_point_reads_decode_the_login_times(
+    stores: UnitOfWorkFactory, point_reads: UserPointReads
+) -> None:
+    user = new_user(
+        last_login_time=NOW + timedelta(seconds=1, microseconds=5),
+        password_change_time=NOW - timedelta(days=3, microseconds=9),
+    )
+    never = new_user()
+    await add(stores, user, never)
+    assert await point_reads.get(user.id) == await stored(stores, user.id) == user
+    assert await point_reads.get(never.id) == never
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        # Unset counts as older than any time: it matches < and <=, never > or >=.
+        ("last_login_time < {t1}", ["never", "early"]),
+        ("last_login_time <= {t1}", ["never", "early", "at-t1"]),
+        ("last_login_time > {t1}", ["late"]),
+        ("last_login_time >= {t1}", ["at-t1", "late"]),
+        ("last_login_time >= {t0} AND last_login_time < {t2}", ["early", "at-t1"]),
+        ("password_change_time < {t1}", ["never", "at-t1"]),
+        ("password_change_time >= {t1}", ["early", "late"]),
+        ("last_login_time < {t1} AND password_change_time >= {t1}", ["early"]),
+    ],
+)
+async def test_optional_time_filters_select_alike(
+    stores: UnitOfWorkFactory, source: str, expected: list[str]
+) -> None:
+    day = _day_of_its_own()
+    t0, t1, t2 = (day + timedelta(hours=h) for h in (1, 2, 3))
+    # name: (last_login_time, password_change_time)
+    specs: dict[str, tuple[datetime | None, datetime | None]] = {
+        "never": (None, None),
+        "early": (t0, t2),
+        "at-t1": (t1, t0),
+        "late": (t2, t1),
+    }
+    made = {
+        name: new_user(
+            create_time=day + timedelta(seconds=n),
+            last_login_time=login,
+            password_change_time=changed,
+        )
+        for n, (name, (login, changed)) in enumerate(specs.items())
+    }
+    await add(stores, *made.values())
+
+    def z(t: datetime) -> str:
+        return t.isoformat().replace("+00:00", "Z")
+
+    day_end = z(day + timedelta(days=1))
+    where = parse_filter(
+        f"{source.format(t0=z(t0), t1=z(t1), t2=z(t2))} AND create_time >= {z(day)}"
+        f" AND create_time < {day_end}"
+    )
+    names = {u.id: name for name, u in made.items()}
+    async with stores(write=False) as tx:
+        listed = await tx.users.list(limit=50, after=None, where=where)
+        count = await tx.users.count(where=where)
+    assert sorted(names.get(u.id, u.email) for u in listed) == sorted(expected)
+    assert count == len(expected)
+
+
+async def test_dormant_users_are_the_active_password_users_not_seen_since_the_cutoff(
+    stores: UnitOfWorkFactory,
+) -> None:
+    day = _day_of_its_own()
+    cutoff = day + timedelta(hours=12)
+    before, after = cutoff - timedelta(microseconds=1), cutoff
+    specs = {
+        "old-login": new_user(create_time=before, last_login_time=before),
+        "never-old": new_user(create_time=before),
+        "recent-login": new_user(create_time=before, last_login_time=after),
+        "never-new": new_user(create_time=after),
+        "disabled": new_user(create_time=before, state=UserState.DISABLED),
+        "service": new_user(create_time=before, password_hash=SERVICE_ACCOUNT_PASSWORD_HASH),
+    }
+    await add(stores, *specs.values())
+    names = {u.id: name for name, u in specs.items()}
+    async with stores(write=False) as tx:
+        found = await tx.users.dormant(cutoff=cutoff, limit=100_000)
+    assert sorted(names[u.id] for u in found if u.id in names) == ["never-old", "old-login"]
+    assert all(u.state is UserState.ACTIVE for u in found)
+    async with stores(write=False) as tx:
+        assert len(await tx.users.dormant(cutoff=cutoff, limit=1)) == 1

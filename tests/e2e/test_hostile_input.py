@@ -45,6 +45,7 @@ ETAG_CALLS: dict[str, Callable[[UserServiceStub, user_pb2.User, str], object]] =
     "DeleteUser": lambda s, u, e: s.DeleteUser(pb.DeleteUserRequest(id=u.id, etag=e)),
     "DisableUser": lambda s, u, e: s.DisableUser(pb.DisableUserRequest(id=u.id, etag=e)),
     "EnableUser": lambda s, u, e: s.EnableUser(pb.EnableUserRequest(id=u.id, etag=e)),
+    "UnlockUser": lambda s, u, e: s.UnlockUser(pb.UnlockUserRequest(id=u.id, etag=e)),
     "ChangePassword": lambda s, u, e: s.ChangePassword(
         pb.ChangePasswordRequest(id=u.id, new_password="a fresh password 7", etag=e)
     ),

@@ -140,12 +140,17 @@ def _stale_enable(users: UserServiceStub, user: user_pb2.User, etag: str) -> Any
     return users.EnableUser(pb.EnableUserRequest(id=user.id, etag=etag))
 
 
+def _stale_unlock(users: UserServiceStub, user: user_pb2.User, etag: str) -> Any:
+    return users.UnlockUser(pb.UnlockUserRequest(id=user.id, etag=etag))
+
+
 STALE_CALLS: dict[str, Callable[[UserServiceStub, user_pb2.User, str], Any]] = {
     "UpdateUser": _stale_update,
     "DeleteUser": _stale_delete,
     "ChangePassword": _stale_password,
     "DisableUser": _stale_disable,
     "EnableUser": _stale_enable,
+    "UnlockUser": _stale_unlock,
 }
 
 
@@ -162,6 +167,12 @@ def test_a_stale_etag_is_aborted_and_changes_nothing(
     if method == "EnableUser":
         user = users.DisableUser(pb.DisableUserRequest(id=user.id)).user
     current = _make_stale(users, user)
+    if method == "UnlockUser":
+        # A failure to clear; counting it changes no etag.
+        with pytest.raises(grpc.RpcError):
+            login(channel, user.email, "wrong!!wrong")
+        current = users.GetUser(pb.GetUserRequest(id=user.id)).user
+        assert current.failed_login_count == 1
     etag = user.etag if kind == "stale" else 'W/"not-an-etag"'
     row_before = stored_user(db, user.id)
     audit_before = audit_rows(db, user.id)

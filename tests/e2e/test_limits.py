@@ -90,7 +90,7 @@ def test_an_idle_http2_connection_gets_goaway(limited: ServerThread) -> None:
 def test_calls_beyond_the_concurrency_limit_are_refused_at_once(
     limited: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def slow(self: UserService, user_id: str) -> None:
+    async def slow(self: UserService, user_id: str, **_: object) -> None:
         await asyncio.sleep(2)
         raise UserNotFound(user_id)
 

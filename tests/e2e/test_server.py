@@ -34,6 +34,7 @@ from tests.support import (
 )
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
+from usersvc.domain.auth import RequestContext
 from usersvc.domain.models import UserView
 from usersvc.services.users import UserService
 
@@ -82,7 +83,7 @@ def test_one_access_log_line_per_rpc(users: UserServiceStub, logs: CapturedLogs)
 def test_unexpected_error_is_internal_with_a_generic_message(
     users: UserServiceStub, logs: CapturedLogs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def explode(self: UserService, user_id: str) -> None:
+    async def explode(self: UserService, user_id: str, **_: object) -> None:
         raise RuntimeError("connection string postgresql://admin:hunter2@db")
 
     monkeypatch.setattr(UserService, "get_user", explode)
@@ -103,7 +104,7 @@ def test_deadline_running_out_is_deadline_exceeded(
 ) -> None:
     import asyncio
 
-    async def slow(self: UserService, user_id: str) -> None:
+    async def slow(self: UserService, user_id: str, **_: object) -> None:
         await asyncio.sleep(5)
 
     monkeypatch.setattr(UserService, "get_user", slow)
@@ -241,10 +242,12 @@ def test_graceful_shutdown_finishes_in_flight_calls(sqlite_url: str) -> None:
     started = threading.Event()
     original = UserService.get_user
 
-    async def slow_get(self: UserService, user_id: str) -> UserView:
+    async def slow_get(
+        self: UserService, user_id: str, *, ctx: RequestContext | None = None
+    ) -> UserView:
         started.set()
         await asyncio.sleep(0.5)
-        return await original(self, user_id)
+        return await original(self, user_id, ctx=ctx)
 
     with tempfile.TemporaryDirectory() as data_dir:
         settings = make_settings(sqlite_url, data_dir, shutdown_drain_seconds=1.0)

@@ -26,10 +26,11 @@ from usersvc.domain.user_filter import parse_filter
 
 USERS = 100_000
 START = datetime(2026, 1, 1, tzinfo=UTC)
-# 0.1% admins, 10% services, 5% disabled; one user a second from START.
+# 0.1% admins, 10% services, 5% disabled; one user a second from START; 1% never logged in,
+# the others logged in at their creation time.
 SEED = f"""
 INSERT INTO users (id, email, name, password_hash, roles, state, create_time, update_time,
-                   version)
+                   version, last_login_time)
 SELECT gen_random_uuid(), 'user' || g || '@example.com', 'User ' || g, '$argon2id$plan',
        CASE WHEN g % 1000 = 0 THEN '["admin"]'::jsonb
             WHEN g % 10 = 0 THEN '["service"]'::jsonb
@@ -37,7 +38,9 @@ SELECT gen_random_uuid(), 'user' || g || '@example.com', 'User ' || g, '$argon2i
        CASE WHEN g % 20 = 7 THEN 'disabled' ELSE 'active' END,
        timestamptz '{START.isoformat()}' + g * interval '1 second',
        timestamptz '{START.isoformat()}' + g * interval '1 second',
-       1
+       1,
+       CASE WHEN g % 100 = 3 THEN NULL
+            ELSE timestamptz '{START.isoformat()}' + g * interval '1 second' END
 FROM generate_series(1, {USERS}) AS g
 """
 INDEX_SCANS = {"Index Scan", "Index Only Scan", "Bitmap Index Scan"}
@@ -85,6 +88,8 @@ def _plan(db: Engine, source: str, after: PageCursor | None) -> list[Any]:
 
 
 MIDDLE = START + timedelta(seconds=USERS // 2)
+EARLY = START + timedelta(seconds=USERS // 100)
+LATE = START + timedelta(seconds=USERS - USERS // 100)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +107,28 @@ MIDDLE = START + timedelta(seconds=USERS // 2)
         (f"create_time >= {MIDDLE.isoformat()}", {"ix_users_create_time_id"}),
         (f"create_time < {MIDDLE.isoformat()}", {"ix_users_create_time_id"}),
         (f"create_time <= {MIDDLE.isoformat()}", {"ix_users_create_time_id"}),
+        # Never-logged-in users match "<" too (NULL OR <): a bitmap OR on the column's index,
+        # or the list order when the matches are dense enough.
+        (
+            f"last_login_time < {EARLY.isoformat()}",
+            {"ix_users_last_login_time", "ix_users_create_time_id"},
+        ),
+        (
+            f"last_login_time <= {MIDDLE.isoformat()}",
+            {"ix_users_last_login_time", "ix_users_create_time_id"},
+        ),
+        (
+            f"last_login_time > {LATE.isoformat()}",
+            {"ix_users_last_login_time", "ix_users_create_time_id"},
+        ),
+        (
+            f"state = ACTIVE AND last_login_time < {EARLY.isoformat()}",
+            {
+                "ix_users_last_login_time",
+                "ix_users_state_create_time_id",
+                "ix_users_create_time_id",
+            },
+        ),
         (
             f'state = ACTIVE AND roles:"admin" AND create_time < {MIDDLE.isoformat()}',
             {"ix_users_roles", "ix_users_state_create_time_id", "ix_users_create_time_id"},

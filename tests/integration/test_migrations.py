@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import ast
+import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import MetaData, inspect
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    Uuid,
+    insert,
+    inspect,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 
 from tests.conftest import BACKENDS
 from tests.support import sync_engine, throwaway_database, throwaway_sqlite
 from usersvc.adapters.tables import belongs_to, metadata
+from usersvc.adapters.user_repository import list_statement
+from usersvc.domain.user_filter import parse_filter
 from usersvc.migrate import downgrade, migrations_dir, upgrade
 
 
@@ -106,3 +124,70 @@ def test_migrations_import_no_application_code() -> None:
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "usersvc"]
     assert offenders == []
     assert len(list(Path(migrations_dir(), "versions").glob("0*.py"))) >= 4
+
+
+def test_login_times_arrive_unset_on_existing_users_and_filter_as_the_oldest(
+    empty_database: str,
+) -> None:
+    """Migration 0008 adds last_login_time and password_change_time without inventing values
+    for existing users: unset, which the filter treats as older than any time."""
+    upgrade(empty_database, "0007")
+    user_id = uuid.uuid4()
+    engine = sync_engine(empty_database)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                insert(users_before_0008(conn.dialect.name)),
+                {
+                    "id": user_id,
+                    "email": "old@example.com",
+                    "name": "Old User",
+                    "password_hash": "$argon2id$old",
+                    "roles": [],
+                    "state": "active",
+                    "create_time": datetime(2020, 1, 1),
+                    "update_time": datetime(2020, 1, 1),
+                    "version": 1,
+                },
+            )
+        upgrade(empty_database)
+        where = parse_filter("last_login_time < 2000-01-01T00:00:00Z")
+        with engine.connect() as conn:
+            rows = conn.execute(
+                list_statement(limit=10, after=None, where=where, dialect=conn.dialect.name)
+            ).all()
+            none_after = conn.execute(
+                list_statement(
+                    limit=10,
+                    after=None,
+                    where=parse_filter("password_change_time >= 1900-01-01T00:00:00Z"),
+                    dialect=conn.dialect.name,
+                )
+            ).all()
+        assert [(r.id, r.last_login_time, r.password_change_time) for r in rows] == [
+            (user_id, None, None)
+        ]
+        assert none_after == []
+        downgrade(empty_database, "0007")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM users")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def users_before_0008(dialect: str) -> Table:
+    """The users table as 0007 left it (the columns this test writes)."""
+    roles = JSONB() if dialect == "postgresql" else JSON()
+    return Table(
+        "users",
+        MetaData(),
+        Column("id", Uuid()),
+        Column("email", String()),
+        Column("name", String()),
+        Column("password_hash", Text()),
+        Column("roles", roles),
+        Column("state", String()),
+        Column("create_time", DateTime()),
+        Column("update_time", DateTime()),
+        Column("version", Integer()),
+    )

@@ -36,7 +36,19 @@ from usersvc.domain.user_filter import UserFilter, matches
 from usersvc.services import ports
 
 # Columns an update may write (the SQL repository refuses anything else the same way).
-WRITABLE_COLUMNS = frozenset({"email", "name", "password_hash", "roles", "state", "update_time"})
+WRITABLE_COLUMNS = frozenset(
+    {
+        "email",
+        "name",
+        "password_hash",
+        "password_change_time",
+        "roles",
+        "state",
+        "update_time",
+        "failed_login_count",
+        "locked_until",
+    }
+)
 
 
 def list_order_key(user: User | UserView) -> tuple[datetime, uuid.UUID]:
@@ -211,6 +223,24 @@ class FakeUserRepository(_Writes):
         if user is not None:
             self.db.users[user_id] = dataclasses.replace(user, password_hash=password_hash)
 
+    async def record_login_success(self, user_id: uuid.UUID, *, now: datetime) -> None:
+        self._require_writable()
+        user = self.db.users.get(user_id)
+        if user is not None:
+            self.db.users[user_id] = dataclasses.replace(
+                user, last_login_time=now, failed_login_count=0, locked_until=None
+            )
+
+    async def dormant(self, *, cutoff: datetime, limit: int) -> Sequence[User]:
+        found = [
+            u
+            for u in self.db.users.values()
+            if u.state is UserState.ACTIVE
+            and u.password_hash != SERVICE_ACCOUNT_PASSWORD_HASH
+            and (u.last_login_time if u.last_login_time is not None else u.create_time) < cutoff
+        ]
+        return sorted(found, key=lambda u: (u.create_time, u.id))[:limit]
+
     async def reset_login_failures(self, user_id: uuid.UUID) -> None:
         self._require_writable()
         user = self.db.users.get(user_id)
@@ -241,6 +271,8 @@ def _matches(where: UserFilter, user: User) -> bool:
         roles=user.roles,
         state=user.state,
         create_time=user.create_time,
+        last_login_time=user.last_login_time,
+        password_change_time=user.password_change_time,
     )
 
 

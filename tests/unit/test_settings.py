@@ -144,6 +144,8 @@ def test_production_from_the_environment_refuses_a_short_secret(
         ("USERSVC_DB_POOL_SIZE", "0"),
         ("USERSVC_ARGON2_MEMORY_KIB", "1024"),  # below the OWASP minimum
         ("USERSVC_ARGON2_TIME_COST", "1"),
+        ("USERSVC_DORMANT_DISABLE_DAYS", "-1"),
+        ("USERSVC_DORMANT_DISABLE_DAYS", "ninety"),
     ],
 )
 def test_out_of_range_values_are_refused(
@@ -196,3 +198,9 @@ def test_an_outbox_lease_not_longer_than_the_smtp_timeout_is_refused() -> None:
     with pytest.raises(ValidationError, match="LEASE"):
         Settings(smtp_timeout_seconds=10, outbox_lease_seconds=10)
     assert Settings(smtp_timeout_seconds=10, outbox_lease_seconds=10.5).outbox_lease_seconds == 10.5
+
+
+def test_the_dormant_account_job_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().dormant_disable_days == 0
+    monkeypatch.setenv("USERSVC_DORMANT_DISABLE_DAYS", "90")
+    assert Settings().dormant_disable_days == 90

@@ -11,6 +11,7 @@ from usersvc.domain.user_filter import (
     FILTER_MAX_CHARS,
     MAX_TERMS,
     FilterSyntaxError,
+    OptionalTimeBound,
     TimeBound,
     UserFilter,
     matches,
@@ -186,3 +187,91 @@ def test_echoed_values_are_cut_short() -> None:
     with pytest.raises(FilterSyntaxError) as caught:
         parse_filter("state = " + "X" * 500)
     assert len(str(caught.value)) < 120
+
+
+# --- last_login_time and password_change_time ----------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["last_login_time", "password_change_time"])
+@pytest.mark.parametrize(
+    ("op", "before", "inclusive"),
+    [("<", True, False), ("<=", True, True), (">", False, False), (">=", False, True)],
+)
+def test_optional_time_bounds(field: str, op: str, before: bool, inclusive: bool) -> None:
+    parsed = parse_filter(f'{field} {op} "2026-01-01T00:00:00Z"')
+    assert parsed == UserFilter(
+        optional_times=(OptionalTimeBound(field, before=before, bound=TimeBound(T0, inclusive)),)
+    )
+    # Not confused with create_time's bounds.
+    assert (parsed.create_after, parsed.create_before) == ((), ())
+
+
+def test_an_unset_time_is_older_than_any() -> None:
+    """Never logged in: matches `< X` and `<= X` (a dormant account), never `>` or `>=`."""
+    user = {
+        "email": "a@x.io",
+        "roles": (),
+        "state": UserState.ACTIVE,
+        "create_time": T0 + timedelta(days=30),
+    }
+    for source, expected in [
+        ("last_login_time < 2026-01-01T00:00:00Z", True),
+        ("last_login_time <= 2026-01-01T00:00:00Z", True),
+        ("last_login_time > 2026-01-01T00:00:00Z", False),
+        ("last_login_time >= 2026-01-01T00:00:00Z", False),
+        ("password_change_time < 2026-01-01T00:00:00Z", True),
+        ("password_change_time >= 1970-01-01T00:00:00Z", False),
+    ]:
+        assert matches(parse_filter(source), **user) is expected, source  # type: ignore[arg-type]
+
+
+def test_a_set_time_compares_as_written() -> None:
+    f = parse_filter(
+        "last_login_time >= 2026-01-01T00:00:00Z AND last_login_time < 2026-02-01T00:00:00Z"
+    )
+    base = {"email": "a@x.io", "roles": (), "state": UserState.ACTIVE, "create_time": T0}
+    assert matches(f, **base, last_login_time=T0)  # type: ignore[arg-type]
+    assert matches(f, **base, last_login_time=T0 + timedelta(days=30))  # type: ignore[arg-type]
+    assert not matches(f, **base, last_login_time=T0 - timedelta(microseconds=1))  # type: ignore[arg-type]
+    assert not matches(f, **base, last_login_time=datetime(2026, 2, 1, tzinfo=UTC))  # type: ignore[arg-type]
+    # The other field is independent.
+    g = parse_filter("password_change_time > 2026-01-01T00:00:00Z")
+    assert not matches(g, **base, last_login_time=T0 + timedelta(days=1))  # type: ignore[arg-type]
+    assert matches(g, **base, password_change_time=T0 + timedelta(days=1))  # type: ignore[arg-type]
+
+
+def test_optional_times_have_their_own_canonical_form() -> None:
+    a = parse_filter('last_login_time < "2026-01-01T01:00:00+01:00" AND state = ACTIVE')
+    b = parse_filter("state=USER_STATE_ACTIVE AND last_login_time<2026-01-01T00:00:00Z")
+    assert a.canonical == b.canonical
+    assert a.canonical != parse_filter("state = ACTIVE").canonical
+    assert (
+        a.canonical
+        != parse_filter("state = ACTIVE AND last_login_time <= 2026-01-01T00:00:00Z").canonical
+    )
+    assert (
+        a.canonical
+        != parse_filter("state = ACTIVE AND password_change_time < 2026-01-01T00:00:00Z").canonical
+    )
+    # Filters without them keep the form page tokens were bound to before they existed.
+    assert "times=" not in parse_filter("state = ACTIVE").canonical
+
+
+@pytest.mark.parametrize(
+    ("source", "position", "says"),
+    [
+        ("last_login_time < yesterday", 19, "last_login_time needs an RFC 3339 timestamp"),
+        ('last_login_time < "2026-13-01T00:00:00Z"', 19, "RFC 3339"),
+        ("last_login_time < 2026-01-01T00:00:00", 19, "RFC 3339"),
+        ("password_change_time > 2026-01-01", 24, "password_change_time needs"),
+        ("last_login_time = 2026-01-01T00:00:00Z", 17, "last_login_time takes"),
+        ("last_login_time:2026-01-01T00:00:00Z", 16, "last_login_time takes"),
+        ("last_login = 2026-01-01T00:00:00Z", 1, 'unknown field "last_login"'),
+    ],
+)
+def test_bad_optional_time_terms_name_the_position(source: str, position: int, says: str) -> None:
+    with pytest.raises(FilterSyntaxError) as caught:
+        parse_filter(source)
+    assert caught.value.position == position
+    assert says in str(caught.value)
+    assert caught.value.violation().field == "filter"

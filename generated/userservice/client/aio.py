@@ -201,6 +201,13 @@ class AsyncClient:
         request = user_service_pb2.EnableUserRequest(id=id, etag=etag)
         return (await self._call(self._users.EnableUser, request, timeout=timeout)).user
 
+    async def unlock_user(
+        self, id: str, *, etag: str = "", timeout: float | None = None
+    ) -> user_pb2.User:
+        """Clear the user's login lock and failure counter (admins)."""
+        request = user_service_pb2.UnlockUserRequest(id=id, etag=etag)
+        return (await self._call(self._users.UnlockUser, request, timeout=timeout)).user
+
     async def list_audit_events(
         self,
         *,

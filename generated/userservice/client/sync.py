@@ -203,6 +203,13 @@ class Client:
         request = user_service_pb2.EnableUserRequest(id=id, etag=etag)
         return self._call(self._users.EnableUser, request, timeout=timeout).user
 
+    def unlock_user(
+        self, id: str, *, etag: str = "", timeout: float | None = None
+    ) -> user_pb2.User:
+        """Clear the user's login lock and failure counter (admins)."""
+        request = user_service_pb2.UnlockUserRequest(id=id, etag=etag)
+        return self._call(self._users.UnlockUser, request, timeout=timeout).user
+
     def list_audit_events(
         self,
         *,

@@ -59,6 +59,10 @@ class User(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    FAILED_LOGIN_COUNT_FIELD_NUMBER: _builtins.int
+    LOCKED_UNTIL_FIELD_NUMBER: _builtins.int
+    LAST_LOGIN_TIME_FIELD_NUMBER: _builtins.int
+    PASSWORD_CHANGE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier, a lower-case UUID string such as
     "6f1c0d1e-8a55-4b8e-9b6e-2f6b5b8f3f0a". Output only.
@@ -80,6 +84,13 @@ class User(_message.Message):
     Opaque: pass it on exactly as returned. It includes its double quotes (an HTTP entity
     tag such as "3"), so in JSON it reads "etag": "\\"3\\""; the bare 3 does not match.
     """
+    failed_login_count: _builtins.int
+    """Consecutive failed password checks (Login, and ChangePassword's current_password) since
+    the last successful one or the last unlock. Output only; shown to admins only: any other
+    caller (a user reading itself, a service) sees 0. Counting is atomic in the database;
+    after USERSVC_LOGIN_MAX_FAILURES of them the account is locked (see locked_until).
+    Changes of this counter by logins do not change etag or update_time.
+    """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Roles held by the user, such as "admin" or "service". Output only in this version."""
@@ -92,6 +103,30 @@ class User(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the user last changed (UTC). Output only; advances on every change."""
 
+    @_builtins.property
+    def locked_until(self) -> _timestamp_pb2.Timestamp:
+        """When the current login lock ends (UTC); unset when the account has never been locked
+        since its last successful login or unlock. A time in the past is a lock that has run out
+        (the next login attempt clears it). While it lies in the future every password check
+        fails. Output only; shown to admins only: any other caller sees it unset. UnlockUser
+        clears it.
+        """
+
+    @_builtins.property
+    def last_login_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user last logged in with a password (UTC): set by every successful Login, not by
+        RefreshToken. Unset when the user has never logged in (or not since this field exists).
+        Output only; does not change etag or update_time. Filterable in ListUsers, where an
+        unset value counts as older than any time.
+        """
+
+    @_builtins.property
+    def password_change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the password was last set (UTC): at creation and by every ChangePassword. Unset for
+        users created before this field existed. Output only. Filterable in ListUsers, where an
+        unset value counts as older than any time.
+        """
+
     def __init__(
         self,
         *,
@@ -103,10 +138,14 @@ class User(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        failed_login_count: _builtins.int = ...,
+        locked_until: _timestamp_pb2.Timestamp | None = ...,
+        last_login_time: _timestamp_pb2.Timestamp | None = ...,
+        password_change_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "password_change_time", b"password_change_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "email", b"email", "etag", b"etag", "id", b"id", "name", b"name", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "email", b"email", "etag", b"etag", "failed_login_count", b"failed_login_count", "id", b"id", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "name", b"name", "password_change_time", b"password_change_time", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -133,11 +172,14 @@ class AuditEvent(_message.Message):
     """The user the event is about; empty for a failed login with an unknown e-mail."""
     action: _builtins.str
     """What happened: "user.created", "user.updated", "user.roles_changed", "user.deleted",
-    "user.password_changed", "user.disabled", "user.enabled", "auth.login_succeeded",
-    "auth.login_failed".
+    "user.password_changed", "user.disabled", "user.enabled", "user.unlocked",
+    "auth.login_succeeded", "auth.login_failed". A user disabled for dormancy is
+    "user.disabled" by actor "system" with a change "reason" of "dormant".
     """
     actor: _builtins.str
-    """Who did it: the caller's user id, "system" for operator tooling, or "anonymous"."""
+    """Who did it: the caller's user id, "system" for operator tooling and background jobs,
+    or "anonymous".
+    """
     request_id: _builtins.str
     """Request id of the call that made the change (see the x-request-id header)."""
     @_builtins.property

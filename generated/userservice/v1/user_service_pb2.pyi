@@ -233,6 +233,12 @@ class ListUsersRequest(_message.Message):
       email:"ada*"                       e-mail prefix (a value without "*" is exact),
                                          normalised like CreateUserRequest.email
       create_time >= "2026-01-01T00:00:00Z"   also >, <, <=; RFC 3339 with a time zone
+      last_login_time < "2026-01-01T00:00:00Z"       the same operators and values
+      password_change_time < "2026-01-01T00:00:00Z" the same operators and values
+    A user who never logged in (no last_login_time), or whose password time is unknown,
+    counts as older than any time: it matches < and <=, never > or >=. So
+    `last_login_time < X` finds every account not used since X, including those never used;
+    add `create_time < X` to leave out accounts created since.
     Values may be quoted ("...", with \\" and \\\\ escapes) or bare. Example:
       state = ACTIVE AND roles:"service" AND create_time < "2026-06-01T00:00:00Z"
     Anything else (OR, NOT, parentheses, other fields or operators, bad values) gives
@@ -558,6 +564,56 @@ class EnableUserResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnableUserResponse: _TypeAlias = EnableUserResponse  # noqa: Y015
+
+@_typing.final
+class UnlockUserRequest(_message.Message):
+    """Request of UnlockUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id of the user, a UUID string. Malformed: INVALID_ARGUMENT; unknown: NOT_FOUND."""
+    etag: _builtins.str
+    """Optional etag of the user; if set and stale: ABORTED and nothing changes."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockUserRequest: _TypeAlias = UnlockUserRequest  # noqa: Y015
+
+@_typing.final
+class UnlockUserResponse(_message.Message):
+    """Response of UnlockUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The user, with failed_login_count 0 and locked_until unset."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnlockUserResponse: _TypeAlias = UnlockUserResponse  # noqa: Y015
 
 @_typing.final
 class ListAuditEventsRequest(_message.Message):

@@ -90,6 +90,11 @@ class UserServiceStub:
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.EnableUserRequest.SerializeToString,
                 response_deserializer=userservice_dot_v1_dot_user__service__pb2.EnableUserResponse.FromString,
                 _registered_method=True)
+        self.UnlockUser = channel.unary_unary(
+                '/userservice.v1.UserService/UnlockUser',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.UnlockUserRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.UnlockUserResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -191,6 +196,17 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UnlockUser(self, request, context):
+        """Clears a user's login lock and its failed-login counter, so that the correct password
+        logs in at once. Audited as "user.unlocked" (in the same transaction) and changes the
+        etag; the user's tokens stay valid. Unlocking a user with no lock and no failures is a
+        successful no-op (no audit event, etag unchanged). Callers: admin. Errors:
+        INVALID_ARGUMENT (malformed id or etag), NOT_FOUND, ABORTED (stale etag).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +259,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.EnableUser,
                     request_deserializer=userservice_dot_v1_dot_user__service__pb2.EnableUserRequest.FromString,
                     response_serializer=userservice_dot_v1_dot_user__service__pb2.EnableUserResponse.SerializeToString,
+            ),
+            'UnlockUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnlockUser,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.UnlockUserRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.UnlockUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -521,6 +542,33 @@ class UserService:
             '/userservice.v1.UserService/EnableUser',
             userservice_dot_v1_dot_user__service__pb2.EnableUserRequest.SerializeToString,
             userservice_dot_v1_dot_user__service__pb2.EnableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnlockUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/UnlockUser',
+            userservice_dot_v1_dot_user__service__pb2.UnlockUserRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.UnlockUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

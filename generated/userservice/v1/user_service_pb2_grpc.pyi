@@ -89,6 +89,13 @@ class UserServiceStub:
     """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
     active), ABORTED (stale etag).
     """
+    UnlockUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UnlockUserRequest, _user_service_pb2.UnlockUserResponse]
+    """Clears a user's login lock and its failed-login counter, so that the correct password
+    logs in at once. Audited as "user.unlocked" (in the same transaction) and changes the
+    etag; the user's tokens stay valid. Unlocking a user with no lock and no failures is a
+    successful no-op (no audit event, etag unchanged). Callers: admin. Errors:
+    INVALID_ARGUMENT (malformed id or etag), NOT_FOUND, ABORTED (stale etag).
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -150,6 +157,13 @@ class UserServiceAsyncStub(UserServiceStub):
     EnableUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.EnableUserRequest, _user_service_pb2.EnableUserResponse]  # type: ignore[assignment]
     """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
     active), ABORTED (stale etag).
+    """
+    UnlockUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UnlockUserRequest, _user_service_pb2.UnlockUserResponse]  # type: ignore[assignment]
+    """Clears a user's login lock and its failed-login counter, so that the correct password
+    logs in at once. Audited as "user.unlocked" (in the same transaction) and changes the
+    etag; the user's tokens stay valid. Unlocking a user with no lock and no failures is a
+    successful no-op (no audit event, etag unchanged). Callers: admin. Errors:
+    INVALID_ARGUMENT (malformed id or etag), NOT_FOUND, ABORTED (stale etag).
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -269,6 +283,19 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.EnableUserResponse, _abc.Awaitable[_user_service_pb2.EnableUserResponse]]:
         """Enables a disabled user. Callers: admin. Errors: NOT_FOUND, FAILED_PRECONDITION (already
         active), ABORTED (stale etag).
+        """
+
+    @_abc_1.abstractmethod
+    def UnlockUser(
+        self,
+        request: _user_service_pb2.UnlockUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.UnlockUserResponse, _abc.Awaitable[_user_service_pb2.UnlockUserResponse]]:
+        """Clears a user's login lock and its failed-login counter, so that the correct password
+        logs in at once. Audited as "user.unlocked" (in the same transaction) and changes the
+        etag; the user's tokens stay valid. Unlocking a user with no lock and no failures is a
+        successful no-op (no audit event, etag unchanged). Callers: admin. Errors:
+        INVALID_ARGUMENT (malformed id or etag), NOT_FOUND, ABORTED (stale etag).
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

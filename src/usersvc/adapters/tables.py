@@ -82,12 +82,18 @@ users = Table(
     # Unicode TS #39 skeleton of the e-mail: look-alike addresses cannot coexist. NULL only
     # for accounts older than the rule whose address collided with an even older one.
     Column("email_skeleton", String(1024), nullable=True),
+    # Migration 0008. NULL: never logged in / password set before the column existed.
+    Column("last_login_time", UTCDateTime(), nullable=True),
+    Column("password_change_time", UTCDateTime(), nullable=True),
     # The list order (newest first, id as tiebreaker) served by one index scan; also the
     # create_time bounds of ListUsers.filter.
     Index("ix_users_create_time_id", "create_time", "id"),
     Index("ix_users_email_skeleton", "email_skeleton", unique=True),
     # filter `state = ...` in list order.
     Index("ix_users_state_create_time_id", "state", "create_time", "id"),
+    # filter `last_login_time < ...` (and the dormant-account job), `password_change_time`.
+    Index("ix_users_last_login_time", "last_login_time"),
+    Index("ix_users_password_change_time", "password_change_time"),
 )
 
 

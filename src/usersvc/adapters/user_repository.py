@@ -34,8 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.tables import users
 from usersvc.domain.errors import EmailLookalike, EmailTaken
-from usersvc.domain.models import PageCursor, User, UserState
-from usersvc.domain.user_filter import UserFilter
+from usersvc.domain.models import SERVICE_ACCOUNT_PASSWORD_HASH, PageCursor, User, UserState
+from usersvc.domain.user_filter import OptionalTimeBound, UserFilter
 from usersvc.domain.validation import email_skeleton
 
 # Statements built once; SQLAlchemy caches their compiled form.
@@ -67,7 +67,20 @@ _ESTIMATED_COUNT_PG = text(
 )
 
 # Columns an update may write; anything else is a programming error, never request data.
-WRITABLE_COLUMNS = frozenset({"email", "name", "password_hash", "roles", "state", "update_time"})
+WRITABLE_COLUMNS = frozenset(
+    {
+        "email",
+        "name",
+        "password_hash",
+        "password_change_time",
+        "roles",
+        "state",
+        "update_time",
+        # UnlockUser
+        "failed_login_count",
+        "locked_until",
+    }
+)
 
 
 def _like_prefix(prefix: str) -> str:
@@ -110,7 +123,25 @@ def filter_conditions(where: UserFilter, dialect: str) -> list[ColumnElement[boo
             if bound.inclusive
             else users.c.create_time < bound.value
         )
+    for optional in where.optional_times:
+        conditions.append(_optional_time_condition(optional))
     return conditions
+
+
+_OPTIONAL_TIME_COLUMNS = {
+    "last_login_time": users.c.last_login_time,
+    "password_change_time": users.c.password_change_time,
+}
+
+
+def _optional_time_condition(optional: OptionalTimeBound) -> ColumnElement[bool]:
+    """An unset (NULL) time is older than any: it satisfies < and <=, never > or >=. Each arm
+    is served by the column's index (PostgreSQL combines them with a bitmap OR)."""
+    column = _OPTIONAL_TIME_COLUMNS[optional.field]
+    value, inclusive = optional.bound.value, optional.bound.inclusive
+    if optional.before:
+        return or_(column.is_(None), column <= value if inclusive else column < value)
+    return column >= value if inclusive else column > value
 
 
 def list_statement(
@@ -142,6 +173,8 @@ def _to_user(row: Row[Any]) -> User:
         token_version=m["token_version"],
         failed_login_count=m["failed_login_count"],
         locked_until=m["locked_until"],
+        last_login_time=m["last_login_time"],
+        password_change_time=m["password_change_time"],
     )
 
 
@@ -178,6 +211,8 @@ class UserRepository:
                 "token_version": user.token_version,
                 "failed_login_count": user.failed_login_count,
                 "locked_until": user.locked_until,
+                "last_login_time": user.last_login_time,
+                "password_change_time": user.password_change_time,
             },
         )
 
@@ -288,6 +323,34 @@ class UserRepository:
         await self._conn.execute(
             update(users).where(users.c.id == user_id).values(password_hash=password_hash)
         )
+
+    async def record_login_success(self, user_id: uuid.UUID, *, now: datetime) -> None:
+        """A successful Login: last_login_time = now, failures and lock cleared; one statement,
+        not a change of the user (no new version)."""
+        await self._conn.execute(
+            update(users)
+            .where(users.c.id == user_id)
+            .values(last_login_time=now, failed_login_count=0, locked_until=None)
+        )
+
+    async def dormant(self, *, cutoff: datetime, limit: int) -> Sequence[User]:
+        """Up to `limit` active users that can log in with a password and whose last login, or
+        creation if they never logged in, is before `cutoff`; oldest creation first."""
+        stmt = (
+            select(users)
+            .where(users.c.state == UserState.ACTIVE.value)
+            .where(users.c.password_hash != SERVICE_ACCOUNT_PASSWORD_HASH)
+            .where(
+                or_(
+                    users.c.last_login_time < cutoff,
+                    and_(users.c.last_login_time.is_(None), users.c.create_time < cutoff),
+                )
+            )
+            .order_by(users.c.create_time, users.c.id)
+            .limit(limit)
+        )
+        rows = (await self._conn.execute(stmt)).all()
+        return [_to_user(r) for r in rows]
 
     async def reset_login_failures(self, user_id: uuid.UUID) -> None:
         await self._conn.execute(

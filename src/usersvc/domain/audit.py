@@ -14,6 +14,7 @@ USER_DELETED = "user.deleted"
 USER_PASSWORD_CHANGED = "user.password_changed"
 USER_DISABLED = "user.disabled"
 USER_ENABLED = "user.enabled"
+USER_UNLOCKED = "user.unlocked"
 LOGIN_SUCCEEDED = "auth.login_succeeded"
 LOGIN_FAILED = "auth.login_failed"
 

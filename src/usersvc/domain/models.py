@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 import uuid
@@ -31,6 +32,10 @@ class User:
     token_version: int = 1
     failed_login_count: int = 0
     locked_until: datetime | None = None
+    # Set by every successful Login; None: never logged in.
+    last_login_time: datetime | None = None
+    # Set whenever the password is set; None: unknown (users older than the column).
+    password_change_time: datetime | None = None
 
     @property
     def etag(self) -> str:
@@ -47,12 +52,18 @@ class User:
             update_time=self.update_time,
             version=self.version,
             token_version=self.token_version,
+            failed_login_count=self.failed_login_count,
+            locked_until=self.locked_until,
+            last_login_time=self.last_login_time,
+            password_change_time=self.password_change_time,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class UserView:
-    """A user as the service layer hands it out: no password hash, no login counters."""
+    """A user as the service layer hands it out: no password hash. The login counters
+    (failed_login_count, locked_until) are for admins: `without_login_counters` blanks them
+    for everyone else."""
 
     id: uuid.UUID
     email: str
@@ -63,10 +74,20 @@ class UserView:
     update_time: datetime
     version: int
     token_version: int = 1
+    failed_login_count: int = 0
+    locked_until: datetime | None = None
+    last_login_time: datetime | None = None
+    password_change_time: datetime | None = None
 
     @property
     def etag(self) -> str:
         return etag_of(self.version)
+
+    def without_login_counters(self) -> UserView:
+        """This view as a caller who is not an admin sees it."""
+        if not self.failed_login_count and self.locked_until is None:
+            return self
+        return dataclasses.replace(self, failed_login_count=0, locked_until=None)
 
 
 SERVICE_ACCOUNT_PASSWORD_HASH = "!service-account"  # never verifies: no password login

@@ -7,10 +7,17 @@ Grammar (whitespace between tokens is free; keywords and field names are case-se
                 | "roles" ":" ROLE
                 | "email" ( "=" | ":" ) EMAIL         exact, or a prefix when it ends in "*"
                 | "create_time" ( ">" | ">=" | "<" | "<=" ) TIMESTAMP
+                | "last_login_time" ( ">" | ">=" | "<" | "<=" ) TIMESTAMP
+                | "password_change_time" ( ">" | ">=" | "<" | "<=" ) TIMESTAMP
     value      := '"' characters, with \\" and \\\\ escapes '"'  |  bare characters up to
                   white space or a parenthesis
     STATE      := ACTIVE | DISABLED | USER_STATE_ACTIVE | USER_STATE_DISABLED
     TIMESTAMP  := RFC 3339 with a time zone, such as 2026-01-31T09:00:00Z
+
+last_login_time and password_change_time may be unset (never logged in; password set before
+the column existed): an unset value counts as older than any time, so it matches < and <=
+and never > or >=. An admin hunting dormant accounts with `last_login_time < X` finds the
+never-used ones too.
 
 Anything else (OR, NOT, parentheses, another field or operator, a bad value) is refused with
 the 1-based character position of the problem. The parser only produces values; the adapters
@@ -65,6 +72,33 @@ class TimeBound:
     inclusive: bool
 
 
+# Timestamps that may be unset; an unset one is older than any time.
+OPTIONAL_TIME_FIELDS = ("last_login_time", "password_change_time")
+
+
+@dataclass(frozen=True, slots=True)
+class OptionalTimeBound:
+    """`field` (one of OPTIONAL_TIME_FIELDS) compared with `value`: before it (< or <=,
+    which an unset value satisfies) or after it (> or >=, which it does not)."""
+
+    field: str
+    before: bool
+    bound: TimeBound
+
+    def holds(self, value: datetime | None) -> bool:
+        if value is None:
+            return self.before
+        b = self.bound
+        if self.before:
+            return value <= b.value if b.inclusive else value < b.value
+        return value >= b.value if b.inclusive else value > b.value
+
+    @property
+    def canonical(self) -> str:
+        op = ("<" if self.before else ">") + ("=" if self.bound.inclusive else "")
+        return f"{self.field}{op}{self.bound.value.isoformat()}"
+
+
 @dataclass(frozen=True, slots=True)
 class UserFilter:
     """Every condition of a list query; all of them must hold (AND). Empty: every user."""
@@ -75,6 +109,8 @@ class UserFilter:
     email_prefixes: frozenset[str] = frozenset()
     create_after: tuple[TimeBound, ...] = ()
     create_before: tuple[TimeBound, ...] = ()
+    # last_login_time and password_change_time bounds.
+    optional_times: tuple[OptionalTimeBound, ...] = ()
     # Set when terms contradict each other (two states, two exact e-mails): nobody matches.
     impossible: bool = False
 
@@ -87,21 +123,30 @@ class UserFilter:
                 sorted(f"{b.value.isoformat()}{'=' if b.inclusive else ''}" for b in bounds)
             )
 
-        return "|".join(
-            [
-                "states=" + ",".join(sorted(s.value for s in self.states)),
-                "roles=" + ",".join(sorted(self.roles)),
-                "email=" + (self.email or ""),
-                "prefixes=" + ",".join(sorted(self.email_prefixes)),
-                "after=" + times(self.create_after),
-                "before=" + times(self.create_before),
-                "impossible=" + str(self.impossible),
-            ]
-        )
+        parts = [
+            "states=" + ",".join(sorted(s.value for s in self.states)),
+            "roles=" + ",".join(sorted(self.roles)),
+            "email=" + (self.email or ""),
+            "prefixes=" + ",".join(sorted(self.email_prefixes)),
+            "after=" + times(self.create_after),
+            "before=" + times(self.create_before),
+            "impossible=" + str(self.impossible),
+        ]
+        if self.optional_times:
+            # Only when present: tokens of filters without them keep their earlier form.
+            parts.append("times=" + ",".join(sorted(b.canonical for b in self.optional_times)))
+        return "|".join(parts)
 
 
 def matches(
-    f: UserFilter, *, email: str, roles: tuple[str, ...], state: UserState, create_time: datetime
+    f: UserFilter,
+    *,
+    email: str,
+    roles: tuple[str, ...],
+    state: UserState,
+    create_time: datetime,
+    last_login_time: datetime | None = None,
+    password_change_time: datetime | None = None,
 ) -> bool:
     """Whether a user with these fields satisfies the filter (the stores' semantics)."""
     if f.impossible or any(state is not s for s in f.states):
@@ -118,7 +163,8 @@ def matches(
     for b in f.create_before:
         if not (create_time <= b.value if b.inclusive else create_time < b.value):
             return False
-    return True
+    optional = {"last_login_time": last_login_time, "password_change_time": password_change_time}
+    return all(b.holds(optional[b.field]) for b in f.optional_times)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +279,7 @@ class _Parser:
         prefixes: set[str] = set()
         after: list[TimeBound] = []
         before: list[TimeBound] = []
+        optional_times: list[OptionalTimeBound] = []
         state_terms = 0
         terms = 0
         while True:
@@ -252,12 +299,17 @@ class _Parser:
                 moment = _rfc3339(value.text, round_up=op.text in ("<", ">="))
                 if moment is None:
                     raise FilterSyntaxError(
-                        "create_time needs an RFC 3339 timestamp with a time zone, such as "
+                        f"{field.text} needs an RFC 3339 timestamp with a time zone, such as "
                         f'"2026-01-31T09:00:00Z", not "{_echo(value.text)}"',
                         value.position,
                     )
                 bound = TimeBound(moment, inclusive=op.text in (">=", "<="))
-                (after if op.text in (">", ">=") else before).append(bound)
+                if field.text in OPTIONAL_TIME_FIELDS:
+                    optional_times.append(
+                        OptionalTimeBound(field.text, before=op.text in ("<", "<="), bound=bound)
+                    )
+                else:
+                    (after if op.text in (">", ">=") else before).append(bound)
             token = self._next()
             if token.kind == "end":
                 break
@@ -276,6 +328,7 @@ class _Parser:
             email_prefixes=frozenset(prefixes),
             create_after=tuple(after),
             create_before=tuple(before),
+            optional_times=tuple(optional_times),
             impossible=impossible,
         )
 
@@ -284,6 +337,8 @@ class _Parser:
         "roles": (":",),
         "email": ("=", ":"),
         "create_time": (">", ">=", "<", "<="),
+        "last_login_time": (">", ">=", "<", "<="),
+        "password_change_time": (">", ">=", "<", "<="),
     }
 
     def _term(self) -> tuple[_Token, _Token, _Token]:
@@ -296,7 +351,8 @@ class _Parser:
             raise FilterSyntaxError(f'expected a field, not "{field.text}"', field.position)
         if field.kind != "word" or field.text not in self._FIELD_OPERATORS:
             raise FilterSyntaxError(
-                f'unknown field "{_echo(field.text)}"; known: create_time, email, roles, state',
+                f'unknown field "{_echo(field.text)}"; known: create_time, email, '
+                "last_login_time, password_change_time, roles, state",
                 field.position,
             )
         op = self._next()

@@ -29,7 +29,7 @@ def timestamp(value: datetime) -> Timestamp:
 
 
 def user_to_proto(user: UserView) -> user_pb2.User:
-    return user_pb2.User(
+    message = user_pb2.User(
         id=str(user.id),
         email=user.email,
         name=user.name,
@@ -38,7 +38,16 @@ def user_to_proto(user: UserView) -> user_pb2.User:
         create_time=timestamp(user.create_time),
         update_time=timestamp(user.update_time),
         etag=user.etag,
+        failed_login_count=user.failed_login_count,
     )
+    # Unset stays unset (never logged in, not locked, unknown), not the epoch.
+    if user.locked_until is not None:
+        message.locked_until.CopyFrom(timestamp(user.locked_until))
+    if user.last_login_time is not None:
+        message.last_login_time.CopyFrom(timestamp(user.last_login_time))
+    if user.password_change_time is not None:
+        message.password_change_time.CopyFrom(timestamp(user.password_change_time))
+    return message
 
 
 def timestamp_from_epoch(seconds: float) -> Timestamp:

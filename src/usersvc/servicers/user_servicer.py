@@ -35,7 +35,8 @@ class UserServicer(pb_grpc.UserServiceServicer):
         return pb.CreateUserResponse(user=user_to_proto(user))
 
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
-        return pb.GetUserResponse(user=user_to_proto(await self._users.get_user(request.id)))
+        user = await self._users.get_user(request.id, ctx=_request_context())
+        return pb.GetUserResponse(user=user_to_proto(user))
 
     async def BatchGetUsers(
         self, request: pb.BatchGetUsersRequest, context: Context
@@ -58,6 +59,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
             page_token=request.page_token,
             email=request.email,
             filter=request.filter,
+            ctx=_request_context(),
         )
         return pb.ListUsersResponse(
             users=[user_to_proto(u) for u in result.users],
@@ -112,6 +114,14 @@ class UserServicer(pb_grpc.UserServiceServicer):
             ctx=_request_context(), user_id=request.id, etag=request.etag
         )
         return pb.EnableUserResponse(user=user_to_proto(user))
+
+    async def UnlockUser(
+        self, request: pb.UnlockUserRequest, context: Context
+    ) -> pb.UnlockUserResponse:
+        user = await self._users.unlock_user(
+            ctx=_request_context(), user_id=request.id, etag=request.etag
+        )
+        return pb.UnlockUserResponse(user=user_to_proto(user))
 
     async def ListAuditEvents(
         self, request: pb.ListAuditEventsRequest, context: Context

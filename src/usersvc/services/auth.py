@@ -185,8 +185,8 @@ class AuthService:
             new_hash = await self._hasher.hash(password)
 
         async def succeed(uow: UnitOfWork) -> TokenPair:
-            if user.failed_login_count or user.locked_until is not None:
-                await uow.users.reset_login_failures(user.id)
+            # last_login_time, and the failure count and any expired lock cleared: one write.
+            await uow.users.record_login_success(user.id, now=self._clock())
             if new_hash is not None:
                 # Not a change of the resource: etag and token version stay.
                 await uow.users.replace_password_hash(user.id, new_hash)

@@ -104,6 +104,9 @@ def _snapshot(user: UserView) -> dict[str, Any]:
         "create_time": user.create_time.isoformat(),
         "update_time": user.update_time.isoformat(),
         "version": user.version,
+        "password_change_time": (
+            user.password_change_time.isoformat() if user.password_change_time else None
+        ),
     }
 
 
@@ -117,4 +120,10 @@ def _from_snapshot(data: dict[str, Any]) -> UserView:
         create_time=datetime.fromisoformat(data["create_time"]),
         update_time=datetime.fromisoformat(data["update_time"]),
         version=int(data["version"]),
+        # Absent from results remembered before the field existed.
+        password_change_time=(
+            datetime.fromisoformat(data["password_change_time"])
+            if data.get("password_change_time")
+            else None
+        ),
     )

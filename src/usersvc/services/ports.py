@@ -78,6 +78,14 @@ class UserStore(Protocol):
 
     async def reset_login_failures(self, user_id: uuid.UUID) -> None: ...
 
+    async def record_login_success(self, user_id: uuid.UUID, *, now: datetime) -> None:
+        """Set last_login_time to `now` and clear failures and lock in one write; not a change
+        of the user (no new version)."""
+
+    async def dormant(self, *, cutoff: datetime, limit: int) -> Sequence[User]:
+        """Up to `limit` active users that can log in with a password (not service accounts)
+        whose last login, or creation if they never logged in, is before `cutoff`."""
+
 
 class UserPointReads(Protocol):
     """The two reads on every authenticated call, outside any unit of work: each sees the

@@ -105,6 +105,11 @@ READ_ANY_ROLES = frozenset({ADMIN, SERVICE})
 # The operator tooling acting on its own authority, outside any request.
 OPERATOR = RequestContext(SYSTEM)
 
+# The dormant-account job: users per read, reads per run, and the reason it audits.
+DORMANT_BATCH = 100
+DORMANT_BATCHES = 10
+DORMANT_REASON = "dormant"
+
 
 def _no_revocation_hook(user_id: uuid.UUID) -> None:
     return None
@@ -217,6 +222,7 @@ class UserService:
             create_time=now,
             update_time=now,
             version=1,
+            password_change_time=now,
         )
         welcome = OutboxMessage(
             topic=TOPIC_USER_CREATED,
@@ -274,9 +280,12 @@ class UserService:
         """Forget request ids older than the retention period; returns how many."""
         return await self._creates.purge()
 
-    async def get_user(self, user_id: str) -> UserView:
-        """The user with this id; ValidationFailed for a malformed id, UserNotFound if none."""
-        return (await self._stored(require_user_id(user_id))).view()
+    async def get_user(self, user_id: str, *, ctx: RequestContext | None = None) -> UserView:
+        """The user with this id; ValidationFailed for a malformed id, UserNotFound if none.
+
+        The login counters are shown only when `ctx` is an admin's.
+        """
+        return _shown(ctx, (await self._stored(require_user_id(user_id))).view())
 
     async def _stored(self, uid: uuid.UUID) -> User:
         user = await self._point_reads.get(uid)
@@ -340,11 +349,17 @@ class UserService:
         if missing and not allow_missing:
             raise UsersNotFound([str(u) for u in missing], limit=REPORTED_IDS_MAX)
         return BatchGetUsersResult(
-            users=[found[u] for u in parsed if u in found], missing_ids=missing
+            users=[_shown(ctx, found[u]) for u in parsed if u in found], missing_ids=missing
         )
 
     async def list_users(
-        self, *, page_size: int, page_token: str, email: str, filter: str = ""
+        self,
+        *,
+        page_size: int,
+        page_token: str,
+        email: str,
+        filter: str = "",
+        ctx: RequestContext | None = None,
     ) -> ListUsersResult:
         """One page, newest first, with a token for the next page (empty at the end).
 
@@ -394,7 +409,9 @@ class UserService:
                     self._estimate = (now + ESTIMATE_SECONDS, total)
         page, next_token = cut_page(self._page_tokens, page_request, rows)
         return ListUsersResult(
-            users=[u.view() for u in page], next_page_token=next_token, total_size=total
+            users=[_shown(ctx, u.view()) for u in page],
+            next_page_token=next_token,
+            total_size=total,
         )
 
     async def update_user(
@@ -422,7 +439,10 @@ class UserService:
         violations.extend(update.violations)
         if violations or uid is None:
             raise ValidationFailed(violations)
-        return await self._write(ctx, uid, update.values, etag=etag, action=audit.USER_UPDATED)
+        return _shown(
+            ctx,
+            await self._write(ctx, uid, update.values, etag=etag, action=audit.USER_UPDATED),
+        )
 
     async def change_password(
         self,
@@ -444,13 +464,14 @@ class UserService:
         if not actor.is_admin:
             await self._check_current_password(ctx, uid, current_password)
         password_hash = await self._hasher.hash(new_password)
-        return await self._write(
+        changed = await self._write(
             ctx,
             uid,
             {"password_hash": password_hash},
             etag=etag,
             action=audit.USER_PASSWORD_CHANGED,
         )
+        return _shown(ctx, changed)
 
     async def _check_current_password(
         self, ctx: RequestContext, uid: uuid.UUID, current_password: str
@@ -516,6 +537,73 @@ class UserService:
             action=audit.USER_ENABLED,
         )
 
+    async def unlock_user(self, *, ctx: RequestContext, user_id: str, etag: str) -> UserView:
+        """Clear the login lock and the failure counter (admins); audited, new etag. A user
+        with neither is left as it is (no audit record, same etag)."""
+        uid = require_user_id(user_id)
+        if not ctx.actor.is_admin:
+            # The contract's policy already refuses this; the rule holds here on its own too.
+            raise PermissionDenied("only admins may unlock users")
+        return await self._write(
+            ctx,
+            uid,
+            {"failed_login_count": 0, "locked_until": None},
+            etag=etag,
+            action=audit.USER_UNLOCKED,
+        )
+
+    async def disable_dormant_users(
+        self, *, days: int, batch_size: int = DORMANT_BATCH, max_batches: int = DORMANT_BATCHES
+    ) -> int:
+        """Disable every active user (service accounts aside) whose last login, or creation
+        if it never logged in, is more than `days` days old; returns how many were disabled.
+
+        Each user is disabled as DisableUser does it (audit record by the system actor, token
+        revocation, refresh tokens revoked), in its own transaction, after checking again
+        under the row lock that it is still dormant: a login in between keeps it active. At
+        most batch_size x max_batches users per call; the next call goes on.
+        """
+        if days <= 0:
+            return 0
+        ctx = RequestContext(SYSTEM, request_id=f"dormant-{uuid.uuid4()}")
+        disabled = 0
+        for _ in range(max_batches):
+            cutoff = self._clock() - timedelta(days=days)
+            async with self._uow(write=False) as uow:
+                candidates = await uow.users.dormant(cutoff=cutoff, limit=batch_size)
+            progress = False
+            for candidate in candidates:
+                if not self._hasher.allows_password_login(candidate.password_hash):
+                    continue
+
+                def still_dormant(current: User, cutoff: datetime = cutoff) -> None:
+                    seen = current.last_login_time or current.create_time
+                    if seen >= cutoff:
+                        raise FailedPrecondition("user logged in since", reason="NOT_DORMANT")
+
+                try:
+                    await self._write(
+                        ctx,
+                        candidate.id,
+                        {"state": UserState.DISABLED.value},
+                        etag="",
+                        require_state=UserState.ACTIVE,
+                        action=audit.USER_DISABLED,
+                        check=still_dormant,
+                        note={"reason": (None, DORMANT_REASON)},
+                    )
+                except (FailedPrecondition, UserNotFound):
+                    continue  # changed meanwhile: logged in, disabled or deleted
+                disabled += 1
+                progress = True
+                log.info(
+                    "disabled dormant user",
+                    extra={"user_id": str(candidate.id), "days": days},
+                )
+            if len(candidates) < batch_size or not progress:
+                break
+        return disabled
+
     async def add_roles(
         self,
         *,
@@ -575,10 +663,13 @@ class UserService:
         etag: str,
         action: str,
         require_state: UserState | None = None,
+        check: Callable[[User], None] | None = None,
+        note: dict[str, tuple[Any, Any]] | None = None,
     ) -> UserView:
         """Apply `values` with the etag and state checks, the audit record and, where the
         change affects what tokens may do (password, roles, state), token revocation, all in
-        one transaction."""
+        one transaction. `check` may refuse the stored user (under its row lock) by raising;
+        `note` adds entries to the audit record."""
         expected = self._expected_version(etag)
 
         async def write(uow: UnitOfWork) -> tuple[User, bool]:
@@ -592,17 +683,22 @@ class UserService:
                     f"user is already {current.state.value}",
                     reason="USER_ALREADY_" + current.state.value.upper(),
                 )
+            if check is not None:
+                check(current)
             changes = _changes(current, values)
             if not changes and require_state is None:
                 # Nothing would change: no new version, no audit record (AIP-134 allows it).
                 return current, False
             revoke = bool({"password_hash", "state"} & set(values)) or "roles" in changes
             now = self._clock()
+            written = {**values, "update_time": now}
+            if "password_hash" in values:
+                written["password_change_time"] = now
             # The row is locked (SQLite: the write lock is held), so the version still matches;
             # the condition stays in the statement as a guard all the same.
             updated = await uow.users.update(
                 uid,
-                {**values, "update_time": now},
+                written,
                 expected_version=current.version,
                 revoke_tokens=revoke,
             )
@@ -611,7 +707,9 @@ class UserService:
             if revoke:
                 await uow.refresh_tokens.revoke_user(uid)
             event_action = audit.USER_ROLES_CHANGED if "roles" in changes else action
-            await uow.audit.add(self._event(ctx, uid, event_action, changes, now))
+            await uow.audit.add(
+                self._event(ctx, uid, event_action, {**changes, **(note or {})}, now)
+            )
             await uow.commit()
             return updated, revoke
 
@@ -675,6 +773,18 @@ def _changes(current: User, values: dict[str, Any]) -> dict[str, tuple[Any, Any]
             old, new = list(old), list(new)
         elif name == "state":
             old = old.value
+        # Audit values are JSON: times as RFC 3339 text.
+        if isinstance(old, datetime):
+            old = old.isoformat()
+        if isinstance(new, datetime):
+            new = new.isoformat()
         if old != new:
             changes[name] = (old, new)
     return changes
+
+
+def _shown(ctx: RequestContext | None, user: UserView) -> UserView:
+    """The user as this caller may see it: the login counters are for admins only."""
+    if ctx is not None and ctx.actor.is_admin:
+        return user
+    return user.without_login_counters()

@@ -13,14 +13,20 @@ from opentelemetry import trace
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from usersvc.adapters.change_signal import LocalChangeSignal, PostgresChangeListener
 from usersvc.adapters.common_passwords import load_common_passwords
 from usersvc.adapters.db import create_engine, create_read_engine
 from usersvc.adapters.jwt_tokens import AccessTokenCodec, load_or_create_keys
 from usersvc.adapters.page_tokens import PageTokenCodec
 from usersvc.adapters.password_hasher import Argon2PasswordHasher
 from usersvc.adapters.point_reads import PostgresPointReads, SqlitePointReads
+from usersvc.adapters.resume_tokens import ResumeTokenCodec
 from usersvc.adapters.secret_files import create_once
 from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
+from usersvc.adapters.user_event_repository import (
+    PostgresUserEventSource,
+    SqliteUserEventSource,
+)
 from usersvc.config import Settings
 from usersvc.metrics import Metrics
 from usersvc.notifications.dispatcher import OutboxDispatcher
@@ -29,11 +35,14 @@ from usersvc.services.audit import AuditService
 from usersvc.services.auth import AuthService, TokenStateCache
 from usersvc.services.clock import utc_now
 from usersvc.services.point_reads import UnitOfWorkPointReads
-from usersvc.services.ports import Clock, UserPointReads
+from usersvc.services.ports import Clock, UserEventSource, UserPointReads
+from usersvc.services.user_events import UserEventFeed
 from usersvc.services.users import UserService
 
 log = logging.getLogger(__name__)
 
+# SQLite shared by several worker processes: no cross-process wake-up, so watchers poll often.
+SQLITE_WORKERS_POLL_SECONDS = 0.2
 DISPATCHER_OFF_MESSAGE = "welcome e-mail dispatcher is off: USERSVC_SMTP_HOST is not set"
 
 
@@ -51,8 +60,14 @@ class Components:
     auth: AuthService
     audit: AuditService
     point_reads: PointReads
+    feed: UserEventFeed
+    change_signal: LocalChangeSignal
+    # PostgreSQL: wakes this process's watchers on commits made anywhere; started by the server.
+    change_listener: PostgresChangeListener | None
 
     async def close(self) -> None:
+        if self.change_listener is not None:
+            await self.change_listener.stop()
         await self.point_reads.close()
         await self.engine.dispose()
         if self.uow.read_engine is not self.engine:
@@ -162,7 +177,8 @@ def build_components(
         queue_limit=settings.hash_queue_limit,
         queue_hooks=metrics.hash_queue_hooks() if metrics is not None else None,
     )
-    uow = SqlUnitOfWorkFactory(engine, read_engine)
+    change_signal = LocalChangeSignal()
+    uow = SqlUnitOfWorkFactory(engine, read_engine, on_user_events=change_signal.notify)
     keys = load_or_create_keys(
         settings.jwt_signing_key_file, settings.verification_key_paths, Path(settings.data_dir)
     )
@@ -191,6 +207,25 @@ def build_components(
         point_reads=point_reads,
     )
     audit = AuditService(uow=uow, page_tokens=page_tokens)
+    postgres = make_url(settings.effective_database_url).get_backend_name() == "postgresql"
+    source: UserEventSource
+    poll = settings.watch_poll_seconds
+    if postgres:
+        source = PostgresUserEventSource(read_engine or engine)
+    else:
+        source = SqliteUserEventSource(engine)
+        if settings.workers > 1:
+            poll = min(poll, SQLITE_WORKERS_POLL_SECONDS)
+    feed = UserEventFeed(
+        source=source,
+        signal=change_signal,
+        tokens=ResumeTokenCodec(secret),
+        clock=clock,
+        retention_seconds=settings.user_events_retention_seconds,
+        poll_seconds=poll,
+        checkpoint_seconds=settings.watch_checkpoint_seconds,
+        slow_consumer_seconds=settings.watch_slow_consumer_seconds,
+    )
     auth = AuthService(
         uow=uow,
         hasher=hasher,
@@ -214,4 +249,9 @@ def build_components(
         auth=auth,
         audit=audit,
         point_reads=point_reads,
+        feed=feed,
+        change_signal=change_signal,
+        change_listener=PostgresChangeListener(settings.effective_database_url, change_signal)
+        if postgres
+        else None,
     )

@@ -161,6 +161,18 @@ class Settings(BaseSettings):
     rate_limit_login_per_email: str = "10/minute"
     # How long CreateUser remembers a request_id (AIP-155), then the key is purged.
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    # WatchUserEvents: events older than this are purged; a resume token older than it gives
+    # FAILED_PRECONDITION (RESUME_TOKEN_EXPIRED).
+    user_events_retention_seconds: int = Field(default=7 * 24 * 3600, ge=3600)
+    # How often the purge runs.
+    user_events_purge_interval_seconds: float = Field(default=3600.0, gt=0)
+    # A watcher reads the events table at least this often, whatever wake-ups it got
+    # (PostgreSQL NOTIFY and commits in this process wake it at once).
+    watch_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    # A quiet stream gets a checkpoint (a fresh resume token) this often.
+    watch_checkpoint_seconds: float = Field(default=30.0, gt=0)
+    # A stream whose message gRPC could send only after this long ends (RESOURCE_EXHAUSTED).
+    watch_slow_consumer_seconds: float = Field(default=30.0, gt=0)
 
     # Welcome e-mail through the outbox. Empty smtp_host: the dispatcher is off.
     smtp_host: str = ""

@@ -1,5 +1,5 @@
-"""Background jobs: the idempotency-key purge, the dormant-account job (off by default) and
-the welcome e-mail dispatcher.
+"""Background jobs: the idempotency-key and user-event purges, the dormant-account job (off
+by default) and the welcome e-mail dispatcher.
 
 The server runs both beside the gRPC service; `usersvc dispatch` runs the dispatcher alone.
 """
@@ -17,6 +17,7 @@ from usersvc.adapters.outbox_repository import OutboxRepository
 from usersvc.bootstrap import build_dispatcher
 from usersvc.config import Settings
 from usersvc.metrics import Metrics
+from usersvc.services.user_events import UserEventFeed
 from usersvc.services.users import UserService
 from usersvc.tracing import instrument_engine, tracer_provider_from_env
 
@@ -67,6 +68,23 @@ async def disable_dormant_users_forever(
                 log.info("disabled dormant users", extra={"count": disabled, "days": days})
         except Exception:
             log.exception("disabling dormant users failed; will try again")
+        await asyncio.sleep(interval)
+
+
+async def purge_user_events_forever(
+    feed: UserEventFeed, *, interval: float, ready: asyncio.Event | None = None
+) -> None:
+    """Delete change-feed events older than the retention period every `interval` s until
+    cancelled; with `ready`, only while it is set."""
+    while True:
+        if ready is not None:
+            await ready.wait()
+        try:
+            purged = await feed.purge()
+            if purged:
+                log.info("purged user events", extra={"count": purged})
+        except Exception:
+            log.exception("purging user events failed; will try again")
         await asyncio.sleep(interval)
 
 

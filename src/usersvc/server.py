@@ -36,6 +36,7 @@ from usersvc.jobs import (
     count_outbox_forever,
     disable_dormant_users_forever,
     purge_idempotency_keys_forever,
+    purge_user_events_forever,
 )
 from usersvc.metrics import Metrics, MetricsEndpoint
 from usersvc.migrate import script_revisions
@@ -78,6 +79,8 @@ class RunningServer:
     async def start(self) -> None:
         """Check the database once (readiness follows it from then on), then listen."""
         await self.readiness.check_once()
+        if self.components.change_listener is not None:
+            self.components.change_listener.start()
         self.background.append(
             asyncio.create_task(self.readiness.run(self.stopping), name="readiness")
         )
@@ -91,6 +94,9 @@ class RunningServer:
         if drain:
             await asyncio.sleep(drain)
         self.gate.close()
+        # Open WatchUserEvents streams end now with UNAVAILABLE and their resume token (a
+        # stream never finishes on its own, so waiting for the grace period would be idle).
+        self.components.feed.shut_down()
         # grpc core cancels (CANCELLED) calls it has accepted but not yet handed to us when
         # the server shuts down; wait until callers have stopped sending (they got
         # UNAVAILABLE with RetryInfo), for at most half the grace period.
@@ -167,7 +173,9 @@ async def build_server(
         # Beyond this, grpc answers RESOURCE_EXHAUSTED at once instead of queueing.
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(c.users, c.audit), server)
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(
+        UserServicer(c.users, c.audit, c.feed), server
+    )
     auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(c.auth), server)
 
     # Liveness ("") is SERVING while the process answers; readiness (the service names)
@@ -225,6 +233,16 @@ async def build_server(
             # Readiness has already said why the database cannot be used: no purge until ready.
             purge_idempotency_keys_forever(c.users, ready=readiness.ready_event),
             name="idempotency-purge",
+        )
+    )
+    running.background.append(
+        asyncio.create_task(
+            purge_user_events_forever(
+                c.feed,
+                interval=settings.user_events_purge_interval_seconds,
+                ready=readiness.ready_event,
+            ),
+            name="user-events-purge",
         )
     )
     if settings.dormant_disable_days:

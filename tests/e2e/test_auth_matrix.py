@@ -65,6 +65,8 @@ MATRIX: dict[str, dict[str, grpc.StatusCode]] = {
     "EnableUser": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     "UnlockUser": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     "ListAuditEvents": row(UNAUTH, DENIED, DENIED, DENIED, OK),
+    # Server streaming: the code of its first message (a checkpoint) or of its refusal.
+    "WatchUserEvents": row(UNAUTH, DENIED, DENIED, OK, OK),
     "Login": ALL_OK,
     "RefreshToken": ALL_OK,
     "Logout": ALL_OK,
@@ -133,6 +135,7 @@ def _request(
         "EnableUser": lambda: pb.EnableUserRequest(id=target.id),
         "UnlockUser": lambda: pb.UnlockUserRequest(id=target.id),
         "ListAuditEvents": lambda: pb.ListAuditEventsRequest(user_id=target.id, page_size=1),
+        "WatchUserEvents": lambda: pb.WatchUserEventsRequest(),
     }
     if rpc in user_requests:
         return "user", user_requests[rpc]()
@@ -182,7 +185,14 @@ def test_role_method_matrix(
 
     response: Any = None
     try:
-        response = getattr(stub, rpc)(request, metadata=metadata)
+        if rpc == "WatchUserEvents":
+            stream = stub.WatchUserEvents(request, metadata=metadata)
+            try:
+                response = next(iter(stream))
+            finally:
+                stream.cancel()
+        else:
+            response = getattr(stub, rpc)(request, metadata=metadata)
         code = OK
     except grpc.RpcError as err:
         code = status_of(err)
@@ -203,6 +213,8 @@ def test_role_method_matrix(
         assert response.tokens.refresh_token
     elif rpc == "GetJwks":
         assert len(response.keys) >= 1
+    elif rpc == "WatchUserEvents" and code == OK:
+        assert response.resume_token and not response.HasField("event")
     elif rpc in MUTATING:
         _assert_effect(users, channel, rpc, variant, request, before, changed=code == OK)
 
@@ -264,6 +276,7 @@ def test_every_rpc_declares_the_policy_of_the_contract() -> None:
     assert policy("UserService/EnableUser") == MethodPolicy(False, admin, ())
     assert policy("UserService/UnlockUser") == MethodPolicy(False, admin, ())
     assert policy("UserService/ListAuditEvents") == MethodPolicy(False, admin, ())
+    assert policy("UserService/WatchUserEvents") == MethodPolicy(False, admin_service, ())
     for name in ("Login", "RefreshToken", "Logout", "GetJwks"):
         assert policy(f"AuthService/{name}").public
 

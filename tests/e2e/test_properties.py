@@ -115,7 +115,13 @@ def _methods() -> list[tuple[str, str, type[Message], type[Message]]]:
 
 
 METHODS = _methods()
-TABLES = ("users", "refresh_tokens", "outbox", "idempotency_keys", "audit_events")
+SERVER_STREAMING = frozenset(
+    f"/{service_name}/{method.name}"
+    for service_name, module in SERVICES.items()
+    for method in module.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]].methods
+    if method.server_streaming
+)
+TABLES = ("users", "refresh_tokens", "outbox", "idempotency_keys", "audit_events", "user_events")
 
 
 def _snapshot(db: Engine, *, with_audit: bool) -> dict[str, Any]:
@@ -153,6 +159,22 @@ def test_no_input_gives_internal_and_a_refused_call_changes_nothing(
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=response_cls.FromString,
     )
+    if path in SERVER_STREAMING:
+        # A stream never ends by itself: its first message (or its error) is the answer.
+        stream: Callable[..., Any] = admin_channel.unary_stream(
+            path,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_cls.FromString,
+        )
+
+        def first_message(request: Message, **kwargs: Any) -> Any:
+            responses = stream(request, **kwargs)
+            try:
+                return next(iter(responses))
+            finally:
+                responses.cancel()
+
+        call = first_message
 
     @seed(SEED)
     @settings(

@@ -32,6 +32,7 @@ from usersvc.domain.records import (
     RefreshTokenRecord,
     RefreshTokenStatus,
 )
+from usersvc.domain.user_events import UserChange
 from usersvc.domain.user_filter import UserFilter, matches
 from usersvc.services import ports
 
@@ -93,6 +94,8 @@ class FakeDatabase:
     idempotency: dict[tuple[str, str], IdempotencyRecord] = field(default_factory=dict)
     # Outbox rows with their delivery state, by message id.
     outbox_rows: dict[uuid.UUID, OutboxRow] = field(default_factory=dict)
+    # The change feed, in feed order.
+    user_events: list[UserChange] = field(default_factory=list)
 
     def copy(self) -> FakeDatabase:
         return FakeDatabase(
@@ -103,6 +106,7 @@ class FakeDatabase:
             list(self.audit),
             dict(self.idempotency),
             dict(self.outbox_rows),
+            list(self.user_events),
         )
 
 
@@ -457,6 +461,12 @@ class FakeRefreshTokenRepository(_Writes):
                 )
 
 
+class FakeUserEventLog(_Writes):
+    async def add(self, change: UserChange) -> None:
+        self._require_writable()
+        self.db.user_events.append(change)
+
+
 class FakeAuditRepository(_Writes):
     """Append-only, like the real one: there is no update or delete to fake."""
 
@@ -528,6 +538,7 @@ class FakeUnitOfWork:
     refresh_tokens: FakeRefreshTokenRepository
     audit: FakeAuditRepository
     idempotency: FakeIdempotencyRepository
+    user_events: FakeUserEventLog
 
     def __init__(self, factory: FakeUnitOfWorkFactory, *, write: bool) -> None:
         self.write = write
@@ -549,6 +560,7 @@ class FakeUnitOfWork:
         self.refresh_tokens = FakeRefreshTokenRepository(working, writable=self.write)
         self.audit = FakeAuditRepository(working, writable=self.write)
         self.idempotency = FakeIdempotencyRepository(working, writable=self.write)
+        self.user_events = FakeUserEventLog(working, writable=self.write)
 
     async def __aenter__(self) -> Self:
         assert not self.entered, "a unit of work is used once"
@@ -605,6 +617,11 @@ class FakeUnitOfWorkFactory:
     def audit(self) -> list[AuditEvent]:
         """The committed audit events, oldest first."""
         return self.db.audit
+
+    @property
+    def user_events(self) -> list[UserChange]:
+        """The committed user events, in feed order."""
+        return self.db.user_events
 
     @property
     def last(self) -> FakeUnitOfWork:

@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from userservice.v1 import options_pb2 as userservice_dot_v1_dot_options__pb2
 from userservice.v1 import user_pb2 as userservice_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!userservice/v1/user_service.proto\x12\x0euserservice.v1\x1a google/protobuf/field_mask.proto\x1a\x1cuserservice/v1/options.proto\x1a\x19userservice/v1/user.proto\"V\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"8\n\x12\x43reateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x0fGetUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\":\n\x14\x42\x61tchGetUsersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"Q\n\x15\x42\x61tchGetUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"X\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"e\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateUserRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"8\n\x12UpdateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"a\n\x15\x43hangePasswordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_password\x18\x02 \x01(\t\x12\x14\n\x0cnew_password\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"<\n\x16\x43hangePasswordResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\".\n\x12\x44isableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"9\n\x13\x44isableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x45nableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12\x45nableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11UnlockUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12UnlockUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"P\n\x16ListAuditEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x17ListAuditEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.userservice.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x98\t\n\x0bUserService\x12i\n\nCreateUser\x12!.userservice.v1.CreateUserRequest\x1a\".userservice.v1.CreateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12\x64\n\x07GetUser\x12\x1e.userservice.v1.GetUserRequest\x1a\x1f.userservice.v1.GetUserResponse\"\x18\x8a\xb5\x18\x14\x12\x05\x61\x64min\x12\x07service\x1a\x02id\x12w\n\rBatchGetUsers\x12$.userservice.v1.BatchGetUsersRequest\x1a%.userservice.v1.BatchGetUsersResponse\"\x19\x8a\xb5\x18\x15\x12\x05\x61\x64min\x12\x07service\x1a\x03ids\x12\x66\n\tListUsers\x12 .userservice.v1.ListUsersRequest\x1a!.userservice.v1.ListUsersResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12i\n\nUpdateUser\x12!.userservice.v1.UpdateUserRequest\x1a\".userservice.v1.UpdateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x1a\x07user.id\x12`\n\nDeleteUser\x12!.userservice.v1.DeleteUserRequest\x1a\".userservice.v1.DeleteUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12p\n\x0e\x43hangePassword\x12%.userservice.v1.ChangePasswordRequest\x1a&.userservice.v1.ChangePasswordResponse\"\x0f\x8a\xb5\x18\x0b\x12\x05\x61\x64min\x1a\x02id\x12\x63\n\x0b\x44isableUser\x12\".userservice.v1.DisableUserRequest\x1a#.userservice.v1.DisableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12o\n\x0fListAuditEvents\x12&.userservice.v1.ListAuditEventsRequest\x1a\'.userservice.v1.ListAuditEventsResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nEnableUser\x12!.userservice.v1.EnableUserRequest\x1a\".userservice.v1.EnableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nUnlockUser\x12!.userservice.v1.UnlockUserRequest\x1a\".userservice.v1.UnlockUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64minb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!userservice/v1/user_service.proto\x12\x0euserservice.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cuserservice/v1/options.proto\x1a\x19userservice/v1/user.proto\"V\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"8\n\x12\x43reateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x0fGetUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\":\n\x14\x42\x61tchGetUsersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"Q\n\x15\x42\x61tchGetUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"X\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"e\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateUserRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"8\n\x12UpdateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"a\n\x15\x43hangePasswordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_password\x18\x02 \x01(\t\x12\x14\n\x0cnew_password\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"<\n\x16\x43hangePasswordResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\".\n\x12\x44isableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"9\n\x13\x44isableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x45nableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12\x45nableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11UnlockUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12UnlockUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"P\n\x16ListAuditEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x17ListAuditEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.userservice.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x16WatchUserEventsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\"Y\n\x17WatchUserEventsResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.userservice.v1.UserEvent\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"\xc9\x01\n\tUserEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.userservice.v1.UserEventType\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\"\n\x04user\x18\x03 \x01(\x0b\x32\x14.userservice.v1.User\x12\x16\n\x0e\x63hanged_fields\x18\x04 \x03(\t\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\t*\xa9\x02\n\rUserEventType\x12\x1f\n\x1bUSER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17USER_EVENT_TYPE_CREATED\x10\x01\x12\x1b\n\x17USER_EVENT_TYPE_UPDATED\x10\x02\x12\x1b\n\x17USER_EVENT_TYPE_DELETED\x10\x03\x12\x1c\n\x18USER_EVENT_TYPE_DISABLED\x10\x04\x12\x1b\n\x17USER_EVENT_TYPE_ENABLED\x10\x05\x12!\n\x1dUSER_EVENT_TYPE_ROLES_CHANGED\x10\x06\x12$\n USER_EVENT_TYPE_PASSWORD_CHANGED\x10\x07\x12\x1c\n\x18USER_EVENT_TYPE_UNLOCKED\x10\x08\x32\x94\n\n\x0bUserService\x12i\n\nCreateUser\x12!.userservice.v1.CreateUserRequest\x1a\".userservice.v1.CreateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12\x64\n\x07GetUser\x12\x1e.userservice.v1.GetUserRequest\x1a\x1f.userservice.v1.GetUserResponse\"\x18\x8a\xb5\x18\x14\x12\x05\x61\x64min\x12\x07service\x1a\x02id\x12w\n\rBatchGetUsers\x12$.userservice.v1.BatchGetUsersRequest\x1a%.userservice.v1.BatchGetUsersResponse\"\x19\x8a\xb5\x18\x15\x12\x05\x61\x64min\x12\x07service\x1a\x03ids\x12\x66\n\tListUsers\x12 .userservice.v1.ListUsersRequest\x1a!.userservice.v1.ListUsersResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12i\n\nUpdateUser\x12!.userservice.v1.UpdateUserRequest\x1a\".userservice.v1.UpdateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x1a\x07user.id\x12`\n\nDeleteUser\x12!.userservice.v1.DeleteUserRequest\x1a\".userservice.v1.DeleteUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12p\n\x0e\x43hangePassword\x12%.userservice.v1.ChangePasswordRequest\x1a&.userservice.v1.ChangePasswordResponse\"\x0f\x8a\xb5\x18\x0b\x12\x05\x61\x64min\x1a\x02id\x12\x63\n\x0b\x44isableUser\x12\".userservice.v1.DisableUserRequest\x1a#.userservice.v1.DisableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12o\n\x0fListAuditEvents\x12&.userservice.v1.ListAuditEventsRequest\x1a\'.userservice.v1.ListAuditEventsResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nEnableUser\x12!.userservice.v1.EnableUserRequest\x1a\".userservice.v1.EnableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nUnlockUser\x12!.userservice.v1.UnlockUserRequest\x1a\".userservice.v1.UnlockUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12z\n\x0fWatchUserEvents\x12&.userservice.v1.WatchUserEventsRequest\x1a\'.userservice.v1.WatchUserEventsResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,50 +57,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['EnableUser']._serialized_options = b'\212\265\030\007\022\005admin'
   _globals['_USERSERVICE'].methods_by_name['UnlockUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['UnlockUser']._serialized_options = b'\212\265\030\007\022\005admin'
-  _globals['_CREATEUSERREQUEST']._serialized_start=144
-  _globals['_CREATEUSERREQUEST']._serialized_end=230
-  _globals['_CREATEUSERRESPONSE']._serialized_start=232
-  _globals['_CREATEUSERRESPONSE']._serialized_end=288
-  _globals['_GETUSERREQUEST']._serialized_start=290
-  _globals['_GETUSERREQUEST']._serialized_end=318
-  _globals['_GETUSERRESPONSE']._serialized_start=320
-  _globals['_GETUSERRESPONSE']._serialized_end=373
-  _globals['_BATCHGETUSERSREQUEST']._serialized_start=375
-  _globals['_BATCHGETUSERSREQUEST']._serialized_end=433
-  _globals['_BATCHGETUSERSRESPONSE']._serialized_start=435
-  _globals['_BATCHGETUSERSRESPONSE']._serialized_end=516
-  _globals['_LISTUSERSREQUEST']._serialized_start=518
-  _globals['_LISTUSERSREQUEST']._serialized_end=606
-  _globals['_LISTUSERSRESPONSE']._serialized_start=608
-  _globals['_LISTUSERSRESPONSE']._serialized_end=709
-  _globals['_UPDATEUSERREQUEST']._serialized_start=711
-  _globals['_UPDATEUSERREQUEST']._serialized_end=815
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=817
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=873
-  _globals['_DELETEUSERREQUEST']._serialized_start=875
-  _globals['_DELETEUSERREQUEST']._serialized_end=920
-  _globals['_DELETEUSERRESPONSE']._serialized_start=922
-  _globals['_DELETEUSERRESPONSE']._serialized_end=942
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=944
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=1041
-  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=1043
-  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=1103
-  _globals['_DISABLEUSERREQUEST']._serialized_start=1105
-  _globals['_DISABLEUSERREQUEST']._serialized_end=1151
-  _globals['_DISABLEUSERRESPONSE']._serialized_start=1153
-  _globals['_DISABLEUSERRESPONSE']._serialized_end=1210
-  _globals['_ENABLEUSERREQUEST']._serialized_start=1212
-  _globals['_ENABLEUSERREQUEST']._serialized_end=1257
-  _globals['_ENABLEUSERRESPONSE']._serialized_start=1259
-  _globals['_ENABLEUSERRESPONSE']._serialized_end=1315
-  _globals['_UNLOCKUSERREQUEST']._serialized_start=1317
-  _globals['_UNLOCKUSERREQUEST']._serialized_end=1362
-  _globals['_UNLOCKUSERRESPONSE']._serialized_start=1364
-  _globals['_UNLOCKUSERRESPONSE']._serialized_end=1420
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1422
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1502
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1504
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1598
-  _globals['_USERSERVICE']._serialized_start=1601
-  _globals['_USERSERVICE']._serialized_end=2777
+  _globals['_USERSERVICE'].methods_by_name['WatchUserEvents']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['WatchUserEvents']._serialized_options = b'\212\265\030\020\022\005admin\022\007service'
+  _globals['_USEREVENTTYPE']._serialized_start=1970
+  _globals['_USEREVENTTYPE']._serialized_end=2267
+  _globals['_CREATEUSERREQUEST']._serialized_start=177
+  _globals['_CREATEUSERREQUEST']._serialized_end=263
+  _globals['_CREATEUSERRESPONSE']._serialized_start=265
+  _globals['_CREATEUSERRESPONSE']._serialized_end=321
+  _globals['_GETUSERREQUEST']._serialized_start=323
+  _globals['_GETUSERREQUEST']._serialized_end=351
+  _globals['_GETUSERRESPONSE']._serialized_start=353
+  _globals['_GETUSERRESPONSE']._serialized_end=406
+  _globals['_BATCHGETUSERSREQUEST']._serialized_start=408
+  _globals['_BATCHGETUSERSREQUEST']._serialized_end=466
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_start=468
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_end=549
+  _globals['_LISTUSERSREQUEST']._serialized_start=551
+  _globals['_LISTUSERSREQUEST']._serialized_end=639
+  _globals['_LISTUSERSRESPONSE']._serialized_start=641
+  _globals['_LISTUSERSRESPONSE']._serialized_end=742
+  _globals['_UPDATEUSERREQUEST']._serialized_start=744
+  _globals['_UPDATEUSERREQUEST']._serialized_end=848
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=850
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=906
+  _globals['_DELETEUSERREQUEST']._serialized_start=908
+  _globals['_DELETEUSERREQUEST']._serialized_end=953
+  _globals['_DELETEUSERRESPONSE']._serialized_start=955
+  _globals['_DELETEUSERRESPONSE']._serialized_end=975
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=977
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=1074
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=1076
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=1136
+  _globals['_DISABLEUSERREQUEST']._serialized_start=1138
+  _globals['_DISABLEUSERREQUEST']._serialized_end=1184
+  _globals['_DISABLEUSERRESPONSE']._serialized_start=1186
+  _globals['_DISABLEUSERRESPONSE']._serialized_end=1243
+  _globals['_ENABLEUSERREQUEST']._serialized_start=1245
+  _globals['_ENABLEUSERREQUEST']._serialized_end=1290
+  _globals['_ENABLEUSERRESPONSE']._serialized_start=1292
+  _globals['_ENABLEUSERRESPONSE']._serialized_end=1348
+  _globals['_UNLOCKUSERREQUEST']._serialized_start=1350
+  _globals['_UNLOCKUSERREQUEST']._serialized_end=1395
+  _globals['_UNLOCKUSERRESPONSE']._serialized_start=1397
+  _globals['_UNLOCKUSERRESPONSE']._serialized_end=1453
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1455
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1535
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1537
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1631
+  _globals['_WATCHUSEREVENTSREQUEST']._serialized_start=1633
+  _globals['_WATCHUSEREVENTSREQUEST']._serialized_end=1672
+  _globals['_WATCHUSEREVENTSRESPONSE']._serialized_start=1674
+  _globals['_WATCHUSEREVENTSRESPONSE']._serialized_end=1763
+  _globals['_USEREVENT']._serialized_start=1766
+  _globals['_USEREVENT']._serialized_end=1967
+  _globals['_USERSERVICE']._serialized_start=2270
+  _globals['_USERSERVICE']._serialized_end=3570
 # @@protoc_insertion_point(module_scope)

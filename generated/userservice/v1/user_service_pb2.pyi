@@ -7,7 +7,9 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from userservice.v1 import user_pb2 as _user_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +21,54 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _UserEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UserEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USER_EVENT_TYPE_UNSPECIFIED: _UserEventType.ValueType  # 0
+    """Never sent; the zero value of the enum."""
+    USER_EVENT_TYPE_CREATED: _UserEventType.ValueType  # 1
+    """The user was created."""
+    USER_EVENT_TYPE_UPDATED: _UserEventType.ValueType  # 2
+    """E-mail or name changed."""
+    USER_EVENT_TYPE_DELETED: _UserEventType.ValueType  # 3
+    """The user was deleted."""
+    USER_EVENT_TYPE_DISABLED: _UserEventType.ValueType  # 4
+    """The user was disabled."""
+    USER_EVENT_TYPE_ENABLED: _UserEventType.ValueType  # 5
+    """The user was enabled."""
+    USER_EVENT_TYPE_ROLES_CHANGED: _UserEventType.ValueType  # 6
+    """The user's roles changed (possibly with other fields in the same call)."""
+    USER_EVENT_TYPE_PASSWORD_CHANGED: _UserEventType.ValueType  # 7
+    """The user's password changed (its value is never sent)."""
+    USER_EVENT_TYPE_UNLOCKED: _UserEventType.ValueType  # 8
+    """The user's login lock and failed-login counter were cleared (UnlockUser)."""
+
+class UserEventType(_UserEventType, metaclass=_UserEventTypeEnumTypeWrapper):
+    """Kind of a UserEvent."""
+
+USER_EVENT_TYPE_UNSPECIFIED: UserEventType.ValueType  # 0
+"""Never sent; the zero value of the enum."""
+USER_EVENT_TYPE_CREATED: UserEventType.ValueType  # 1
+"""The user was created."""
+USER_EVENT_TYPE_UPDATED: UserEventType.ValueType  # 2
+"""E-mail or name changed."""
+USER_EVENT_TYPE_DELETED: UserEventType.ValueType  # 3
+"""The user was deleted."""
+USER_EVENT_TYPE_DISABLED: UserEventType.ValueType  # 4
+"""The user was disabled."""
+USER_EVENT_TYPE_ENABLED: UserEventType.ValueType  # 5
+"""The user was enabled."""
+USER_EVENT_TYPE_ROLES_CHANGED: UserEventType.ValueType  # 6
+"""The user's roles changed (possibly with other fields in the same call)."""
+USER_EVENT_TYPE_PASSWORD_CHANGED: UserEventType.ValueType  # 7
+"""The user's password changed (its value is never sent)."""
+USER_EVENT_TYPE_UNLOCKED: UserEventType.ValueType  # 8
+"""The user's login lock and failed-login counter were cleared (UnlockUser)."""
+Global___UserEventType: _TypeAlias = UserEventType  # noqa: Y015
 
 @_typing.final
 class CreateUserRequest(_message.Message):
@@ -678,3 +728,119 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class WatchUserEventsRequest(_message.Message):
+    """Request of WatchUserEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    after: _builtins.str
+    """Resume position: a resume_token from an earlier WatchUserEventsResponse, sent back
+    unchanged; the stream starts with the first event after it. Empty: from now (only events
+    committed after the call starts). Opaque; at most 1,024 characters. A modified or garbage
+    token gives INVALID_ARGUMENT; one older than the retention period (default 7 days)
+    gives FAILED_PRECONDITION, reason RESUME_TOKEN_EXPIRED.
+    """
+    def __init__(
+        self,
+        *,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchUserEventsRequest: _TypeAlias = WatchUserEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchUserEventsResponse(_message.Message):
+    """One message of WatchUserEvents: an event, or a checkpoint without one. A checkpoint is
+    sent when the stream starts and every few seconds while no event comes, so that even a
+    quiet stream always has a fresh position to resume from.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """The position after this message: pass it as WatchUserEventsRequest.after to continue
+    with the next event. Opaque.
+    """
+    @_builtins.property
+    def event(self) -> Global___UserEvent:
+        """The event; unset on a checkpoint."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___UserEvent | None = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchUserEventsResponse: _TypeAlias = WatchUserEventsResponse  # noqa: Y015
+
+@_typing.final
+class UserEvent(_message.Message):
+    """A committed change of one user, as WatchUserEvents sends it. Never carries a password,
+    hash or token.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELDS_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    type: Global___UserEventType.ValueType
+    """What happened."""
+    user_id: _builtins.str
+    """Id of the user, a UUID string."""
+    request_id: _builtins.str
+    """Request id of the call that made the change (its x-request-id)."""
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The user as it is after the change; for USER_EVENT_TYPE_DELETED, as it was when it was
+        deleted. The admins-only login counters (failed_login_count, locked_until) and
+        last_login_time, which changes without an event, are never set here.
+        """
+
+    @_builtins.property
+    def changed_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the fields that changed, sorted: "email", "name", "roles", "state",
+        "password" (the fact only), "failed_login_count" and "locked_until" (unlock); every
+        public field on USER_EVENT_TYPE_CREATED and USER_EVENT_TYPE_DELETED.
+        """
+
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was made (UTC)."""
+
+    def __init__(
+        self,
+        *,
+        type: Global___UserEventType.ValueType = ...,
+        user_id: _builtins.str = ...,
+        user: _user_pb2.User | None = ...,
+        changed_fields: _abc.Iterable[_builtins.str] | None = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_fields", b"changed_fields", "event_time", b"event_time", "request_id", b"request_id", "type", b"type", "user", b"user", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserEvent: _TypeAlias = UserEvent  # noqa: Y015

@@ -95,6 +95,11 @@ class UserServiceStub:
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.UnlockUserRequest.SerializeToString,
                 response_deserializer=userservice_dot_v1_dot_user__service__pb2.UnlockUserResponse.FromString,
                 _registered_method=True)
+        self.WatchUserEvents = channel.unary_stream(
+                '/userservice.v1.UserService/WatchUserEvents',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.WatchUserEventsRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.WatchUserEventsResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -207,6 +212,24 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchUserEvents(self, request, context):
+        """A resumable change feed of users: sends every user event committed after the position
+        `after`, in order, then stays open and sends new events as they commit. Every message
+        carries a resume_token; after any disconnect, call again with the last token received to
+        continue exactly after it (no event lost, none repeated). Callers: admin, service.
+        Errors: INVALID_ARGUMENT (after is malformed or tampered with), FAILED_PRECONDITION with
+        ErrorInfo reason RESUME_TOKEN_EXPIRED (events after that position were purged by the
+        retention period: resynchronise, e.g. with ListUsers, then watch from now),
+        RESOURCE_EXHAUSTED (the caller reads too slowly; resume from the last token),
+        UNAVAILABLE (the server is shutting down: resume from the token in the ErrorInfo metadata
+        "resume_token" or the x-resume-token trailer, or the last one received, on any replica),
+        UNAUTHENTICATED (also mid-stream, within seconds of the caller's token being revoked or
+        expiring).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -264,6 +287,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.UnlockUser,
                     request_deserializer=userservice_dot_v1_dot_user__service__pb2.UnlockUserRequest.FromString,
                     response_serializer=userservice_dot_v1_dot_user__service__pb2.UnlockUserResponse.SerializeToString,
+            ),
+            'WatchUserEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchUserEvents,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.WatchUserEventsRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.WatchUserEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -569,6 +597,33 @@ class UserService:
             '/userservice.v1.UserService/UnlockUser',
             userservice_dot_v1_dot_user__service__pb2.UnlockUserRequest.SerializeToString,
             userservice_dot_v1_dot_user__service__pb2.UnlockUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchUserEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/userservice.v1.UserService/WatchUserEvents',
+            userservice_dot_v1_dot_user__service__pb2.WatchUserEventsRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.WatchUserEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

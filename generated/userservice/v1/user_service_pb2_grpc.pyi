@@ -96,6 +96,20 @@ class UserServiceStub:
     successful no-op (no audit event, etag unchanged). Callers: admin. Errors:
     INVALID_ARGUMENT (malformed id or etag), NOT_FOUND, ABORTED (stale etag).
     """
+    WatchUserEvents: _grpc.UnaryStreamMultiCallable[_user_service_pb2.WatchUserEventsRequest, _user_service_pb2.WatchUserEventsResponse]
+    """A resumable change feed of users: sends every user event committed after the position
+    `after`, in order, then stays open and sends new events as they commit. Every message
+    carries a resume_token; after any disconnect, call again with the last token received to
+    continue exactly after it (no event lost, none repeated). Callers: admin, service.
+    Errors: INVALID_ARGUMENT (after is malformed or tampered with), FAILED_PRECONDITION with
+    ErrorInfo reason RESUME_TOKEN_EXPIRED (events after that position were purged by the
+    retention period: resynchronise, e.g. with ListUsers, then watch from now),
+    RESOURCE_EXHAUSTED (the caller reads too slowly; resume from the last token),
+    UNAVAILABLE (the server is shutting down: resume from the token in the ErrorInfo metadata
+    "resume_token" or the x-resume-token trailer, or the last one received, on any replica),
+    UNAUTHENTICATED (also mid-stream, within seconds of the caller's token being revoked or
+    expiring).
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -164,6 +178,20 @@ class UserServiceAsyncStub(UserServiceStub):
     etag; the user's tokens stay valid. Unlocking a user with no lock and no failures is a
     successful no-op (no audit event, etag unchanged). Callers: admin. Errors:
     INVALID_ARGUMENT (malformed id or etag), NOT_FOUND, ABORTED (stale etag).
+    """
+    WatchUserEvents: _aio.UnaryStreamMultiCallable[_user_service_pb2.WatchUserEventsRequest, _user_service_pb2.WatchUserEventsResponse]  # type: ignore[assignment]
+    """A resumable change feed of users: sends every user event committed after the position
+    `after`, in order, then stays open and sends new events as they commit. Every message
+    carries a resume_token; after any disconnect, call again with the last token received to
+    continue exactly after it (no event lost, none repeated). Callers: admin, service.
+    Errors: INVALID_ARGUMENT (after is malformed or tampered with), FAILED_PRECONDITION with
+    ErrorInfo reason RESUME_TOKEN_EXPIRED (events after that position were purged by the
+    retention period: resynchronise, e.g. with ListUsers, then watch from now),
+    RESOURCE_EXHAUSTED (the caller reads too slowly; resume from the last token),
+    UNAVAILABLE (the server is shutting down: resume from the token in the ErrorInfo metadata
+    "resume_token" or the x-resume-token trailer, or the last one received, on any replica),
+    UNAUTHENTICATED (also mid-stream, within seconds of the caller's token being revoked or
+    expiring).
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -296,6 +324,26 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         etag; the user's tokens stay valid. Unlocking a user with no lock and no failures is a
         successful no-op (no audit event, etag unchanged). Callers: admin. Errors:
         INVALID_ARGUMENT (malformed id or etag), NOT_FOUND, ABORTED (stale etag).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchUserEvents(
+        self,
+        request: _user_service_pb2.WatchUserEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_user_service_pb2.WatchUserEventsResponse], _abc.AsyncIterator[_user_service_pb2.WatchUserEventsResponse]]:
+        """A resumable change feed of users: sends every user event committed after the position
+        `after`, in order, then stays open and sends new events as they commit. Every message
+        carries a resume_token; after any disconnect, call again with the last token received to
+        continue exactly after it (no event lost, none repeated). Callers: admin, service.
+        Errors: INVALID_ARGUMENT (after is malformed or tampered with), FAILED_PRECONDITION with
+        ErrorInfo reason RESUME_TOKEN_EXPIRED (events after that position were purged by the
+        retention period: resynchronise, e.g. with ListUsers, then watch from now),
+        RESOURCE_EXHAUSTED (the caller reads too slowly; resume from the last token),
+        UNAVAILABLE (the server is shutting down: resume from the token in the ErrorInfo metadata
+        "resume_token" or the x-resume-token trailer, or the last one received, on any replica),
+        UNAUTHENTICATED (also mid-stream, within seconds of the caller's token being revoked or
+        expiring).
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

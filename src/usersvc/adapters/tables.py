@@ -194,3 +194,25 @@ idempotency_keys = Table(
     Column("create_time", UTCDateTime(), nullable=False),
     Index("ix_idempotency_keys_create_time", "create_time"),
 )
+
+# The change feed (WatchUserEvents): one row per committed change of a user, written in the
+# transaction of the change. `seq` orders the feed: on PostgreSQL from the sequence
+# user_events_seq (the repository takes it explicitly, see user_event_repository), on SQLite
+# from AUTOINCREMENT (never reused, even after the newest rows are purged). No foreign key to
+# users: the event of a deletion outlives the user. Rows older than the retention are purged.
+user_events = Table(
+    "user_events",
+    metadata,
+    Column(
+        "seq", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("user_id", Uuid(), nullable=False),
+    Column("type", String(32), nullable=False),
+    # The user after the change (public fields only, never a hash).
+    Column("user", JsonList, nullable=False),
+    Column("changed_fields", JsonList, nullable=False),
+    Column("request_id", String(128), nullable=False),
+    Column("create_time", UTCDateTime(), nullable=False),
+    Index("ix_user_events_create_time", "create_time"),
+    sqlite_autoincrement=True,
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -15,6 +16,7 @@ from usersvc.adapters.db_errors import raise_translated
 from usersvc.adapters.idempotency_repository import IdempotencyRepository
 from usersvc.adapters.outbox_repository import OutboxRepository
 from usersvc.adapters.refresh_token_repository import RefreshTokenRepository
+from usersvc.adapters.user_event_repository import UserEventRepository
 from usersvc.adapters.user_repository import UserRepository
 from usersvc.context import deadline_var
 from usersvc.domain.errors import StorageUnavailable
@@ -34,10 +36,18 @@ class SqlUnitOfWork:
     refresh_tokens: RefreshTokenRepository
     audit: AuditRepository
     idempotency: IdempotencyRepository
+    user_events: UserEventRepository
 
-    def __init__(self, engine: AsyncEngine, *, write: bool) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        write: bool,
+        on_user_events: Callable[[], None] | None = None,
+    ) -> None:
         self._engine = engine
         self._write = write
+        self._on_user_events = on_user_events
         self._conn: AsyncConnection | None = None
         self._committed = False
 
@@ -64,6 +74,7 @@ class SqlUnitOfWork:
         self.refresh_tokens = RefreshTokenRepository(conn)
         self.audit = AuditRepository(conn)
         self.idempotency = IdempotencyRepository(conn)
+        self.user_events = UserEventRepository(conn, postgres=not is_sqlite(self._engine))
         return self
 
     async def commit(self) -> None:
@@ -74,6 +85,9 @@ class SqlUnitOfWork:
             raise_translated(err)
             raise
         self._committed = True
+        if self.user_events.added and self._on_user_events is not None:
+            # Readers in this process wake at once; other processes by NOTIFY or polling.
+            self._on_user_events()
 
     async def __aexit__(
         self,
@@ -103,9 +117,21 @@ class SqlUnitOfWorkFactory:
     BEGIN and ROLLBACK round trips, which cost more than a single-row SELECT.
     """
 
-    def __init__(self, engine: AsyncEngine, read_engine: AsyncEngine | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        read_engine: AsyncEngine | None = None,
+        *,
+        on_user_events: Callable[[], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.read_engine = read_engine or engine
+        # Called after a commit that wrote user events.
+        self.on_user_events = on_user_events
 
     def __call__(self, *, write: bool = True) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self.engine if write else self.read_engine, write=write)
+        return SqlUnitOfWork(
+            self.engine if write else self.read_engine,
+            write=write,
+            on_user_events=self.on_user_events,
+        )

@@ -182,3 +182,55 @@ class DeadlineExceeded(DomainError):
 
     def __init__(self) -> None:
         super().__init__("deadline exceeded")
+
+
+class InvalidResumeToken(ValueError):
+    """A WatchUserEvents resume token that is garbage or was tampered with."""
+
+
+class ResumeTokenExpired(FailedPrecondition):
+    """The events after this resume position were purged: the consumer must resynchronise."""
+
+    reason = "RESUME_TOKEN_EXPIRED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "events after this resume token were purged (retention period); resynchronise"
+            " and watch from now"
+        )
+
+
+class StreamEnded(DomainError):
+    """A stream ended early; `resume_token` continues it (on any replica)."""
+
+    def __init__(self, message: str, *, resume_token: str) -> None:
+        # Directly: the other base of each subclass takes other arguments.
+        DomainError.__init__(self, message)
+        self.resume_token = resume_token
+
+
+class StreamShutDown(StreamEnded, ShuttingDown):
+    """This replica is stopping: resume elsewhere from `resume_token`."""
+
+    reason = "SHUTTING_DOWN"
+
+    def __init__(self, *, resume_token: str) -> None:
+        StreamEnded.__init__(
+            self,
+            "the server is shutting down; resume from resume_token on another replica",
+            resume_token=resume_token,
+        )
+
+
+class ConsumerTooSlow(StreamEnded, ResourceExhausted):
+    """The caller read the stream too slowly; it may resume from `resume_token`."""
+
+    reason = "CONSUMER_TOO_SLOW"
+
+    def __init__(self, *, resume_token: str) -> None:
+        StreamEnded.__init__(
+            self,
+            "the stream was read too slowly; resume from resume_token",
+            resume_token=resume_token,
+        )
+        self.retry_after_seconds = None

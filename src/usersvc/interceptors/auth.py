@@ -6,8 +6,10 @@ start-up. A method without a policy is denied to everyone (default deny).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -16,8 +18,16 @@ from google.protobuf.descriptor import FileDescriptor
 
 from userservice.v1 import options_pb2
 from usersvc.context import call_record_var, principal_var
+from usersvc.domain.auth import Principal
 from usersvc.domain.errors import PermissionDenied
-from usersvc.interceptors.base import Context, UnaryBehavior, UnaryWrappingInterceptor, rebuild
+from usersvc.interceptors.base import (
+    Context,
+    StreamBehavior,
+    UnaryBehavior,
+    UnaryWrappingInterceptor,
+    rebuild,
+    rebuild_stream,
+)
 from usersvc.services.auth import Authenticator
 
 # Infrastructure services whose protos we do not own; public so probes and tools work.
@@ -40,6 +50,9 @@ class MethodPolicy:
 
 
 PUBLIC = MethodPolicy(public=True, roles=frozenset(), self_field=())
+# An open stream checks its caller's token again this often: a revoked or expired token ends
+# it within this plus the token-state cache's lifetime (at most 5 s).
+STREAM_RECHECK_SECONDS = 0.5
 
 
 def policies_from(files: Iterable[FileDescriptor]) -> dict[str, MethodPolicy]:
@@ -89,36 +102,95 @@ class AuthInterceptor(UnaryWrappingInterceptor):
         if policy is not None and policy.public:
             return handler
         if handler.unary_unary is None:
-            # No streaming method of ours needs a caller; refuse rather than guess.
-            return grpc.unary_unary_rpc_method_handler(_denied("method not allowed"))
+            stream = handler.unary_stream
+            if policy is None or stream is None or not inspect.isasyncgenfunction(stream):
+                # Default deny; and no other kind of streaming method of ours needs a caller.
+                return grpc.unary_unary_rpc_method_handler(_denied("method not allowed"))
+            return rebuild_stream(handler, self._guard_stream(policy, cast(StreamBehavior, stream)))
         if policy is None:
             return rebuild(handler, _denied("method has no access policy"))
         # grpc.aio handlers are coroutine functions; the stubs type them as sync.
         return rebuild(handler, self._guard(policy, cast(UnaryBehavior, handler.unary_unary)))
 
+    async def _admit(
+        self, policy: MethodPolicy, request: Any, context: Context
+    ) -> tuple[Principal, str | None]:
+        """The caller, if its token is good and the policy lets it call; and its header."""
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else None
+                break
+        principal = await self._authenticator.authenticate(authorization)
+        if not policy.roles & principal.roles and not (
+            policy.self_field and _is_self(request, policy.self_field, principal.user_id)
+        ):
+            raise PermissionDenied()
+        record = call_record_var.get()
+        if record is not None:
+            record.principal = principal
+        return principal, authorization
+
     def _guard(self, policy: MethodPolicy, behavior: UnaryBehavior) -> UnaryBehavior:
-        authenticate = self._authenticator.authenticate
-        roles, self_field = policy.roles, policy.self_field
+        admit = self._admit
 
         async def guarded(request: Any, context: Context) -> Any:
-            authorization = None
-            for key, value in context.invocation_metadata() or ():
-                if key == "authorization":
-                    authorization = value if isinstance(value, str) else None
-                    break
-            principal = await authenticate(authorization)
-            if not roles & principal.roles and not (
-                self_field and _is_self(request, self_field, principal.user_id)
-            ):
-                raise PermissionDenied()
+            principal, _ = await admit(policy, request, context)
             token = principal_var.set(principal)
-            record = call_record_var.get()
-            if record is not None:
-                record.principal = principal
             try:
                 return await behavior(request, context)
             finally:
                 principal_var.reset(token)
+
+        return guarded
+
+    def _guard_stream(self, policy: MethodPolicy, behavior: StreamBehavior) -> StreamBehavior:
+        """Admitted before the first message like a unary call; then the token is checked
+        again every STREAM_RECHECK_SECONDS while the stream is open, and the stream ends
+        with UNAUTHENTICATED once it is revoked or expired: a stream never outlives its
+        credentials."""
+        admit = self._admit
+        authenticate = self._authenticator.authenticate
+
+        async def still_valid(authorization: str | None) -> None:
+            while True:
+                await asyncio.sleep(STREAM_RECHECK_SECONDS)
+                await authenticate(authorization)  # raises Unauthenticated when not
+
+        async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
+            principal, authorization = await admit(policy, request, context)
+            principal_var.set(principal)
+            responses = cast(AsyncGenerator[Any, None], behavior(request, context))
+
+            async def step() -> tuple[bool, Any]:
+                try:
+                    return True, await anext(responses)
+                except StopAsyncIteration:
+                    return False, None
+
+            checker = asyncio.ensure_future(still_valid(authorization))
+            pending: asyncio.Future[tuple[bool, Any]] | None = None
+            try:
+                while True:
+                    # The stream's next message or the end of its credentials, whichever first.
+                    pending = asyncio.ensure_future(step())
+                    await asyncio.wait((pending, checker), return_when=asyncio.FIRST_COMPLETED)
+                    if not pending.done():
+                        checker.result()  # raises why the credentials ended
+                        raise AssertionError("credential check returned")  # pragma: no cover
+                    more, response = pending.result()
+                    if not more:
+                        return
+                    yield response
+            finally:
+                # Also when the caller hung up (cancelled) while a message was being made.
+                for task in (pending, checker):
+                    if task is not None and not task.done():
+                        task.cancel()
+                await asyncio.gather(
+                    *(t for t in (pending, checker) if t is not None), return_exceptions=True
+                )
+                await responses.aclose()
 
         return guarded
 

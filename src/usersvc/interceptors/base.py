@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
+# A server-streaming method of ours: an async generator function of (request, context).
+StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
 
 
 class UnaryWrappingInterceptor(grpc.aio.ServerInterceptor):
     """Subclasses implement `wrap`; the wrapped handler is built once per method, not per call.
 
     Caching is safe because every per-call decision happens inside the wrapper, which sees the
-    call's metadata and context. Streaming methods (health Watch, reflection) pass through.
+    call's metadata and context. Server-streaming methods written as async generators (ours,
+    WatchUserEvents) go through `wrap_stream`; other streaming handlers (health Watch, which
+    writes through its context, and reflection, bidirectional) pass through.
     """
 
     def __init__(self) -> None:
@@ -23,6 +28,11 @@ class UnaryWrappingInterceptor(grpc.aio.ServerInterceptor):
 
     def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         raise NotImplementedError
+
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior | None:
+        """The server-streaming behaviour with this concern around it (an async generator
+        function too); None leaves the method as it is."""
+        return None
 
     def handler_for_unknown(self, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
         """The handler answering a method no service has; None leaves it to grpc."""
@@ -32,9 +42,14 @@ class UnaryWrappingInterceptor(grpc.aio.ServerInterceptor):
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         """The handler to serve `method` with, built once; by default `wrap` around unary
-        behaviour, streaming handlers unchanged."""
+        behaviour, `wrap_stream` around async-generator server streams, other streaming
+        handlers unchanged."""
         if handler.unary_unary is None:
-            return handler
+            stream = handler.unary_stream
+            if stream is None or not inspect.isasyncgenfunction(stream):
+                return handler
+            wrapped = self.wrap_stream(method, cast(StreamBehavior, stream))
+            return handler if wrapped is None else rebuild_stream(handler, wrapped)
         # grpc.aio handlers are coroutine functions; the stubs type them as sync.
         return rebuild(handler, self.wrap(method, cast(UnaryBehavior, handler.unary_unary)))
 
@@ -107,3 +122,27 @@ def rebuild(
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def rebuild_stream(
+    handler: grpc.RpcMethodHandler[Any, Any], behavior: StreamBehavior
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A server-streaming handler with `handler`'s (de)serialisers around other behaviour."""
+    return grpc.unary_stream_rpc_method_handler(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def checked_first(
+    behavior: StreamBehavior, check: Callable[[Any, Context], Awaitable[None]]
+) -> StreamBehavior:
+    """`behavior` after `check` passed, before the first message."""
+
+    async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+        await check(request, context)
+        async for response in behavior(request, context):
+            yield response
+
+    return stream

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -19,7 +20,11 @@ from grpc_status import rpc_status
 
 from usersvc.context import deadline_var, request_id_var
 from usersvc.domain import errors as e
-from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+from usersvc.interceptors.base import (
+    StreamBehavior,
+    UnaryBehavior,
+    UnaryWrappingInterceptor,
+)
 from usersvc.interceptors.request_id import REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,9 @@ STATUS_OF: tuple[tuple[type[e.DomainError], grpc.StatusCode], ...] = (
     (e.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 UNAVAILABLE_RETRY_SECONDS = 1.0
+# Trailer of a stream that ended early, with the token that resumes it (also in ErrorInfo
+# metadata "resume_token").
+RESUME_TOKEN_KEY = "x-resume-token"
 # Error details are built from caller input: bounded, so that a hostile request cannot make
 # the trailer larger than grpc's 16 KiB metadata limit (worst case here is about 6 KiB).
 MAX_VIOLATIONS = 10
@@ -72,10 +80,11 @@ def build_status(
     *,
     violations: list[e.FieldViolation] | None = None,
     retry_after: float | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> grpc.Status:
     request_id = request_id_var.get()
     status = status_pb2.Status(code=code.value[0], message=truncate(message, MAX_MESSAGE_CHARS))
-    _pack(status, error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    _pack(status, error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
     _pack(status, error_details_pb2.RequestInfo(request_id=request_id))
     if violations:
         bad_request = error_details_pb2.BadRequest()
@@ -98,14 +107,25 @@ def build_status(
         _pack(status, error_details_pb2.RetryInfo(retry_delay=delay))
     grpc_status = rpc_status.to_status(status)
     # abort() replaces the trailers, so the request id goes in again.
-    return _WithRequestId(grpc_status, request_id)
+    extra = (
+        ((RESUME_TOKEN_KEY, metadata["resume_token"]),)
+        if metadata and "resume_token" in metadata
+        else ()
+    )
+    return _WithRequestId(grpc_status, request_id, extra)
 
 
 class _WithRequestId(grpc.Status):
-    def __init__(self, status: grpc.Status, request_id: str) -> None:
+    def __init__(
+        self, status: grpc.Status, request_id: str, extra: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self.code = status.code
         self.details = status.details
-        self.trailing_metadata = (*status.trailing_metadata, (REQUEST_ID_KEY, request_id))
+        self.trailing_metadata = (
+            *status.trailing_metadata,
+            (REQUEST_ID_KEY, request_id),
+            *extra,
+        )
 
 
 def status_for(error: e.DomainError) -> grpc.Status:
@@ -125,6 +145,7 @@ def status_for(error: e.DomainError) -> grpc.Status:
         error.reason,
         violations=error.violations if isinstance(error, e.ValidationFailed) else None,
         retry_after=retry_after,
+        metadata={"resume_token": error.resume_token} if isinstance(error, e.StreamEnded) else None,
     )
 
 
@@ -156,5 +177,26 @@ class ErrorInterceptor(UnaryWrappingInterceptor):
             # a wrapping context (OpenTelemetry's records the code on the call's span).
             await context.abort(status.code, status.details, status.trailing_metadata)
             raise AssertionError("abort returned")  # pragma: no cover
+
+        return mapped
+
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def mapped(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            # No timeout of our own: a stream lasts until the caller's deadline, which grpc
+            # enforces, or until it hangs up.
+            try:
+                async for response in behavior(request, context):
+                    yield response
+                return
+            except e.DomainError as err:
+                status = status_for(err)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", method)
+                status = build_status(grpc.StatusCode.INTERNAL, "internal error", "INTERNAL")
+            await context.abort(status.code, status.details, status.trailing_metadata)
 
         return mapped

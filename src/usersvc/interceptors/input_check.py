@@ -19,7 +19,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from usersvc.domain.errors import FieldViolation, ValidationFailed
-from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+from usersvc.interceptors.base import (
+    StreamBehavior,
+    UnaryBehavior,
+    UnaryWrappingInterceptor,
+    checked_first,
+)
 from usersvc.services.users import BATCH_GET_MAX
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -141,3 +146,14 @@ class InputCheckInterceptor(UnaryWrappingInterceptor):
             return await behavior(request, context)
 
         return checked
+
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        plans = self._plans
+
+        async def check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            if isinstance(request, Message):
+                found = violations_of(request, plans)
+                if found:
+                    raise ValidationFailed(found)
+
+        return checked_first(behavior, check)

@@ -8,6 +8,7 @@ hands a marker to the behaviour instead of raising, and the behaviour refuses th
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, cast
@@ -15,7 +16,12 @@ from typing import Any, cast
 import grpc
 
 from usersvc.domain.errors import FieldViolation, ValidationFailed
-from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+from usersvc.interceptors.base import (
+    StreamBehavior,
+    UnaryBehavior,
+    UnaryWrappingInterceptor,
+    checked_first,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,17 @@ class MalformedRequestInterceptor(UnaryWrappingInterceptor):
     def handler_for(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
+        stream = handler.unary_stream
+        if (
+            stream is not None
+            and inspect.isasyncgenfunction(stream)
+            and handler.request_deserializer is not None
+        ):
+            return grpc.unary_stream_rpc_method_handler(
+                self.wrap_stream(method, cast(StreamBehavior, stream)),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_unary is None or handler.request_deserializer is None:
             return handler
         # grpc.aio handlers are coroutine functions; the stubs type them as sync.
@@ -53,22 +70,30 @@ class MalformedRequestInterceptor(UnaryWrappingInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            _refuse_malformed(method, request)
+
+        return checked_first(behavior, check)
+
     def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if isinstance(request, MalformedRequest):
-                log.warning(
-                    "malformed request body", extra={"method": method, "error": request.error}
-                )
-                raise ValidationFailed(
-                    [
-                        FieldViolation(
-                            "body",
-                            "the request body is not a valid protobuf message of this method",
-                            "MALFORMED_REQUEST",
-                        )
-                    ],
-                    reason="MALFORMED_REQUEST",
-                )
+            _refuse_malformed(method, request)
             return await behavior(request, context)
 
         return checked
+
+
+def _refuse_malformed(method: str, request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        log.warning("malformed request body", extra={"method": method, "error": request.error})
+        raise ValidationFailed(
+            [
+                FieldViolation(
+                    "body",
+                    "the request body is not a valid protobuf message of this method",
+                    "MALFORMED_REQUEST",
+                )
+            ],
+            reason="MALFORMED_REQUEST",
+        )

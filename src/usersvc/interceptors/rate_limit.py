@@ -22,7 +22,12 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 
 from usersvc.context import principal_var
 from usersvc.domain.errors import ResourceExhausted
-from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+from usersvc.interceptors.base import (
+    StreamBehavior,
+    UnaryBehavior,
+    UnaryWrappingInterceptor,
+    checked_first,
+)
 
 READ, WRITE, LOGIN = "read", "write", "login"
 # Methods outside this table and not exempt count as writes: the stricter class.
@@ -32,6 +37,8 @@ METHOD_CLASSES: Mapping[str, str] = {
     "/userservice.v1.UserService/BatchGetUsers": READ,
     "/userservice.v1.UserService/ListUsers": READ,
     "/userservice.v1.UserService/ListAuditEvents": READ,
+    # Counted once, when the stream starts.
+    "/userservice.v1.UserService/WatchUserEvents": READ,
     "/userservice.v1.AuthService/GetJwks": READ,
     "/userservice.v1.AuthService/Login": LOGIN,
     "/userservice.v1.AuthService/RefreshToken": LOGIN,
@@ -155,3 +162,18 @@ class RateLimitInterceptor(UnaryWrappingInterceptor):
             return await behavior(request, context)
 
         return limited
+
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior | None:
+        kind = method_class(method)
+        items = self._items[kind] if kind is not None else []
+        if not items:
+            return None
+        take = self._take
+
+        async def limit(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            principal = principal_var.get()
+            peer = peer_host(context.peer() or "")
+            caller = f"user:{principal.user_id}" if principal is not None else f"peer:{peer}"
+            take(method, kind or WRITE, items, kind or WRITE, caller)
+
+        return checked_first(behavior, limit)

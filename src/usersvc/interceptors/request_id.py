@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from usersvc.context import request_id_var
-from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+from usersvc.interceptors.base import (
+    StreamBehavior,
+    UnaryBehavior,
+    UnaryWrappingInterceptor,
+)
 
 REQUEST_ID_KEY = "x-request-id"
 _SANE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -54,5 +59,17 @@ class RequestIdInterceptor(UnaryWrappingInterceptor):
                 return await behavior(request, context)
             finally:
                 request_id_var.reset(token)
+
+        return with_request_id
+
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def with_request_id(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            request_id = pick_request_id(context.invocation_metadata())
+            request_id_var.set(request_id)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+            async for response in behavior(request, context):
+                yield response
 
         return with_request_id

@@ -10,7 +10,12 @@ from typing import Any
 import grpc
 
 from usersvc.domain.errors import ShuttingDown
-from usersvc.interceptors.base import UnaryBehavior, UnaryWrappingInterceptor
+from usersvc.interceptors.base import (
+    StreamBehavior,
+    UnaryBehavior,
+    UnaryWrappingInterceptor,
+    checked_first,
+)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -45,3 +50,11 @@ class ShutdownGateInterceptor(UnaryWrappingInterceptor):
             return await behavior(request, context)
 
         return gated
+
+    def wrap_stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def gate(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            if self.closed:
+                self._last_refusal = time.monotonic()
+                raise ShuttingDown()
+
+        return checked_first(behavior, gate)

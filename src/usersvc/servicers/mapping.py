@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from userservice.v1 import user_pb2
+from userservice.v1 import user_pb2, user_service_pb2
+from usersvc.domain import user_events
 from usersvc.domain.audit import AuditEvent
 from usersvc.domain.models import UserState, UserView
 
@@ -48,6 +49,29 @@ def user_to_proto(user: UserView) -> user_pb2.User:
     if user.password_change_time is not None:
         message.password_change_time.CopyFrom(timestamp(user.password_change_time))
     return message
+
+
+_EVENT_TYPE = {
+    user_events.CREATED: user_service_pb2.USER_EVENT_TYPE_CREATED,
+    user_events.UPDATED: user_service_pb2.USER_EVENT_TYPE_UPDATED,
+    user_events.DELETED: user_service_pb2.USER_EVENT_TYPE_DELETED,
+    user_events.DISABLED: user_service_pb2.USER_EVENT_TYPE_DISABLED,
+    user_events.ENABLED: user_service_pb2.USER_EVENT_TYPE_ENABLED,
+    user_events.ROLES_CHANGED: user_service_pb2.USER_EVENT_TYPE_ROLES_CHANGED,
+    user_events.PASSWORD_CHANGED: user_service_pb2.USER_EVENT_TYPE_PASSWORD_CHANGED,
+    user_events.UNLOCKED: user_service_pb2.USER_EVENT_TYPE_UNLOCKED,
+}
+
+
+def user_event_to_proto(change: user_events.UserChange) -> user_service_pb2.UserEvent:
+    return user_service_pb2.UserEvent(
+        type=_EVENT_TYPE.get(change.type, user_service_pb2.USER_EVENT_TYPE_UNSPECIFIED),
+        user_id=str(change.user_id),
+        user=user_to_proto(change.user),
+        changed_fields=list(change.changed_fields),
+        event_time=timestamp(change.create_time),
+        request_id=change.request_id,
+    )
 
 
 def timestamp_from_epoch(seconds: float) -> Timestamp:

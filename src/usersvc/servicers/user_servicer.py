@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1 import user_service_pb2_grpc as pb_grpc
 from usersvc.context import current_principal, request_id_var
 from usersvc.domain.auth import RequestContext
 from usersvc.interceptors.base import Context
-from usersvc.servicers.mapping import audit_event_to_proto, user_to_proto
+from usersvc.servicers.mapping import audit_event_to_proto, user_event_to_proto, user_to_proto
 from usersvc.services.audit import AuditService
+from usersvc.services.user_events import UserEventFeed
 from usersvc.services.users import UserService
 
 
@@ -18,9 +21,10 @@ def _request_context() -> RequestContext:
 
 
 class UserServicer(pb_grpc.UserServiceServicer):
-    def __init__(self, users: UserService, audit: AuditService) -> None:
+    def __init__(self, users: UserService, audit: AuditService, feed: UserEventFeed) -> None:
         self._users = users
         self._audit = audit
+        self._feed = feed
 
     async def CreateUser(
         self, request: pb.CreateUserRequest, context: Context
@@ -133,3 +137,12 @@ class UserServicer(pb_grpc.UserServiceServicer):
             events=[audit_event_to_proto(e) for e in result.events],
             next_page_token=result.next_page_token,
         )
+
+    async def WatchUserEvents(
+        self, request: pb.WatchUserEventsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchUserEventsResponse]:
+        async for item in self._feed.watch(request.after):
+            response = pb.WatchUserEventsResponse(resume_token=item.resume_token)
+            if item.event is not None:
+                response.event.CopyFrom(user_event_to_proto(item.event.change))
+            yield response

@@ -16,6 +16,7 @@ from usersvc.domain.audit import AuditEvent
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.models import PageCursor, User, UserState
 from usersvc.domain.records import ClaimedOutboxMessage, IdempotencyRecord, RefreshTokenRecord
+from usersvc.domain.user_events import UserChange, UserEventRecord
 from usersvc.domain.user_filter import UserFilter
 
 
@@ -192,6 +193,55 @@ class Outbox(Protocol):
     async def release(self, message_id: uuid.UUID, *, claimed_until: datetime) -> bool: ...
 
 
+class UserEventLog(Protocol):
+    """The change feed, written in the transaction of each change it records."""
+
+    async def add(self, change: UserChange) -> None: ...
+
+
+class UserEventCursor(Protocol):
+    """A reader's place in the feed."""
+
+    @property
+    def position(self) -> int:
+        """Every event at or before it has been returned."""
+
+    async def next_batch(self, limit: int) -> Sequence[UserEventRecord]:
+        """The next committed events in feed order, at most `limit`; never one that follows
+        an event still being written (so none is ever skipped). Empty: none yet."""
+
+
+class UserEventSource(Protocol):
+    """Reads the change feed outside any unit of work."""
+
+    async def head(self) -> int:
+        """The position of "now": every event at or before it is committed or never will be."""
+
+    def cursor(self, position: int) -> UserEventCursor: ...
+
+    async def purge_older_than(self, cutoff: datetime) -> int:
+        """Delete events created before `cutoff`; how many."""
+
+
+class ResumeTokenCodec(Protocol):
+    """Opaque, tamper-proof change-feed positions."""
+
+    def encode(self, position: int, time: datetime) -> str: ...
+
+    def decode(self, token: str) -> tuple[int, datetime]:
+        """(position, time it was issued for); InvalidResumeToken for garbage or tampering."""
+
+
+class ChangeSignal(Protocol):
+    """Wakes feed readers when events may have committed (a hint; readers still poll)."""
+
+    def ticket(self) -> int:
+        """Taken before reading, so a wake-up during the read is not missed."""
+
+    async def wait(self, ticket: int, seconds: float) -> None:
+        """Return once woken after `ticket` was taken, or after `seconds`."""
+
+
 class UnitOfWork(Protocol):
     """One transaction: the stores bound to it; rolled back unless committed explicitly.
 
@@ -213,6 +263,9 @@ class UnitOfWork(Protocol):
 
     @property
     def idempotency(self) -> IdempotencyKeys: ...
+
+    @property
+    def user_events(self) -> UserEventLog: ...
 
     async def __aenter__(self) -> Self: ...
 

@@ -35,6 +35,7 @@ from usersvc.domain.models import (
     version_of_etag,
 )
 from usersvc.domain.update_mask import ADMIN_ONLY_PATHS, parse_update_mask
+from usersvc.domain.user_events import change_of
 from usersvc.domain.user_filter import FilterSyntaxError, UserFilter, parse_filter
 from usersvc.domain.validation import (
     EMAIL_MAX,
@@ -249,6 +250,15 @@ class UserService:
             # Service accounts (no password) have no mailbox to welcome.
             if password is not None:
                 await uow.outbox.add(welcome)
+            await uow.user_events.add(
+                change_of(
+                    audit.USER_CREATED,
+                    user.view(),
+                    ["email", "name", "roles", "state", "password"],
+                    ctx.request_id,
+                    now,
+                )
+            )
             await uow.audit.add(
                 self._event(
                     ctx,
@@ -636,6 +646,16 @@ class UserService:
                 raise EtagMismatch()
             if not await uow.users.delete(uid, expected_version=current.version):
                 raise EtagMismatch()  # guard only: the row is locked
+            now = self._clock()
+            await uow.user_events.add(
+                change_of(
+                    audit.USER_DELETED,
+                    current.view(),
+                    ["email", "name", "roles", "state"],
+                    ctx.request_id,
+                    now,
+                )
+            )
             await uow.audit.add(
                 self._event(
                     ctx,
@@ -646,7 +666,7 @@ class UserService:
                         "name": (current.name, None),
                         "roles": (list(current.roles), None),
                     },
-                    self._clock(),
+                    now,
                 )
             )
             await uow.commit()
@@ -707,6 +727,9 @@ class UserService:
             if revoke:
                 await uow.refresh_tokens.revoke_user(uid)
             event_action = audit.USER_ROLES_CHANGED if "roles" in changes else action
+            await uow.user_events.add(
+                change_of(event_action, updated.view(), list(changes), ctx.request_id, now)
+            )
             await uow.audit.add(
                 self._event(ctx, uid, event_action, {**changes, **(note or {})}, now)
             )

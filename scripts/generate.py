@@ -19,11 +19,18 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
+# Imported by the contract (google.rpc.Status), never generated: googleapis-common-protos
+# ships its Python module.
+NOT_OURS = "google/"
 
 
 def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    protos = sorted(
+        name
+        for name in (p.relative_to(PROTO_DIR).as_posix() for p in PROTO_DIR.rglob("*.proto"))
+        if not name.startswith(NOT_OURS)
+    )
     well_known = str(resources.files("grpc_tools") / "_proto")
     # The mypy-protobuf plugins live beside the interpreter, whatever PATH says.
     bindir = Path(sys.executable).parent

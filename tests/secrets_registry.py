@@ -31,7 +31,14 @@ TESTS_ROOT = Path(__file__).resolve().parent
 
 # Request fields whose values are secrets, and response fields that are tokens.
 SECRET_FIELDS = frozenset(
-    {"password", "new_password", "current_password", "refresh_token", "access_token"}
+    {
+        "password",
+        "new_password",
+        "current_password",
+        "password_hash",
+        "refresh_token",
+        "access_token",
+    }
 )
 # Names in test sources whose string values are secrets.
 SECRET_NAME = re.compile(r"(?i)password|passwd|passphrase|secret")
@@ -186,6 +193,10 @@ def literal_secrets_in_tests(root: Path = TESTS_ROOT) -> SourceSecrets:
 _B64URL_RUN = re.compile(r"[A-Za-z0-9_-]{16,}")
 _DOTTED = re.compile(r"[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _HEX64 = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
+# The shapes of the password hashes BatchCreateUsers imports (bcrypt, passlib and Django PBKDF2).
+_IMPORTED_HASH = re.compile(
+    r"\$2[abxy]\$\d\d\$[./A-Za-z0-9]{20}|\$pbkdf2-sha256\$\d+\$|pbkdf2_sha256\$\d+\$"
+)
 
 
 def _b64url_json_object(part: str) -> bool:
@@ -236,6 +247,8 @@ class Detector:
         found: list[str] = []
         if "$argon2" in text:
             found.append("an Argon2 hash ($argon2...)")
+        if _IMPORTED_HASH.search(text):
+            found.append("a bcrypt or PBKDF2 hash")
         for secret in self.secrets:
             if secret in text:
                 found.append(f"a secret used by the tests ({secret[:3]}...)")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from usersvc.domain.audit import AuditEvent
-from usersvc.domain.errors import DuplicateRequest, EmailTaken
+from usersvc.domain.errors import AlreadyExists, DuplicateRequest, EmailTaken
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.models import SERVICE_ACCOUNT_PASSWORD_HASH, PageCursor, User, UserState
 from usersvc.domain.records import RefreshTokenStatus
@@ -102,6 +102,76 @@ async def test_an_email_is_unique_and_the_failed_insert_leaves_nothing(
     with pytest.raises(EmailTaken):
         await add(stores, second)
     assert await stored(stores, second.id) is None
+
+
+async def test_many_users_go_in_at_once_with_their_audit_and_outbox_rows(
+    stores: UnitOfWorkFactory,
+) -> None:
+    batch = [new_user(roles=("service",) if n % 2 else ()) for n in range(5)]
+    events = [
+        AuditEvent(
+            user_id=u.id,
+            action="user.created",
+            changes={"email": {"old": None, "new": u.email}},
+            actor="system",
+            request_id="req-batch",
+            create_time=NOW,
+        )
+        for u in batch
+    ]
+    messages = [
+        OutboxMessage(
+            topic=f"contract-{uuid.uuid4().hex}",
+            aggregate_id=u.id,
+            payload={"email": u.email},
+            request_id="req-batch",
+            create_time=NOW,
+        )
+        for u in batch
+    ]
+    async with stores() as tx:
+        await tx.users.add_many(batch)
+        await tx.audit.add_many(events)
+        await tx.outbox.add_many(messages)
+        await tx.users.add_many([])
+        await tx.commit()
+    for user in batch:
+        assert await stored(stores, user.id) == user
+    async with stores(write=False) as tx:
+        for user, event in zip(batch, events, strict=True):
+            assert await tx.audit.list(limit=5, after=None, user_id=user.id) == [event]
+
+
+async def test_a_taken_email_fails_the_whole_multi_row_insert(stores: UnitOfWorkFactory) -> None:
+    first = new_user()
+    await add(stores, first)
+    batch = [new_user(), new_user(email=first.email)]
+
+    async def add_all() -> None:
+        async with stores() as tx:
+            await tx.users.add_many(batch)
+            await tx.commit()
+
+    # Which unique index speaks first (e-mail or its skeleton) is the database's choice.
+    with pytest.raises(AlreadyExists):
+        await add_all()
+    assert await stored(stores, batch[0].id) is None
+
+
+async def test_email_conflicts_name_taken_and_look_alike_addresses(
+    stores: UnitOfWorkFactory,
+) -> None:
+    local = uuid.uuid4().hex[:8]
+    taken = new_user(email=f"bob-{local}@example.com")
+    await add(stores, taken)
+    look_alike = f"b\u043eb-{local}@example.com"  # Cyrillic o
+    free = f"free-{local}@example.com"
+    async with stores(write=False) as tx:
+        assert await tx.users.email_conflicts([taken.email, look_alike, free]) == {
+            taken.email: True,
+            look_alike: False,
+        }
+        assert await tx.users.email_conflicts([]) == {}
 
 
 async def test_nothing_is_kept_without_a_commit(stores: UnitOfWorkFactory) -> None:

@@ -50,6 +50,10 @@ def test_the_detector_finds_every_kind_of_secret() -> None:
         "password": {"new": "a password the suite used"},
         "argon2": {"new": stored_hash},
         "other hash": {"new": "pbkdf2:sha256:600000$salt$0123456789abcdef"},
+        # Imported hash shapes, found even when not stored (an entry that failed to import).
+        "bcrypt": {"new": "$2b$12$" + "a" * 53},
+        "passlib pbkdf2": {"new": "$pbkdf2-sha256$29000$c2FsdA$aGFzaA"},
+        "django pbkdf2": {"new": "pbkdf2_sha256$870000$salt$aGFzaA=="},
         "jwt": {"new": mint_token(uuid.uuid4())},
         "refresh token": {"new": refresh},
         "refresh token hash": {"new": hashlib.sha256(refresh.encode()).hexdigest()},

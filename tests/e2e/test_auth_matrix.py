@@ -53,6 +53,7 @@ ALL_OK = row(OK, OK, OK, OK, OK)
 #                         anonymous user_self user_other service admin
 MATRIX: dict[str, dict[str, grpc.StatusCode]] = {
     "CreateUser": row(UNAUTH, DENIED, DENIED, OK, OK),
+    "BatchCreateUsers": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     "GetUser": row(UNAUTH, OK, DENIED, OK, OK),
     "BatchGetUsers": row(UNAUTH, OK, DENIED, OK, OK),
     "ListUsers": row(UNAUTH, DENIED, DENIED, OK, OK),
@@ -112,6 +113,13 @@ def _request(
     user_requests: dict[str, Callable[[], Any]] = {
         "CreateUser": lambda: pb.CreateUserRequest(
             email=unique_email("matrix-created"), name="Created", password=PASSWORD
+        ),
+        "BatchCreateUsers": lambda: pb.BatchCreateUsersRequest(
+            users=[
+                pb.BatchCreateUserEntry(
+                    email=unique_email("matrix-batch"), name="Batch", password=PASSWORD
+                )
+            ]
         ),
         "GetUser": lambda: pb.GetUserRequest(id=target.id),
         "BatchGetUsers": lambda: pb.BatchGetUsersRequest(ids=[target.id, target.id]),
@@ -202,6 +210,11 @@ def test_role_method_matrix(
     if rpc == "CreateUser":
         found = users.ListUsers(pb.ListUsersRequest(email=request.email)).total_size
         assert found == (1 if code == OK else 0)
+    elif rpc == "BatchCreateUsers":
+        found = users.ListUsers(pb.ListUsersRequest(email=request.users[0].email)).total_size
+        assert found == (1 if code == OK else 0)
+        if code == OK:
+            assert response.results[0].status.code == 0
     elif rpc == "GetUser" and code == OK:
         assert response.user.id == target.id
     elif rpc == "BatchGetUsers" and code == OK:
@@ -266,6 +279,7 @@ def test_every_rpc_declares_the_policy_of_the_contract() -> None:
 
     admin, admin_service = frozenset({"admin"}), frozenset({"admin", "service"})
     assert policy("UserService/CreateUser") == MethodPolicy(False, admin_service, ())
+    assert policy("UserService/BatchCreateUsers") == MethodPolicy(False, admin, ())
     assert policy("UserService/GetUser") == MethodPolicy(False, admin_service, ("id",))
     assert policy("UserService/BatchGetUsers") == MethodPolicy(False, admin_service, ("ids",))
     assert policy("UserService/ListUsers") == MethodPolicy(False, admin_service, ())

@@ -34,6 +34,7 @@ from usersvc.domain.records import (
 )
 from usersvc.domain.user_events import UserChange
 from usersvc.domain.user_filter import UserFilter, matches
+from usersvc.domain.validation import email_skeleton
 from usersvc.services import ports
 
 # Columns an update may write (the SQL repository refuses anything else the same way).
@@ -134,6 +135,19 @@ class FakeUserRepository(_Writes):
             raise AssertionError(f"duplicate primary key {user.id}")
         self._require_email_free(user.email, user.id)
         self.db.users[user.id] = user
+
+    async def add_many(self, users: Sequence[User]) -> None:
+        for user in users:
+            await self.add(user)
+
+    async def email_conflicts(self, emails: Collection[str]) -> dict[str, bool]:
+        stored = {u.email for u in self.db.users.values()}
+        alike = {email_skeleton(e) for e in stored}
+        return {
+            email: email in stored
+            for email in emails
+            if email in stored or email_skeleton(email) in alike
+        }
 
     async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
         # One transaction at a time touches the fake database, so there is nothing to lock;
@@ -292,6 +306,10 @@ class FakeOutboxRepository(_Writes):
             attempts=0,
             next_attempt_time=message.create_time,
         )
+
+    async def add_many(self, messages: Sequence[OutboxMessage]) -> None:
+        for message in messages:
+            await self.add(message)
 
     async def claim_due(
         self, *, topics: Collection[str], now: datetime, lease_until: datetime, limit: int
@@ -466,6 +484,10 @@ class FakeUserEventLog(_Writes):
         self._require_writable()
         self.db.user_events.append(change)
 
+    async def add_many(self, changes: Sequence[UserChange]) -> None:
+        for change in changes:
+            await self.add(change)
+
 
 class FakeAuditRepository(_Writes):
     """Append-only, like the real one: there is no update or delete to fake."""
@@ -475,6 +497,10 @@ class FakeAuditRepository(_Writes):
         if any(e.id == event.id for e in self.db.audit):
             raise AssertionError(f"duplicate primary key {event.id}")
         self.db.audit.append(event)
+
+    async def add_many(self, events: Sequence[AuditEvent]) -> None:
+        for event in events:
+            await self.add(event)
 
     # Last, because inside the class body the name `list` is this method from here on.
     async def list(

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 from userservice.v1 import user_pb2 as _user_pb2
 import builtins as _builtins
 import sys
@@ -844,3 +845,169 @@ class UserEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UserEvent: _TypeAlias = UserEvent  # noqa: Y015
+
+@_typing.final
+class BatchCreateUsersRequest(_message.Message):
+    """Request of BatchCreateUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    ALL_OR_NOTHING_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    all_or_nothing: _builtins.bool
+    """true: the batch is written completely or not at all. If any entry fails, no user, audit
+    record or outbox message is written; failed entries carry their own error and every
+    other entry carries ABORTED (reason BATCH_ABORTED) and no user.
+    false: the valid entries are created and the failed ones reported.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key (AIP-155), a UUID string, with CreateUser's rules: a retry by the
+    same caller with the same request_id and the same request within 24 hours returns the
+    first call's response and creates nothing; the same request_id with a different request
+    gives INVALID_ARGUMENT (reason REQUEST_ID_REUSED). Malformed: INVALID_ARGUMENT. A call
+    that created nothing is not remembered (a retry runs again).
+    """
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchCreateUserEntry]:
+        """The users to create, 1 to 1,000 entries (none, or more than 1,000: INVALID_ARGUMENT for
+        the whole call, field "users"). Bad values of one entry fail that entry only, with field
+        violations named after the entry, such as "users[3].email"; two entries with the same
+        normalised e-mail (or look-alike ones) fail the later ones with ALREADY_EXISTS.
+        """
+
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[Global___BatchCreateUserEntry] | None = ...,
+        all_or_nothing: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_or_nothing", b"all_or_nothing", "request_id", b"request_id", "users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCreateUsersRequest: _TypeAlias = BatchCreateUsersRequest  # noqa: Y015
+
+@_typing.final
+class BatchCreateUserEntry(_message.Message):
+    """One user to create in BatchCreateUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    PASSWORD_HASH_FIELD_NUMBER: _builtins.int
+    ROLES_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """E-mail address; rules of CreateUserRequest.email. Bad: INVALID_ARGUMENT; taken by a
+    stored user or by an earlier entry of the batch: ALREADY_EXISTS.
+    """
+    name: _builtins.str
+    """Display name, 2 to 100 characters after trimming. Bad value: INVALID_ARGUMENT."""
+    password: _builtins.str
+    """Initial password, with the rules of CreateUserRequest.password; stored only as an
+    Argon2id hash. Never returned or logged. Bad value: INVALID_ARGUMENT.
+    """
+    password_hash: _builtins.str
+    """An existing password hash, imported as it is, in one of these encodings:
+      Argon2 (argon2id, argon2i, argon2d) PHC strings: $argon2id$v=19$m=65536,t=3,p=4$<salt>$<hash>
+        version 19, m at most 1,048,576 KiB (1 GiB), t at most 20, p at most 16.
+      bcrypt: $2a$, $2b$ or $2y$ with cost 4 to 16: $2b$12$<22 salt chars><31 hash chars>
+        (bcrypt reads the first 72 bytes of a password, and so does its verification here).
+      PBKDF2-HMAC-SHA256, two encodings, 1,000 to 10,000,000 iterations:
+        $pbkdf2-sha256$<iterations>$<salt>$<hash>  (passlib; adapted base64 without padding)
+        pbkdf2_sha256$<iterations>$<salt>$<hash>   (Django; salt as text, hash standard base64)
+    Salts of at least 8 bytes, hashes of at least 16 (PBKDF2: at most 32). The bounds limit
+    what an import can make a Login cost. At the user's first successful Login the password
+    is re-hashed with the server's current Argon2id parameters. Any
+    other format, a malformed hash or a parameter out of bounds gives INVALID_ARGUMENT on
+    "users[i].password_hash" (the description names the format, never the hash). At most
+    1,024 characters. Never returned, logged or audited.
+    """
+    @_builtins.property
+    def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Roles to grant, each "admin" or "service"; only roles the caller holds itself
+        (otherwise PERMISSION_DENIED for the entry). Unknown role: INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        name: _builtins.str = ...,
+        password: _builtins.str = ...,
+        password_hash: _builtins.str = ...,
+        roles: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "password", b"password", "password_hash", b"password_hash"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "email", b"email", "name", b"name", "password", b"password", "password_hash", b"password_hash", "roles", b"roles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_credential: _TypeAlias = _typing.Literal["password", "password_hash"]  # noqa: Y015
+    _WhichOneofArgType_credential: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_credential) -> _WhichOneofReturnType_credential | None: ...
+
+Global___BatchCreateUserEntry: _TypeAlias = BatchCreateUserEntry  # noqa: Y015
+
+@_typing.final
+class BatchCreateUsersResponse(_message.Message):
+    """Response of BatchCreateUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchCreateUserResult]:
+        """One result per request entry, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchCreateUserResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCreateUsersResponse: _TypeAlias = BatchCreateUsersResponse  # noqa: Y015
+
+@_typing.final
+class BatchCreateUserResult(_message.Message):
+    """The outcome of one BatchCreateUsers entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """OK (code 0) when the user was created; otherwise the entry's error, with the details an
+        error of CreateUser carries: google.rpc.ErrorInfo (reason such as INVALID_ARGUMENT,
+        EMAIL_TAKEN, EMAIL_CONFUSABLE, BATCH_ABORTED), google.rpc.RequestInfo, and for
+        INVALID_ARGUMENT a google.rpc.BadRequest whose field paths name the entry
+        ("users[3].email").
+        """
+
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The created user; unset when status is not OK."""
+
+    def __init__(
+        self,
+        *,
+        status: _status_pb2.Status | None = ...,
+        user: _user_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchCreateUserResult: _TypeAlias = BatchCreateUserResult  # noqa: Y015

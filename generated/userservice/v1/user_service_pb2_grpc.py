@@ -100,6 +100,11 @@ class UserServiceStub:
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.WatchUserEventsRequest.SerializeToString,
                 response_deserializer=userservice_dot_v1_dot_user__service__pb2.WatchUserEventsResponse.FromString,
                 _registered_method=True)
+        self.BatchCreateUsers = channel.unary_unary(
+                '/userservice.v1.UserService/BatchCreateUsers',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -230,6 +235,23 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchCreateUsers(self, request, context):
+        """Creates up to 1,000 users in one call, for imports at fleet scale; each entry carries a
+        password or an existing password hash (see BatchCreateUserEntry). Callers: admin only.
+        Each entry is answered with its own status, in request order (BatchCreateUserResult);
+        entries fail on their own (INVALID_ARGUMENT, ALREADY_EXISTS, PERMISSION_DENIED) without
+        failing the call. With all_or_nothing, one failed entry means nothing is written. A
+        request_id makes retries safe, as in CreateUser. Errors of the whole call:
+        INVALID_ARGUMENT (no entries, more than 1,000 entries, a malformed request_id, or a
+        request_id reused with another request, reason REQUEST_ID_REUSED; control characters or
+        over-long strings in any entry), PERMISSION_DENIED (caller not admin),
+        RESOURCE_EXHAUSTED (too many passwords queued for hashing, with RetryInfo; or a request
+        over the 1 MiB message limit).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -292,6 +314,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.WatchUserEvents,
                     request_deserializer=userservice_dot_v1_dot_user__service__pb2.WatchUserEventsRequest.FromString,
                     response_serializer=userservice_dot_v1_dot_user__service__pb2.WatchUserEventsResponse.SerializeToString,
+            ),
+            'BatchCreateUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCreateUsers,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -624,6 +651,33 @@ class UserService:
             '/userservice.v1.UserService/WatchUserEvents',
             userservice_dot_v1_dot_user__service__pb2.WatchUserEventsRequest.SerializeToString,
             userservice_dot_v1_dot_user__service__pb2.WatchUserEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCreateUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/BatchCreateUsers',
+            userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

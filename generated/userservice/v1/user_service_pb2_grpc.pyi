@@ -110,6 +110,19 @@ class UserServiceStub:
     UNAUTHENTICATED (also mid-stream, within seconds of the caller's token being revoked or
     expiring).
     """
+    BatchCreateUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.BatchCreateUsersRequest, _user_service_pb2.BatchCreateUsersResponse]
+    """Creates up to 1,000 users in one call, for imports at fleet scale; each entry carries a
+    password or an existing password hash (see BatchCreateUserEntry). Callers: admin only.
+    Each entry is answered with its own status, in request order (BatchCreateUserResult);
+    entries fail on their own (INVALID_ARGUMENT, ALREADY_EXISTS, PERMISSION_DENIED) without
+    failing the call. With all_or_nothing, one failed entry means nothing is written. A
+    request_id makes retries safe, as in CreateUser. Errors of the whole call:
+    INVALID_ARGUMENT (no entries, more than 1,000 entries, a malformed request_id, or a
+    request_id reused with another request, reason REQUEST_ID_REUSED; control characters or
+    over-long strings in any entry), PERMISSION_DENIED (caller not admin),
+    RESOURCE_EXHAUSTED (too many passwords queued for hashing, with RetryInfo; or a request
+    over the 1 MiB message limit).
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -192,6 +205,19 @@ class UserServiceAsyncStub(UserServiceStub):
     "resume_token" or the x-resume-token trailer, or the last one received, on any replica),
     UNAUTHENTICATED (also mid-stream, within seconds of the caller's token being revoked or
     expiring).
+    """
+    BatchCreateUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.BatchCreateUsersRequest, _user_service_pb2.BatchCreateUsersResponse]  # type: ignore[assignment]
+    """Creates up to 1,000 users in one call, for imports at fleet scale; each entry carries a
+    password or an existing password hash (see BatchCreateUserEntry). Callers: admin only.
+    Each entry is answered with its own status, in request order (BatchCreateUserResult);
+    entries fail on their own (INVALID_ARGUMENT, ALREADY_EXISTS, PERMISSION_DENIED) without
+    failing the call. With all_or_nothing, one failed entry means nothing is written. A
+    request_id makes retries safe, as in CreateUser. Errors of the whole call:
+    INVALID_ARGUMENT (no entries, more than 1,000 entries, a malformed request_id, or a
+    request_id reused with another request, reason REQUEST_ID_REUSED; control characters or
+    over-long strings in any entry), PERMISSION_DENIED (caller not admin),
+    RESOURCE_EXHAUSTED (too many passwords queued for hashing, with RetryInfo; or a request
+    over the 1 MiB message limit).
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -344,6 +370,25 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         "resume_token" or the x-resume-token trailer, or the last one received, on any replica),
         UNAUTHENTICATED (also mid-stream, within seconds of the caller's token being revoked or
         expiring).
+        """
+
+    @_abc_1.abstractmethod
+    def BatchCreateUsers(
+        self,
+        request: _user_service_pb2.BatchCreateUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.BatchCreateUsersResponse, _abc.Awaitable[_user_service_pb2.BatchCreateUsersResponse]]:
+        """Creates up to 1,000 users in one call, for imports at fleet scale; each entry carries a
+        password or an existing password hash (see BatchCreateUserEntry). Callers: admin only.
+        Each entry is answered with its own status, in request order (BatchCreateUserResult);
+        entries fail on their own (INVALID_ARGUMENT, ALREADY_EXISTS, PERMISSION_DENIED) without
+        failing the call. With all_or_nothing, one failed entry means nothing is written. A
+        request_id makes retries safe, as in CreateUser. Errors of the whole call:
+        INVALID_ARGUMENT (no entries, more than 1,000 entries, a malformed request_id, or a
+        request_id reused with another request, reason REQUEST_ID_REUSED; control characters or
+        over-long strings in any entry), PERMISSION_DENIED (caller not admin),
+        RESOURCE_EXHAUSTED (too many passwords queued for hashing, with RetryInfo; or a request
+        over the 1 MiB message limit).
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import insert, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -15,23 +16,29 @@ from usersvc.domain.models import PageCursor
 _INSERT = insert(audit_events)
 
 
+def _row(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "user_id": event.user_id,
+        "action": event.action,
+        "changes": event.changes,
+        "actor": event.actor,
+        "request_id": event.request_id,
+        "create_time": event.create_time,
+    }
+
+
 class AuditRepository:
     def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
 
     async def add(self, event: AuditEvent) -> None:
-        await self._conn.execute(
-            _INSERT,
-            {
-                "id": event.id,
-                "user_id": event.user_id,
-                "action": event.action,
-                "changes": event.changes,
-                "actor": event.actor,
-                "request_id": event.request_id,
-                "create_time": event.create_time,
-            },
-        )
+        await self._conn.execute(_INSERT, _row(event))
+
+    async def add_many(self, events: Sequence[AuditEvent]) -> None:
+        """One executemany, sent as multi-row INSERTs."""
+        if events:
+            await self._conn.execute(_INSERT, [_row(e) for e in events])
 
     async def list(
         self, *, limit: int, after: PageCursor | None, user_id: uuid.UUID | None

@@ -9,7 +9,7 @@ delivers outside any transaction, then settles the row in another short one.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +32,24 @@ ERROR_MAX_CHARS = 1000
 _INSERT = insert(outbox)
 
 
+def _row(message: OutboxMessage, trace_context: str | None) -> dict[str, Any]:
+    return {
+        "id": message.id,
+        "topic": message.topic,
+        "aggregate_id": message.aggregate_id,
+        "payload": message.payload,
+        "request_id": message.request_id,
+        "status": PENDING,
+        "attempts": 0,
+        "next_attempt_time": message.create_time,
+        "claimed_until": None,
+        "last_error": None,
+        "create_time": message.create_time,
+        "update_time": message.create_time,
+        "trace_context": trace_context,
+    }
+
+
 class OutboxRepository:
     """Outbox rows on one connection (the unit of work's)."""
 
@@ -39,24 +57,13 @@ class OutboxRepository:
         self._conn = conn
 
     async def add(self, message: OutboxMessage) -> None:
-        await self._conn.execute(
-            _INSERT,
-            {
-                "id": message.id,
-                "topic": message.topic,
-                "aggregate_id": message.aggregate_id,
-                "payload": message.payload,
-                "request_id": message.request_id,
-                "status": PENDING,
-                "attempts": 0,
-                "next_attempt_time": message.create_time,
-                "claimed_until": None,
-                "last_error": None,
-                "create_time": message.create_time,
-                "update_time": message.create_time,
-                "trace_context": current_traceparent(),
-            },
-        )
+        await self._conn.execute(_INSERT, _row(message, current_traceparent()))
+
+    async def add_many(self, messages: Sequence[OutboxMessage]) -> None:
+        """One executemany, sent as multi-row INSERTs."""
+        if messages:
+            trace = current_traceparent()
+            await self._conn.execute(_INSERT, [_row(m, trace) for m in messages])
 
     async def count_by_status(self) -> dict[str, int]:
         """How many rows are pending and failed (for the metrics; served by the status index)."""

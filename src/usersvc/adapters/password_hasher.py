@@ -1,8 +1,15 @@
-"""Argon2id password hashing off the event loop, with bounded concurrency and a bounded queue."""
+"""Argon2id password hashing off the event loop, with bounded concurrency and a bounded queue.
+
+New hashes are always Argon2id. Verification also accepts the imported formats of
+domain.password_hashes (bcrypt, PBKDF2-SHA256, other Argon2 variants), each verified by a
+maintained library: argon2-cffi, bcrypt, and the standard library's hashlib and hmac.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import sys
@@ -11,10 +18,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import bcrypt
 from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from usersvc.domain.errors import Overloaded
+from usersvc.domain.password_hashes import (
+    HashFormatError,
+    HashScheme,
+    ParsedHash,
+    parse_password_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +41,9 @@ T = TypeVar("T")
 HASH_THREAD_NICENESS = 10
 # What a refused caller is told to wait: about the time the queue takes to move on.
 OVERLOADED_RETRY_SECONDS = 1.0
+# bcrypt reads at most 72 bytes of a password; the systems that made imported bcrypt hashes
+# ignored the rest, so verification does too (the bcrypt package refuses longer input).
+BCRYPT_MAX_PASSWORD_BYTES = 72
 
 
 def usable_cores() -> int:
@@ -119,6 +136,16 @@ class Argon2PasswordHasher:
         return await self._run(self._verify, password_hash, password)
 
     def _verify(self, password_hash: str, password: str) -> bool:
+        if password_hash.startswith("$argon2"):
+            return self._verify_argon2(password_hash, password)
+        try:
+            parsed = parse_password_hash(password_hash)
+        except HashFormatError:
+            return False
+        return verify_imported(parsed, password_hash, password)
+
+    def _verify_argon2(self, password_hash: str, password: str) -> bool:
+        # argon2-cffi reads the variant (id, i, d) and the parameters from the hash itself.
         try:
             return self._hasher.verify(password_hash, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
@@ -128,7 +155,8 @@ class Argon2PasswordHasher:
         """True when the hash is weaker than the current parameters in any respect.
 
         Never for a stronger one: during a rolling change of settings, replicas would otherwise
-        flip hashes back and forth.
+        flip hashes back and forth. Any other format (an imported bcrypt or PBKDF2 hash)
+        always needs one.
         """
         try:
             params = extract_parameters(password_hash)
@@ -145,8 +173,31 @@ class Argon2PasswordHasher:
         )
 
     def allows_password_login(self, password_hash: str) -> bool:
-        """Only Argon2 hashes verify passwords; service accounts store a marker instead."""
-        return password_hash.startswith("$argon2")
+        """Argon2 hashes and the imported formats verify passwords; service accounts store a
+        marker instead."""
+        if password_hash.startswith("$argon2"):
+            return True
+        try:
+            parse_password_hash(password_hash)
+        except HashFormatError:
+            return False
+        return True
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def verify_imported(parsed: ParsedHash, password_hash: str, password: str) -> bool:
+    """Verify a password against an imported hash (blocking; run it in the pool)."""
+    secret = password.encode()
+    if parsed.scheme is HashScheme.BCRYPT:
+        try:
+            return bcrypt.checkpw(secret[:BCRYPT_MAX_PASSWORD_BYTES], password_hash.encode())
+        except ValueError:
+            return False
+    if parsed.scheme in (HashScheme.PBKDF2_SHA256, HashScheme.DJANGO_PBKDF2_SHA256):
+        derived = hashlib.pbkdf2_hmac(
+            "sha256", secret, parsed.salt, parsed.iterations, dklen=len(parsed.digest)
+        )
+        return hmac.compare_digest(derived, parsed.digest)
+    return False

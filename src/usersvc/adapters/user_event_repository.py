@@ -147,6 +147,20 @@ class UserEventRepository:
         self.added = False
 
     async def add(self, change: UserChange) -> None:
+        await self.add_many([change])
+
+    async def add_many(self, changes: Sequence[UserChange]) -> None:
+        """One executemany of the same statement (each row takes its seq as `add` does)."""
+        if not changes:
+            return
+        rows = [self._values(change) for change in changes]
+        if self._postgres:
+            await self._conn.execute(_INSERT_PG, rows)
+        else:
+            await self._conn.execute(_INSERT_SQLITE, rows)
+        self.added = True
+
+    def _values(self, change: UserChange) -> dict[str, Any]:
         values = {
             "user_id": change.user_id,
             "type": change.type,
@@ -158,10 +172,8 @@ class UserEventRepository:
         if self._postgres:
             values["user"] = json.dumps(values["user"])
             values["changed_fields"] = json.dumps(values["changed_fields"])
-            await self._conn.execute(_INSERT_PG, {**values, "channel": NOTIFY_CHANNEL})
-        else:
-            await self._conn.execute(_INSERT_SQLITE, values)
-        self.added = True
+            values["channel"] = NOTIFY_CHANNEL
+        return values
 
 
 class _Source:

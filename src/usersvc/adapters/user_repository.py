@@ -54,6 +54,13 @@ _GET_BY_SKELETON = (
     .where(users.c.email_skeleton == bindparam("skeleton"))
     .limit(1)
 )
+# Stored users whose e-mail, or its skeleton, equals one of a batch's.
+_CONFLICTS = select(users.c.email, users.c.email_skeleton).where(
+    or_(
+        users.c.email.in_(bindparam("emails", expanding=True)),
+        users.c.email_skeleton.in_(bindparam("skeletons", expanding=True)),
+    )
+)
 _AUTH_STATE = select(users.c.token_version, users.c.state).where(users.c.id == bindparam("id"))
 _INSERT = insert(users)
 _ORDER = (users.c.create_time.desc(), users.c.id.desc())
@@ -215,6 +222,52 @@ class UserRepository:
                 "password_change_time": user.password_change_time,
             },
         )
+
+    async def add_many(self, users: Sequence[User]) -> None:
+        """One executemany: SQLAlchemy sends it as multi-row INSERTs (insertmanyvalues)."""
+        if not users:
+            return
+        await self._conn.execute(
+            _INSERT,
+            [
+                {
+                    "id": user.id,
+                    "email": user.email,
+                    "email_skeleton": email_skeleton(user.email),
+                    "name": user.name,
+                    "password_hash": user.password_hash,
+                    "roles": list(user.roles),
+                    "state": user.state.value,
+                    "create_time": user.create_time,
+                    "update_time": user.update_time,
+                    "version": user.version,
+                    "token_version": user.token_version,
+                    "failed_login_count": user.failed_login_count,
+                    "locked_until": user.locked_until,
+                    "last_login_time": user.last_login_time,
+                    "password_change_time": user.password_change_time,
+                }
+                for user in users
+            ],
+        )
+
+    async def email_conflicts(self, emails: Collection[str]) -> dict[str, bool]:
+        if not emails:
+            return {}
+        skeletons = {email: email_skeleton(email) for email in emails}
+        rows = (
+            await self._conn.execute(
+                _CONFLICTS,
+                {"emails": list(skeletons), "skeletons": list(set(skeletons.values()))},
+            )
+        ).all()
+        taken = {row.email for row in rows}
+        alike = {row.email_skeleton for row in rows}
+        return {
+            email: email in taken
+            for email, skeleton in skeletons.items()
+            if email in taken or skeleton in alike
+        }
 
     async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
         stmt = _GET_BY_ID_FOR_UPDATE if for_update else _GET_BY_ID

@@ -92,6 +92,16 @@ class EtagMismatch(DomainError):
         )
 
 
+class BatchAborted(DomainError):
+    """An entry of an all-or-nothing batch that was fine itself: another entry failed, so
+    nothing was written."""
+
+    reason = "BATCH_ABORTED"
+
+    def __init__(self, message: str = "not created: another entry of the batch failed") -> None:
+        super().__init__(message)
+
+
 class FailedPrecondition(DomainError):
     reason = "FAILED_PRECONDITION"
 

@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from usersvc.domain.errors import DomainError
+
 
 class UserState(enum.Enum):
     ACTIVE = "active"
@@ -88,6 +90,14 @@ class UserView:
         if not self.failed_login_count and self.locked_until is None:
             return self
         return dataclasses.replace(self, failed_login_count=0, locked_until=None)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryOutcome:
+    """One entry of a batch write: the created user, or why it was not created."""
+
+    user: UserView | None = None
+    error: DomainError | None = None
 
 
 SERVICE_ACCOUNT_PASSWORD_HASH = "!service-account"  # never verifies: no password login

@@ -36,6 +36,7 @@ STATUS_OF: tuple[tuple[type[e.DomainError], grpc.StatusCode], ...] = (
     (e.NotFound, grpc.StatusCode.NOT_FOUND),
     (e.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (e.EtagMismatch, grpc.StatusCode.ABORTED),
+    (e.BatchAborted, grpc.StatusCode.ABORTED),
     (e.ConcurrencyConflict, grpc.StatusCode.ABORTED),
     (e.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (e.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
@@ -73,7 +74,7 @@ def _pack(status: status_pb2.Status, detail: Any) -> None:
     status.details.append(packed)
 
 
-def build_status(
+def status_proto(
     code: grpc.StatusCode,
     message: str,
     reason: str,
@@ -81,7 +82,8 @@ def build_status(
     violations: list[e.FieldViolation] | None = None,
     retry_after: float | None = None,
     metadata: Mapping[str, str] | None = None,
-) -> grpc.Status:
+) -> status_pb2.Status:
+    """google.rpc.Status with ErrorInfo, RequestInfo and, where given, BadRequest and RetryInfo."""
     request_id = request_id_var.get()
     status = status_pb2.Status(code=code.value[0], message=truncate(message, MAX_MESSAGE_CHARS))
     _pack(status, error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
@@ -105,6 +107,22 @@ def build_status(
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(retry_after * 1e9))
         _pack(status, error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+def build_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    *,
+    violations: list[e.FieldViolation] | None = None,
+    retry_after: float | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> grpc.Status:
+    status = status_proto(
+        code, message, reason, violations=violations, retry_after=retry_after, metadata=metadata
+    )
+    request_id = request_id_var.get()
     grpc_status = rpc_status.to_status(status)
     # abort() replaces the trailers, so the request id goes in again.
     extra = (
@@ -128,25 +146,42 @@ class _WithRequestId(grpc.Status):
         )
 
 
-def status_for(error: e.DomainError) -> grpc.Status:
+def _status_args(error: e.DomainError) -> tuple[grpc.StatusCode, str, str, dict[str, Any]]:
     code = code_for(error)
     if code is grpc.StatusCode.INTERNAL:
         # A domain error nobody mapped is a bug: log it, tell the caller nothing.
         log.error("unmapped domain error %s: %s", type(error).__name__, error.message)
-        return build_status(code, "internal error", "INTERNAL")
+        return code, "internal error", "INTERNAL", {}
     retry_after: float | None = None
     if isinstance(error, e.ResourceExhausted):
         retry_after = error.retry_after_seconds
     elif isinstance(error, e.StorageUnavailable):
         retry_after = UNAVAILABLE_RETRY_SECONDS
-    return build_status(
+    return (
         code,
         error.message,
         error.reason,
-        violations=error.violations if isinstance(error, e.ValidationFailed) else None,
-        retry_after=retry_after,
-        metadata={"resume_token": error.resume_token} if isinstance(error, e.StreamEnded) else None,
+        {
+            "violations": error.violations if isinstance(error, e.ValidationFailed) else None,
+            "retry_after": retry_after,
+            "metadata": (
+                {"resume_token": error.resume_token} if isinstance(error, e.StreamEnded) else None
+            ),
+        },
     )
+
+
+def status_for(error: e.DomainError) -> grpc.Status:
+    code, message, reason, extra = _status_args(error)
+    return build_status(code, message, reason, **extra)
+
+
+def entry_status(error: e.DomainError | None) -> status_pb2.Status:
+    """The google.rpc.Status of one entry of a batch: OK, or `error` as the call would carry it."""
+    if error is None:
+        return status_pb2.Status(code=grpc.StatusCode.OK.value[0])
+    code, message, reason, extra = _status_args(error)
+    return status_proto(code, message, reason, **extra)
 
 
 class ErrorInterceptor(UnaryWrappingInterceptor):

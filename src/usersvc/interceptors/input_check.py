@@ -25,6 +25,7 @@ from usersvc.interceptors.base import (
     UnaryWrappingInterceptor,
     checked_first,
 )
+from usersvc.services.user_import import BATCH_CREATE_MAX
 from usersvc.services.users import BATCH_GET_MAX
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -32,7 +33,10 @@ EDGE_SPACE = " \t\r\n"
 MAX_STRING_CHARS = 1024
 MAX_REPEATED = 16
 # Repeated fields whose contract allows more entries than MAX_REPEATED, by full field name.
-REPEATED_LIMITS: Mapping[str, int] = {"userservice.v1.BatchGetUsersRequest.ids": BATCH_GET_MAX}
+REPEATED_LIMITS: Mapping[str, int] = {
+    "userservice.v1.BatchGetUsersRequest.ids": BATCH_GET_MAX,
+    "userservice.v1.BatchCreateUsersRequest.users": BATCH_CREATE_MAX,
+}
 # google.protobuf.FieldMask paths name fields; no field of ours is longer than this.
 MAX_MASK_PATH_CHARS = 64
 FIELD_MASK = "google.protobuf.FieldMask"

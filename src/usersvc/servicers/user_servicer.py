@@ -9,9 +9,11 @@ from userservice.v1 import user_service_pb2_grpc as pb_grpc
 from usersvc.context import current_principal, request_id_var
 from usersvc.domain.auth import RequestContext
 from usersvc.interceptors.base import Context
+from usersvc.interceptors.errors import entry_status
 from usersvc.servicers.mapping import audit_event_to_proto, user_event_to_proto, user_to_proto
 from usersvc.services.audit import AuditService
 from usersvc.services.user_events import UserEventFeed
+from usersvc.services.user_import import NewUserEntry
 from usersvc.services.users import UserService
 
 
@@ -37,6 +39,36 @@ class UserServicer(pb_grpc.UserServiceServicer):
             request_id=request.request_id,
         )
         return pb.CreateUserResponse(user=user_to_proto(user))
+
+    async def BatchCreateUsers(
+        self, request: pb.BatchCreateUsersRequest, context: Context
+    ) -> pb.BatchCreateUsersResponse:
+        outcomes = await self._users.batch_create_users(
+            ctx=_request_context(),
+            entries=[
+                NewUserEntry(
+                    email=e.email,
+                    name=e.name,
+                    password=e.password if e.WhichOneof("credential") == "password" else None,
+                    password_hash=(
+                        e.password_hash if e.WhichOneof("credential") == "password_hash" else None
+                    ),
+                    roles=list(e.roles),
+                )
+                for e in request.users
+            ],
+            all_or_nothing=request.all_or_nothing,
+            request_id=request.request_id,
+        )
+        return pb.BatchCreateUsersResponse(
+            results=[
+                pb.BatchCreateUserResult(
+                    status=entry_status(o.error),
+                    user=user_to_proto(o.user) if o.user is not None else None,
+                )
+                for o in outcomes
+            ]
+        )
 
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
         user = await self._users.get_user(request.id, ctx=_request_context())

@@ -6,11 +6,13 @@ import hashlib
 import hmac
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from usersvc.domain.errors import FieldViolation, ValidationFailed
-from usersvc.domain.models import UserState, UserView
+from usersvc.domain import errors
+from usersvc.domain.errors import DomainError, FieldViolation, ValidationFailed
+from usersvc.domain.models import EntryOutcome, UserState, UserView
 from usersvc.services.ports import Clock, UnitOfWork, UnitOfWorkFactory
 from usersvc.services.transactions import in_transaction
 
@@ -39,9 +41,60 @@ class IdempotentCreates:
         payload = json.dumps([email, name, password, list(roles)], ensure_ascii=False)
         return hmac.new(self._fingerprint_key, payload.encode(), hashlib.sha256).hexdigest()
 
+    def batch_fingerprint(self, all_or_nothing: bool, entries: list[list[Any]]) -> str:
+        """Of a whole BatchCreateUsers request; never equal to a CreateUser fingerprint."""
+        payload = json.dumps(["batch", all_or_nothing, entries], ensure_ascii=False)
+        return hmac.new(self._fingerprint_key, payload.encode(), hashlib.sha256).hexdigest()
+
     async def remembered(self, caller: str, request_id: str, fingerprint: str) -> UserView | None:
         """The user an earlier call with this key created, or None (unknown or expired);
         ValidationFailed (REQUEST_ID_REUSED) when the key came with another payload."""
+        result = await self._result(caller, request_id, fingerprint)
+        return _from_snapshot(result) if result is not None else None
+
+    async def remembered_batch(
+        self, caller: str, request_id: str, fingerprint: str
+    ) -> list[EntryOutcome] | None:
+        """The outcomes of an earlier batch with this key, like `remembered`."""
+        result = await self._result(caller, request_id, fingerprint)
+        if result is None:
+            return None
+        return [
+            EntryOutcome(user=_from_snapshot(o["user"]))
+            if "user" in o
+            else EntryOutcome(error=_error_from(o["error"]))
+            for o in result["batch"]
+        ]
+
+    async def remember_batch(
+        self,
+        uow: UnitOfWork,
+        *,
+        caller: str,
+        request_id: str,
+        fingerprint: str,
+        outcomes: Sequence[EntryOutcome],
+        now: datetime,
+    ) -> None:
+        """Claim the key for a batch inside its writing transaction, as `remember` does."""
+        result = {
+            "batch": [
+                {"user": _snapshot(o.user)}
+                if o.user is not None
+                else {"error": _error_snapshot(o.error)}
+                for o in outcomes
+            ]
+        }
+        await uow.idempotency.delete_expired(
+            caller=caller, request_id=request_id, cutoff=now - self._ttl
+        )
+        await uow.idempotency.add(
+            caller=caller, request_id=request_id, fingerprint=fingerprint, result=result, now=now
+        )
+
+    async def _result(
+        self, caller: str, request_id: str, fingerprint: str
+    ) -> dict[str, Any] | None:
         async with self._uow(write=False) as uow:
             record = await uow.idempotency.get(caller=caller, request_id=request_id)
         if record is None or record.create_time < self._clock() - self._ttl:
@@ -57,7 +110,7 @@ class IdempotentCreates:
                 ],
                 reason="REQUEST_ID_REUSED",
             )
-        return _from_snapshot(record.result)
+        return record.result
 
     async def remember(
         self,
@@ -127,3 +180,38 @@ def _from_snapshot(data: dict[str, Any]) -> UserView:
             else None
         ),
     )
+
+
+# The errors a batch entry can end with, by name, to answer a retry as the first call did.
+_ENTRY_ERRORS: dict[str, type[DomainError]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.ValidationFailed,
+        errors.EmailTaken,
+        errors.EmailLookalike,
+        errors.PermissionDenied,
+        errors.BatchAborted,
+    )
+}
+
+
+def _error_snapshot(error: DomainError | None) -> dict[str, Any]:
+    assert error is not None
+    violations = error.violations if isinstance(error, ValidationFailed) else []
+    return {
+        "type": type(error).__name__,
+        "message": error.message,
+        "reason": error.reason,
+        "violations": [[v.field, v.description, v.reason] for v in violations],
+    }
+
+
+def _error_from(data: dict[str, Any]) -> DomainError:
+    cls = _ENTRY_ERRORS.get(data["type"], DomainError)
+    if issubclass(cls, ValidationFailed):
+        return ValidationFailed(
+            [FieldViolation(*v) for v in data["violations"]], reason=data["reason"]
+        )
+    error = cls.__new__(cls)
+    DomainError.__init__(error, data["message"], reason=data["reason"])
+    return error

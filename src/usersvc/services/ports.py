@@ -33,6 +33,16 @@ class UserStore(Protocol):
     async def add(self, user: User) -> None:
         """Insert; EmailTaken when the e-mail is taken."""
 
+    async def add_many(self, users: Sequence[User]) -> None:
+        """Insert all in a few multi-row statements (no look-alike check beyond the unique
+        indexes: callers check with `email_conflicts` first); EmailTaken or EmailLookalike
+        when a unique index refuses a row."""
+
+    async def email_conflicts(self, emails: Collection[str]) -> dict[str, bool]:
+        """For each of these normalised e-mails that a stored user's address collides with:
+        True if it is taken exactly, False if a stored address only looks the same (equal
+        Unicode skeleton). E-mails without a collision are left out. One query."""
+
     async def get(self, user_id: uuid.UUID, *, for_update: bool = False) -> User | None:
         """The user, or None; `for_update` locks the row until the unit of work ends."""
 
@@ -125,6 +135,9 @@ class AuditLog(Protocol):
 
     async def add(self, event: AuditEvent) -> None: ...
 
+    async def add_many(self, events: Sequence[AuditEvent]) -> None:
+        """Append all in a few multi-row statements."""
+
     async def list(
         self, *, limit: int, after: PageCursor | None, user_id: uuid.UUID | None
     ) -> Sequence[AuditEvent]: ...
@@ -157,6 +170,9 @@ class Outbox(Protocol):
     """Messages written in the transaction of the change they announce, delivered later."""
 
     async def add(self, message: OutboxMessage) -> None: ...
+
+    async def add_many(self, messages: Sequence[OutboxMessage]) -> None:
+        """Add all in a few multi-row statements."""
 
     async def claim_due(
         self, *, topics: Collection[str], now: datetime, lease_until: datetime, limit: int
@@ -197,6 +213,9 @@ class UserEventLog(Protocol):
     """The change feed, written in the transaction of each change it records."""
 
     async def add(self, change: UserChange) -> None: ...
+
+    async def add_many(self, changes: Sequence[UserChange]) -> None:
+        """Append all, in order, in one executemany."""
 
 
 class UserEventCursor(Protocol):
@@ -286,12 +305,15 @@ class UnitOfWorkFactory(Protocol):
 
 
 class PasswordHasher(Protocol):
-    async def hash(self, password: str) -> str: ...
+    async def hash(self, password: str) -> str:
+        """A new hash in the current format (Argon2id with the current parameters)."""
 
     async def verify(self, password_hash: str, password: str) -> bool:
-        """False for a wrong password and for a hash that cannot verify any password."""
+        """False for a wrong password and for a hash that cannot verify any password. Any
+        format of domain.password_hashes verifies (imported bcrypt, PBKDF2, Argon2 hashes)."""
 
-    def needs_rehash(self, password_hash: str) -> bool: ...
+    def needs_rehash(self, password_hash: str) -> bool:
+        """True for a hash weaker than the current parameters and for any other format."""
 
     def allows_password_login(self, password_hash: str) -> bool:
         """Whether this stored hash can ever verify a password (service accounts: no)."""

@@ -28,6 +28,7 @@ from usersvc.domain.events import TOPIC_USER_CREATED, OutboxMessage
 from usersvc.domain.models import (
     ETAG_MAX,
     SERVICE_ACCOUNT_PASSWORD_HASH,
+    EntryOutcome,
     User,
     UserState,
     UserView,
@@ -59,6 +60,7 @@ from usersvc.services.ports import (
     UserPointReads,
 )
 from usersvc.services.transactions import in_transaction
+from usersvc.services.user_import import NewUserEntry, UserImport
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,13 @@ class UserService:
             clock=clock,
             fingerprint_key=fingerprint_key,
             ttl_seconds=idempotency_ttl_seconds,
+        )
+        self._import = UserImport(
+            uow=uow,
+            hasher=hasher,
+            clock=clock,
+            creates=self._creates,
+            check_new_password=self._check_new_password,
         )
 
     def _check_new_password(self, password: str, field: str) -> FieldViolation | None:
@@ -285,6 +294,23 @@ class UserService:
             if earlier is None:
                 raise
             return earlier
+
+    async def batch_create_users(
+        self,
+        *,
+        ctx: RequestContext,
+        entries: Sequence[NewUserEntry],
+        all_or_nothing: bool = False,
+        request_id: str = "",
+    ) -> list[EntryOutcome]:
+        """Create up to 1,000 users, each with a password or an imported hash; one outcome
+        per entry in request order (see services.user_import)."""
+        if not ctx.actor.is_admin:
+            # The contract's policy already refuses this; the rule holds here on its own too.
+            raise PermissionDenied("only admins may create users in batches")
+        return await self._import.batch_create(
+            ctx=ctx, entries=entries, all_or_nothing=all_or_nothing, request_id=request_id
+        )
 
     async def purge_idempotency_keys(self) -> int:
         """Forget request ids older than the retention period; returns how many."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 
 import pytest
 
-from tests.unit.fakes import FakePasswordHasher, FakeUnitOfWorkFactory
+from tests.unit.fakes import FakePasswordHasher, FakeUnitOfWorkFactory, FakeUserRepository
 from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import (
     BatchAborted,
@@ -144,3 +145,27 @@ async def test_a_retry_answers_from_memory_and_another_body_is_refused(
             ctx=ADMIN, entries=entries[:1], request_id=request_id.upper()
         )
     assert caught.value.reason == "REQUEST_ID_REUSED"
+
+
+async def test_an_email_taken_between_the_check_and_the_insert_is_checked_again(
+    service: UserService, uow: FakeUnitOfWorkFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await service.batch_create_users(ctx=ADMIN, entries=[new("taken@example.com")])
+    real = FakeUserRepository.email_conflicts
+    calls = 0
+
+    async def blind_twice(self: FakeUserRepository, emails: Collection[str]) -> dict[str, bool]:
+        # The check before hashing and the one in the first transaction both miss the row,
+        # as they would if a concurrent call committed it just after each check.
+        nonlocal calls
+        calls += 1
+        return {} if calls <= 2 else await real(self, emails)
+
+    monkeypatch.setattr(FakeUserRepository, "email_conflicts", blind_twice)
+    outcomes = await service.batch_create_users(
+        ctx=ADMIN, entries=[new("fresh@example.com"), new("taken@example.com")]
+    )
+    assert calls == 3
+    assert outcomes[0].user is not None
+    assert isinstance(outcomes[1].error, EmailTaken)
+    assert sorted(u.email for u in uow.store.values()) == ["fresh@example.com", "taken@example.com"]

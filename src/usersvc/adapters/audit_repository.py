@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import insert, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from usersvc.adapters.bulk_insert import insert_rows
 from usersvc.adapters.tables import audit_events
 from usersvc.domain.audit import AuditEvent
 from usersvc.domain.models import PageCursor
@@ -36,9 +37,8 @@ class AuditRepository:
         await self._conn.execute(_INSERT, _row(event))
 
     async def add_many(self, events: Sequence[AuditEvent]) -> None:
-        """One executemany, sent as multi-row INSERTs."""
-        if events:
-            await self._conn.execute(_INSERT, [_row(e) for e in events])
+        """One COPY on PostgreSQL, one executemany elsewhere."""
+        await insert_rows(self._conn, audit_events, [_row(e) for e in events])
 
     async def list(
         self, *, limit: int, after: PageCursor | None, user_id: uuid.UUID | None

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from usersvc.adapters.bulk_insert import insert_rows
 from usersvc.adapters.tables import outbox, users
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.records import ClaimedOutboxMessage, OutboxStatus
@@ -60,10 +61,9 @@ class OutboxRepository:
         await self._conn.execute(_INSERT, _row(message, current_traceparent()))
 
     async def add_many(self, messages: Sequence[OutboxMessage]) -> None:
-        """One executemany, sent as multi-row INSERTs."""
-        if messages:
-            trace = current_traceparent()
-            await self._conn.execute(_INSERT, [_row(m, trace) for m in messages])
+        """One COPY on PostgreSQL, one executemany elsewhere."""
+        trace = current_traceparent()
+        await insert_rows(self._conn, outbox, [_row(m, trace) for m in messages])
 
     async def count_by_status(self) -> dict[str, int]:
         """How many rows are pending and failed (for the metrics; served by the status index)."""

@@ -11,6 +11,7 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     Select,
+    String,
     Uuid,
     and_,
     any_,
@@ -32,12 +33,15 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from usersvc.adapters.bulk_insert import insert_rows
 from usersvc.adapters.tables import users
 from usersvc.domain.errors import EmailLookalike, EmailTaken
 from usersvc.domain.models import SERVICE_ACCOUNT_PASSWORD_HASH, PageCursor, User, UserState
 from usersvc.domain.user_filter import OptionalTimeBound, UserFilter
 from usersvc.domain.validation import email_skeleton
 
+# The table, under a name add_many's parameter does not hide.
+_USERS = users
 # Statements built once; SQLAlchemy caches their compiled form.
 _GET_BY_ID = select(users).where(users.c.id == bindparam("id"))
 # Row lock on PostgreSQL; SQLite's write transactions are already exclusive (BEGIN IMMEDIATE).
@@ -54,7 +58,14 @@ _GET_BY_SKELETON = (
     .where(users.c.email_skeleton == bindparam("skeleton"))
     .limit(1)
 )
-# Stored users whose e-mail, or its skeleton, equals one of a batch's.
+# Stored users whose e-mail, or its skeleton, equals one of a batch's: two array parameters
+# on PostgreSQL (a short statement, whatever the batch), IN lists elsewhere.
+_CONFLICTS_POSTGRESQL = select(users.c.email, users.c.email_skeleton).where(
+    or_(
+        users.c.email == any_(bindparam("emails", type_=ARRAY(String()))),
+        users.c.email_skeleton == any_(bindparam("skeletons", type_=ARRAY(String()))),
+    )
+)
 _CONFLICTS = select(users.c.email, users.c.email_skeleton).where(
     or_(
         users.c.email.in_(bindparam("emails", expanding=True)),
@@ -224,11 +235,10 @@ class UserRepository:
         )
 
     async def add_many(self, users: Sequence[User]) -> None:
-        """One executemany: SQLAlchemy sends it as multi-row INSERTs (insertmanyvalues)."""
-        if not users:
-            return
-        await self._conn.execute(
-            _INSERT,
+        """One COPY on PostgreSQL, one executemany elsewhere."""
+        await insert_rows(
+            self._conn,
+            _USERS,
             [
                 {
                     "id": user.id,
@@ -255,9 +265,10 @@ class UserRepository:
         if not emails:
             return {}
         skeletons = {email: email_skeleton(email) for email in emails}
+        stmt = _CONFLICTS_POSTGRESQL if self._dialect == "postgresql" else _CONFLICTS
         rows = (
             await self._conn.execute(
-                _CONFLICTS,
+                stmt,
                 {"emails": list(skeletons), "skeletons": list(set(skeletons.values()))},
             )
         ).all()

@@ -15,11 +15,15 @@ run with the same number of processes):
 - list-depth: ListUsers' first page and a page at 95% depth (keyset token) against GetUser,
   at --users users seeded in bulk on PostgreSQL.
 - batch-get: BatchGetUsers against GetUser, once the contract has the method.
+- import: --import-users users (100,000) with existing password hashes (Argon2id, bcrypt,
+  passlib and Django PBKDF2-SHA256, in turn) through BatchCreateUsers on PostgreSQL, 1,000 per
+  call with 4 calls in flight: users created per second (no target; reported).
 
 h2load (a C load generator) drives GetUser and ListUsers; it cannot read gRPC trailers, so
 every scenario checks the access log: any call that did not end OK fails the bench.
 
     python -m tests.bench.run [--smoke] [--users N] [--seconds S] [--out bench/results]
+        [--only getuser,storm,create,list,batchget,import]
 """
 
 from __future__ import annotations
@@ -896,6 +900,131 @@ def scenario_batch_get(bench: Bench, db: Database) -> dict[str, Any] | None:
     return result
 
 
+def _import_hashes(per_format: int, *, cheap: bool) -> list[str]:
+    """Password hashes as other systems store them, `per_format` of each format: the
+    parameters do not change what an import costs (nothing is verified), so the smoke run
+    makes cheap ones."""
+    import base64
+    import hashlib
+
+    import bcrypt
+    from argon2 import PasswordHasher, Type
+
+    secret = BENCH_PASSWORD.encode()
+    argon2 = PasswordHasher(
+        time_cost=1 if cheap else 3,
+        memory_cost=1024 if cheap else 65536,
+        parallelism=1 if cheap else 4,
+        type=Type.ID,
+    )
+    iterations = 1000 if cheap else 600_000
+    made: list[str] = []
+    for _ in range(per_format):
+        made.append(argon2.hash(BENCH_PASSWORD))
+        made.append(bcrypt.hashpw(secret, bcrypt.gensalt(4 if cheap else 10)).decode())
+        salt = os.urandom(16)
+        digest = hashlib.pbkdf2_hmac("sha256", secret, salt, iterations)
+
+        def ab64(raw: bytes) -> str:
+            return base64.b64encode(raw).decode().rstrip("=").replace("+", ".")
+
+        made.append(f"$pbkdf2-sha256${iterations}${ab64(salt)}${ab64(digest)}")
+        text_salt = uuid.uuid4().hex[:22]
+        digest = hashlib.pbkdf2_hmac("sha256", secret, text_salt.encode(), iterations)
+        made.append(f"pbkdf2_sha256${iterations}${text_salt}${base64.b64encode(digest).decode()}")
+    return made
+
+
+def _import_users(
+    address: str, admin_token: str, total: int, batch_size: int, in_flight: int, hashes: list[str]
+) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    batches = [
+        pb.BatchCreateUsersRequest(
+            users=[
+                pb.BatchCreateUserEntry(
+                    email=f"import-{run}-{i}@example.com",
+                    name=f"Imported {i}",
+                    password_hash=hashes[i % len(hashes)],
+                )
+                for i in range(start, min(start + batch_size, total))
+            ]
+        )
+        for start in range(0, total, batch_size)
+    ]
+
+    async def go() -> dict[str, Any]:
+        created = failed = 0
+        latencies: list[float] = []
+        metadata = (("authorization", f"Bearer {admin_token}"),)
+        queue = list(reversed(batches))
+        async with grpc.aio.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 4 * 1024 * 1024)]
+        ) as channel:
+            stub = pb_grpc.UserServiceStub(channel)
+
+            async def importer() -> None:
+                nonlocal created, failed
+                while queue:
+                    request = queue.pop()
+                    began = time.perf_counter()
+                    response = await stub.BatchCreateUsers(request, metadata=metadata)
+                    latencies.append(time.perf_counter() - began)
+                    for result in response.results:
+                        if result.status.code == 0:
+                            created += 1
+                        else:
+                            failed += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(importer() for _ in range(in_flight)))
+            elapsed = time.perf_counter() - started
+        return {
+            "created": created,
+            "failed": failed,
+            "seconds": elapsed,
+            "batch_p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
+            "batch_max_ms": round(max(latencies) * 1000, 1),
+        }
+
+    return asyncio.run(go())
+
+
+def scenario_import(bench: Bench, db: Database, total: int) -> dict[str, Any]:
+    """BatchCreateUsers of `total` users with imported hashes, 1,000 per call."""
+    admin_token = mint_token(db.admin_id)
+    batch_size, in_flight = 1000, 4
+    smoke = bench.rounds == 1 and bench.seconds <= 1.0
+    hashes = _import_hashes(2 if smoke else 16, cheap=smoke)
+    with tempfile.TemporaryDirectory() as data_dir:
+        env = usersvc_env(db.url, data_dir, 1)
+        svc = start_server(USERSVC_CMD, env, Path(data_dir) / "usersvc.log")
+        try:
+            result = _import_users(svc.address, admin_token, total, batch_size, in_flight, hashes)
+            require_all_ok(svc.log_path, "BatchCreateUsers")
+            bench.note_memory("import", svc)
+        finally:
+            stop_server(svc)
+    if result["failed"] or result["created"] != total:
+        raise RuntimeError(f"import bench: entries failed: {result}")
+    bench.commands.append(
+        f"import: {total} users with imported hashes (Argon2id, bcrypt, PBKDF2-SHA256 passlib"
+        f" and Django, in turn), BatchCreateUsers of {batch_size}, {in_flight} calls in flight"
+        " (grpc.aio client)"
+    )
+    return {
+        "scenario": "import",
+        "database": db.kind,
+        "users": total,
+        "batch_size": batch_size,
+        "in_flight": in_flight,
+        "seconds": round(result["seconds"], 2),
+        "users_per_second": round(total / result["seconds"], 1),
+        "batch_p50_ms": result["batch_p50_ms"],
+        "batch_max_ms": result["batch_max_ms"],
+    }
+
+
 # --- report -------------------------------------------------------------------------------
 
 
@@ -1071,8 +1200,19 @@ def markdown(report: dict[str, Any]) -> str:
             f"{lst['deep_page_1_ms']} ms; page of 50: first {lst['first_page_50_ms']} ms, 95% "
             f"depth {lst['deep_page_50_ms']} ms.\n"
         )
+    imported = report["results"].get("import")
+    if imported:
+        out.write(
+            f"\nImport ({imported['database']}): {imported['users']} users with existing password"
+            f" hashes through BatchCreateUsers ({imported['batch_size']} per call,"
+            f" {imported['in_flight']} in flight) in {imported['seconds']} s:"
+            f" {imported['users_per_second']} users/s; a batch took {imported['batch_p50_ms']} ms"
+            f" (median), {imported['batch_max_ms']} ms at most.\n"
+        )
     batch = report["results"].get("batch_get")
-    if batch is None:
+    if "batch_get" not in report["results"]:
+        pass  # not selected (--only)
+    elif batch is None:
         out.write("\nBatchGetUsers: not in this contract yet (scenario skipped).\n")
     else:
         out.write(
@@ -1117,7 +1257,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument(
-        "--only", default="", help="comma-separated: getuser,storm,create,list (default: all)"
+        "--only",
+        default="",
+        help="comma-separated: getuser,storm,create,list,batchget,import (default: all)",
+    )
+    parser.add_argument(
+        "--import-users", type=int, default=100_000, help="users the import scenario creates"
     )
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -1132,7 +1277,16 @@ def main() -> int:
         global WARM_UP_SECONDS
         WARM_UP_SECONDS = 0
     users = min(args.users, 2000) if args.smoke else args.users
-    only = set(filter(None, args.only.split(","))) or {"getuser", "storm", "create", "list"}
+    only = set(filter(None, args.only.split(","))) or {
+        "getuser",
+        "storm",
+        "create",
+        "list",
+        "batchget",
+        "import",
+    }
+    # The smoke run imports a few batches only.
+    import_users = min(args.import_users, 3000) if args.smoke else args.import_users
     kinds = args.databases.split(",")
     bench = Bench(
         seconds=seconds, rounds=rounds, concurrency=args.concurrency, connections=args.connections
@@ -1162,7 +1316,13 @@ def main() -> int:
                 with timed("list"):
                     results["list_depth"] = scenario_list_depth(bench, pg)
                 print(json.dumps(results["list_depth"]), flush=True)
-            results["batch_get"] = scenario_batch_get(bench, pg)
+            if "batchget" in only:
+                results["batch_get"] = scenario_batch_get(bench, pg)
+            # Last: it adds its users to the database the other scenarios measured.
+            if "import" in only:
+                with timed("import"):
+                    results["import"] = scenario_import(bench, pg, import_users)
+                print(json.dumps(results["import"]), flush=True)
     report = {
         "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "mode": "smoke" if args.smoke else "full",

@@ -104,6 +104,9 @@ def test_shell_examples(readme_server: ServerThread) -> None:
     # BatchGetUsers: the duplicate kept, the unknown id listed as missing
     assert '["ada@example.com","ada@example.com",["00000000-0000-4000-8000-000000000000"]]' in out
     assert "filtered: ada@example.com" in out
+    # BatchCreateUsers: one status per entry; the imported bcrypt hash logs in
+    assert '[{"code":0,"email":"hedy@example.com"},{"code":3,"email":null}]' in out
+    assert "imported login: true" in out
     assert "user.created" in out and "user.updated" in out
     assert '"fieldViolations"' in out and '"field": "password"' in out
     assert '"status": "SERVING"' in out

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -202,6 +203,7 @@ def build_components(
         on_tokens_revoked=token_states.invalidate,
         fingerprint_key=hashlib.sha256(b"usersvc idempotency fingerprints v1\0" + secret).digest(),
         idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+        deleted_user_retention=timedelta(days=settings.deleted_user_retention_days),
         login_max_failures=settings.login_max_failures,
         login_lock_seconds=settings.login_lock_seconds,
         point_reads=point_reads,

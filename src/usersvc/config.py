@@ -173,6 +173,10 @@ class Settings(BaseSettings):
     watch_checkpoint_seconds: float = Field(default=30.0, gt=0)
     # A stream whose message gRPC could send only after this long ends (RESOURCE_EXHAUSTED).
     watch_slow_consumer_seconds: float = Field(default=30.0, gt=0)
+    # Days a soft-deleted user can be undeleted before the purge job removes it for good.
+    deleted_user_retention_days: int = Field(default=30, ge=1, le=3650)
+    # How often the purge job looks for deleted users past their purge time.
+    deleted_user_purge_interval_seconds: float = Field(default=3600.0, gt=0)
 
     # Welcome e-mail through the outbox. Empty smtp_host: the dispatcher is off.
     smtp_host: str = ""

@@ -1,5 +1,6 @@
 """Background jobs: the idempotency-key and user-event purges, the dormant-account job (off
-by default) and the welcome e-mail dispatcher.
+by default), the purge of soft-deleted users past their purge time, and the welcome e-mail
+dispatcher.
 
 The server runs both beside the gRPC service; `usersvc dispatch` runs the dispatcher alone.
 """
@@ -85,6 +86,24 @@ async def purge_user_events_forever(
                 log.info("purged user events", extra={"count": purged})
         except Exception:
             log.exception("purging user events failed; will try again")
+        await asyncio.sleep(interval)
+
+
+async def purge_deleted_users_forever(
+    users: UserService, *, interval: float, ready: asyncio.Event | None = None
+) -> None:
+    """Remove soft-deleted users past their purge time every `interval` s until cancelled
+    (UserService.purge_deleted_users); with `ready`, only while it is set. Every replica may
+    run it: each user is purged under its row lock, once."""
+    while True:
+        if ready is not None:
+            await ready.wait()
+        try:
+            purged = await users.purge_deleted_users()
+            if purged:
+                log.info("purged deleted users", extra={"count": purged})
+        except Exception:
+            log.exception("purging deleted users failed; will try again")
         await asyncio.sleep(interval)
 
 

@@ -57,7 +57,8 @@ async def issue_service_token(c: Components, *, subject: str, ttl_seconds: int) 
     if SERVICE not in user.roles:
         raise FailedPrecondition(f"{email} exists but is not a service account")
     if user.state is not UserState.ACTIVE:
-        raise FailedPrecondition(f"service account {subject} is disabled")
+        # Disabled, or soft-deleted (its e-mail stays taken until the purge).
+        raise FailedPrecondition(f"service account {subject} is {user.state.value}")
     token, _ = c.access_tokens.issue(
         subject=user.id, roles=user.roles, version=user.token_version, ttl_seconds=ttl_seconds
     )

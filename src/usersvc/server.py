@@ -35,6 +35,7 @@ from usersvc.interceptors.shutdown_gate import ShutdownGateInterceptor
 from usersvc.jobs import (
     count_outbox_forever,
     disable_dormant_users_forever,
+    purge_deleted_users_forever,
     purge_idempotency_keys_forever,
     purge_user_events_forever,
 )
@@ -254,6 +255,16 @@ async def build_server(
                 name="dormant-users",
             )
         )
+    running.background.append(
+        asyncio.create_task(
+            purge_deleted_users_forever(
+                c.users,
+                interval=settings.deleted_user_purge_interval_seconds,
+                ready=readiness.ready_event,
+            ),
+            name="deleted-user-purge",
+        )
+    )
     if settings.metrics_address:
         running.background.append(
             asyncio.create_task(count_outbox_forever(c.engine, metrics), name="outbox-count")

@@ -735,3 +735,178 @@ async def test_dormant_users_are_the_active_password_users_not_seen_since_the_cu
     assert all(u.state is UserState.ACTIVE for u in found)
     async with stores(write=False) as tx:
         assert len(await tx.users.dormant(cutoff=cutoff, limit=1)) == 1
+
+
+# --- soft delete ---------------------------------------------------------------------------
+
+
+async def test_a_soft_deleted_user_reads_back_and_keeps_its_email_until_removed(
+    stores: UnitOfWorkFactory, point_reads: UserPointReads
+) -> None:
+    user = new_user(
+        state=UserState.DELETED,
+        delete_time=NOW + timedelta(seconds=1, microseconds=5),
+        purge_time=NOW + timedelta(days=30, seconds=1),
+        deleted_from_state=UserState.DISABLED,
+    )
+    await add(stores, user)
+    assert await stored(stores, user.id) == user
+    assert await point_reads.get(user.id) == user
+    assert await point_reads.auth_state(user.id) == (1, UserState.DELETED)
+    with pytest.raises(EmailTaken):
+        await add(stores, new_user(email=user.email))
+    async with stores() as tx:
+        assert await tx.users.delete(user.id)
+        await tx.commit()
+    again = new_user(email=user.email)
+    await add(stores, again)
+    assert await stored(stores, again.id) == again
+
+
+async def test_soft_delete_fields_are_written_and_cleared_by_update(
+    stores: UnitOfWorkFactory,
+) -> None:
+    user = new_user()
+    await add(stores, user)
+    values = {
+        "state": UserState.DELETED.value,
+        "deleted_from_state": UserState.ACTIVE.value,
+        "delete_time": NOW + timedelta(hours=1),
+        "purge_time": NOW + timedelta(days=30),
+    }
+    async with stores() as tx:
+        deleted = await tx.users.update(user.id, values, revoke_tokens=True)
+        await tx.commit()
+    assert deleted is not None and deleted == await stored(stores, user.id)
+    assert (deleted.state, deleted.deleted_from_state, deleted.token_version) == (
+        UserState.DELETED,
+        UserState.ACTIVE,
+        2,
+    )
+    assert (deleted.delete_time, deleted.purge_time) == (
+        values["delete_time"],
+        values["purge_time"],
+    )
+    cleared = {
+        "state": "active",
+        "deleted_from_state": None,
+        "delete_time": None,
+        "purge_time": None,
+    }
+    async with stores() as tx:
+        restored = await tx.users.update(user.id, cleared)
+        await tx.commit()
+    assert restored is not None
+    assert (restored.state, restored.deleted_from_state, restored.delete_time) == (
+        UserState.ACTIVE,
+        None,
+        None,
+    )
+    assert restored.purge_time is None
+
+
+async def test_deleted_users_are_listed_and_counted_only_with_show_deleted(
+    stores: UnitOfWorkFactory,
+) -> None:
+    day = _day_of_its_own()
+    active = new_user(create_time=day)
+    deleted = new_user(
+        create_time=day + timedelta(seconds=1),
+        state=UserState.DELETED,
+        delete_time=day,
+        purge_time=day + timedelta(days=30),
+        deleted_from_state=UserState.ACTIVE,
+    )
+    await add(stores, active, deleted)
+    end = (day + timedelta(days=1)).isoformat()
+    bounds = parse_filter(f'create_time >= "{day.isoformat()}" AND create_time < "{end}"')
+    cases = {
+        False: [active.id],
+        True: [deleted.id, active.id],
+    }
+    async with stores(write=False) as tx:
+        for show, expected in cases.items():
+            where = dataclasses.replace(bounds, show_deleted=show)
+            listed = await tx.users.list(limit=10, after=None, where=where)
+            assert [u.id for u in listed] == expected
+        only = dataclasses.replace(bounds, states=frozenset({UserState.DELETED}), show_deleted=True)
+        listed = await tx.users.list(limit=10, after=None, where=only)
+        assert [u.id for u in listed] == [deleted.id]
+        assert await tx.users.count(where=only) == 1
+        by_email = await tx.users.list(limit=10, after=None, where=UserFilter(email=deleted.email))
+        assert by_email == []
+        assert await tx.users.count(where=UserFilter(email=deleted.email)) == 0
+        assert await tx.users.count(where=UserFilter(email=deleted.email, show_deleted=True)) == 1
+
+
+async def test_list_purgeable_returns_deleted_users_due_oldest_first(
+    stores: UnitOfWorkFactory,
+) -> None:
+    day = _day_of_its_own()
+
+    def deleted(purge_time: datetime) -> User:
+        return new_user(
+            state=UserState.DELETED,
+            delete_time=purge_time - timedelta(days=30),
+            purge_time=purge_time,
+            deleted_from_state=UserState.ACTIVE,
+        )
+
+    late, early, not_yet = (
+        deleted(day + timedelta(hours=2)),
+        deleted(day + timedelta(hours=1)),
+        deleted(day + timedelta(hours=3)),
+    )
+    # Not deleted: never purgeable, whatever a stray purge_time says.
+    active = new_user()
+    await add(stores, late, early, not_yet, active)
+    mine = {late.id, early.id, not_yet.id, active.id}
+    async with stores(write=False) as tx:
+        due = await tx.users.list_purgeable(now=day + timedelta(hours=2), limit=100_000)
+        one = await tx.users.list_purgeable(now=day + timedelta(hours=2), limit=1)
+    assert [u for u in due if u in mine] == [early.id, late.id]
+    assert len(one) == 1
+
+
+async def test_tombstone_replaces_personal_values_of_one_users_events_only(
+    stores: UnitOfWorkFactory,
+) -> None:
+    gone, other = uuid.uuid4(), uuid.uuid4()
+
+    def event(user_id: uuid.UUID, changes: dict[str, Any], n: int) -> AuditEvent:
+        return AuditEvent(
+            user_id=user_id,
+            action="user.updated",
+            changes=changes,
+            actor="system",
+            request_id=f"req-{n}",
+            create_time=NOW + timedelta(seconds=n),
+        )
+
+    events = [
+        event(
+            gone,
+            {"email": {"old": None, "new": "a@x.example"}, "roles": {"old": None, "new": []}},
+            0,
+        ),
+        event(gone, {"name": {"old": "Ann", "new": "Anna"}}, 1),
+        event(gone, {"state": {"old": "active", "new": "deleted"}}, 2),
+        event(other, {"name": {"old": "Bob", "new": "Bobby"}}, 3),
+    ]
+    async with stores() as tx:
+        for e in events:
+            await tx.audit.add(e)
+        assert await tx.audit.tombstone_user(gone) == 2
+        await tx.commit()
+    async with stores(write=False) as tx:
+        trail = await tx.audit.list(limit=10, after=None, user_id=gone)
+        untouched = await tx.audit.list(limit=10, after=None, user_id=other)
+    assert [e.changes for e in reversed(trail)] == [
+        {"email": {"old": None, "new": "[PURGED]"}, "roles": {"old": None, "new": []}},
+        {"name": {"old": "[PURGED]", "new": "[PURGED]"}},
+        {"state": {"old": "active", "new": "deleted"}},
+    ]
+    assert [(e.id, e.action, e.actor, e.request_id, e.create_time) for e in reversed(trail)] == [
+        (e.id, e.action, e.actor, e.request_id, e.create_time) for e in events[:3]
+    ]
+    assert untouched == [events[3]]

@@ -61,6 +61,7 @@ MATRIX: dict[str, dict[str, grpc.StatusCode]] = {
     "UpdateUser:email": row(UNAUTH, OK, DENIED, DENIED, OK),
     "UpdateUser:roles": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     "DeleteUser": row(UNAUTH, DENIED, DENIED, DENIED, OK),
+    "UndeleteUser": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     "ChangePassword": row(UNAUTH, OK, DENIED, DENIED, OK),
     "DisableUser": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     "EnableUser": row(UNAUTH, DENIED, DENIED, DENIED, OK),
@@ -80,6 +81,7 @@ AUTH_SERVICE = auth_pb.DESCRIPTOR.services_by_name["AuthService"]
 MUTATING = {
     "UpdateUser",
     "DeleteUser",
+    "UndeleteUser",
     "ChangePassword",
     "DisableUser",
     "EnableUser",
@@ -133,6 +135,7 @@ def _request(
             update_mask=field_mask_pb2.FieldMask(paths=[variant]),
         ),
         "DeleteUser": lambda: pb.DeleteUserRequest(id=target.id),
+        "UndeleteUser": lambda: pb.UndeleteUserRequest(id=target.id),
         # An admin needs no current password; everyone else sends the right one.
         "ChangePassword": lambda: pb.ChangePasswordRequest(
             id=target.id,
@@ -176,6 +179,8 @@ def test_role_method_matrix(
     target = create_user(users)
     if rpc == "EnableUser" and actor != "user_self":
         users.DisableUser(pb.DisableUserRequest(id=target.id))
+    if rpc == "UndeleteUser" and actor != "user_self":  # a deleted user cannot log in
+        users.DeleteUser(pb.DeleteUserRequest(id=target.id))
     callers: dict[str, Callable[[], tuple[tuple[str, str], ...]]] = {
         "anonymous": lambda: (),
         "user_self": lambda: bearer(login_pair(channel, target.email).access_token),
@@ -246,9 +251,6 @@ def _assert_effect(
     if not changed:
         assert users.GetUser(fetch).user == before
         return
-    if rpc == "DeleteUser":
-        assert code_of(lambda: users.GetUser(fetch)) == grpc.StatusCode.NOT_FOUND
-        return
     after = users.GetUser(fetch).user
     assert after.etag != before.etag
     if rpc == "UpdateUser":
@@ -257,10 +259,13 @@ def _assert_effect(
         assert login_pair(channel, before.email, OTHER_PASSWORD).access_token
     elif rpc == "DisableUser":
         assert after.state == user_pb2.USER_STATE_DISABLED
-    elif rpc == "EnableUser":
+    elif rpc in ("EnableUser", "UndeleteUser"):
         assert after.state == user_pb2.USER_STATE_ACTIVE
     elif rpc == "UnlockUser":
         assert (before.failed_login_count, after.failed_login_count) == (1, 0)
+    elif rpc == "DeleteUser":
+        # Soft-deleted: the admin still reads it; GetUser by others is NOT_FOUND.
+        assert after.state == user_pb2.USER_STATE_DELETED
 
 
 def test_matrix_covers_every_rpc() -> None:
@@ -289,6 +294,7 @@ def test_every_rpc_declares_the_policy_of_the_contract() -> None:
     assert policy("UserService/DisableUser") == MethodPolicy(False, admin, ())
     assert policy("UserService/EnableUser") == MethodPolicy(False, admin, ())
     assert policy("UserService/UnlockUser") == MethodPolicy(False, admin, ())
+    assert policy("UserService/UndeleteUser") == MethodPolicy(False, admin, ())
     assert policy("UserService/ListAuditEvents") == MethodPolicy(False, admin, ())
     assert policy("UserService/WatchUserEvents") == MethodPolicy(False, admin_service, ())
     for name in ("Login", "RefreshToken", "Logout", "GetJwks"):
@@ -304,6 +310,7 @@ def test_every_rpc_declares_the_policy_of_the_contract() -> None:
         ("DisableUser", lambda uid: pb.DisableUserRequest(id=uid)),
         ("EnableUser", lambda uid: pb.EnableUserRequest(id=uid)),
         ("UnlockUser", lambda uid: pb.UnlockUserRequest(id=uid)),
+        ("UndeleteUser", lambda uid: pb.UndeleteUserRequest(id=uid)),
         (
             "ChangePassword",
             lambda uid: pb.ChangePasswordRequest(

@@ -62,9 +62,14 @@ def test_create_get_update_delete(client: Client) -> None:
     assert stale.value.reason == "ETAG_MISMATCH"
 
     client.delete_user(created.id, etag=changed.etag)
+    # Soft-deleted: an admin still reads it, as DELETED, and can bring it back.
+    deleted = client.get_user(created.id)
+    assert deleted.state == user_pb2.USER_STATE_DELETED
     with pytest.raises(NotFound) as gone:
-        client.get_user(created.id)
+        client.delete_user(created.id)
     assert gone.value.reason == "USER_NOT_FOUND"
+    restored = client.undelete_user(created.id, etag=deleted.etag)
+    assert restored.state == user_pb2.USER_STATE_ACTIVE
 
 
 def test_create_without_request_id_gets_one_so_a_retry_is_safe(client: Client) -> None:

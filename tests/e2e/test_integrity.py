@@ -238,7 +238,8 @@ def test_20_concurrent_deletes_have_exactly_one_winner(users: UserServiceStub, d
     # The others find the user gone, or (if they read it first) its etag no longer current.
     assert set(counted) <= {OK, grpc.StatusCode.NOT_FOUND, ABORTED}
     assert sum(counted.values()) == 20
-    assert stored_user(db, user.id) is None
+    stored = stored_user(db, user.id)
+    assert stored is not None and stored["state"] == "deleted"
     actions = [e.action for e in all_events(users, user.id)]
     assert actions == ["user.deleted", "user.created"]
 

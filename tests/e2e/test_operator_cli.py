@@ -176,11 +176,11 @@ def test_disabling_or_deleting_a_service_account_makes_its_token_fail(
         users.DeleteUser(pb.DeleteUserRequest(id=account.id))
     assert list_users(channel, token) == anonymous_refusal(channel)
 
-    if action == "disable":
-        again = run_cli(["issue-service-token", "--subject", subject], env)
-        assert again.returncode == 1
-        assert "disabled" in again.stderr
-        assert again.stdout == ""
+    # A deleted account is kept (soft delete) until its purge: no new token either.
+    again = run_cli(["issue-service-token", "--subject", subject], env)
+    assert again.returncode == 1
+    assert ("disabled" if action == "disable" else "deleted") in again.stderr
+    assert again.stdout == ""
 
 
 @pytest.mark.parametrize("args", [["--subject", "Not A Name"], ["--subject", "ok", "--ttl", "0"]])

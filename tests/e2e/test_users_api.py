@@ -341,17 +341,24 @@ def test_update_with_stale_etag_is_aborted(users: UserServiceStub) -> None:
 # --- DeleteUser -------------------------------------------------------------------------------
 
 
-def test_delete_then_get_is_not_found(users: UserServiceStub, db: Engine) -> None:
+def test_delete_soft_deletes_and_a_second_delete_is_not_found(
+    users: UserServiceStub, db: Engine
+) -> None:
     user = create(users)
     users.DeleteUser(pb.DeleteUserRequest(id=user.id))
+    # Admins still read it (AIP-164), as DELETED with its delete and purge times.
+    seen = users.GetUser(pb.GetUserRequest(id=user.id)).user
+    assert seen.state == user_pb2.USER_STATE_DELETED
+    assert seen.purge_time.ToDatetime(UTC) - seen.delete_time.ToDatetime(UTC) == timedelta(days=30)
+    assert abs(seen.delete_time.ToDatetime(UTC) - datetime.now(UTC)) < timedelta(minutes=1)
     with pytest.raises(grpc.RpcError) as exc:
-        users.GetUser(pb.GetUserRequest(id=user.id))
+        users.DeleteUser(pb.DeleteUserRequest(id=user.id))
     assert details_of(error(exc.value)).code == grpc.StatusCode.NOT_FOUND
     with db.connect() as conn:
-        count = conn.execute(
-            text("SELECT count(*) FROM users WHERE email = :e"), {"e": user.email}
+        state = conn.execute(
+            text("SELECT state FROM users WHERE email = :e"), {"e": user.email}
         ).scalar_one()
-    assert count == 0
+    assert state == "deleted"
 
 
 def test_delete_unknown_is_not_found_and_malformed_is_invalid(users: UserServiceStub) -> None:

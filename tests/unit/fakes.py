@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from usersvc.domain.audit import AuditEvent
+from usersvc.domain.audit import AuditEvent, tombstone
 from usersvc.domain.errors import DuplicateRequest, EmailTaken
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.models import (
@@ -49,6 +49,9 @@ WRITABLE_COLUMNS = frozenset(
         "update_time",
         "failed_login_count",
         "locked_until",
+        "delete_time",
+        "purge_time",
+        "deleted_from_state",
     }
 )
 
@@ -199,6 +202,8 @@ class FakeUserRepository(_Writes):
             changes["roles"] = tuple(changes["roles"])
         if "state" in changes:
             changes["state"] = UserState(changes["state"])
+        if changes.get("deleted_from_state") is not None:
+            changes["deleted_from_state"] = UserState(changes["deleted_from_state"])
         changes["version"] = current.version + 1
         if revoke_tokens:
             changes["token_version"] = current.token_version + 1
@@ -216,6 +221,14 @@ class FakeUserRepository(_Writes):
             if record.user_id == user_id:
                 del self.db.refresh_tokens[token_hash]
         return True
+
+    async def list_purgeable(self, *, now: datetime, limit: int) -> Sequence[uuid.UUID]:
+        due = sorted(
+            (u.purge_time, u.id)
+            for u in self.db.users.values()
+            if u.state is UserState.DELETED and u.purge_time is not None and u.purge_time <= now
+        )
+        return [uid for _, uid in due[:limit]]
 
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
         user = self.db.users.get(user_id)
@@ -332,6 +345,8 @@ class FakeOutboxRepository(_Writes):
                 row, claimed_until=lease_until
             )
             user = self.db.users.get(row.message.aggregate_id)
+            if user is not None and user.state is UserState.DELETED:
+                user = None  # a soft-deleted user counts as gone, as in the SQL join
             claimed.append(
                 ClaimedOutboxMessage(
                     id=row.message.id,
@@ -490,7 +505,7 @@ class FakeUserEventLog(_Writes):
 
 
 class FakeAuditRepository(_Writes):
-    """Append-only, like the real one: there is no update or delete to fake."""
+    """Append-only, like the real one, but for the purge's tombstoning."""
 
     async def add(self, event: AuditEvent) -> None:
         self._require_writable()
@@ -501,6 +516,18 @@ class FakeAuditRepository(_Writes):
     async def add_many(self, events: Sequence[AuditEvent]) -> None:
         for event in events:
             await self.add(event)
+
+    async def tombstone_user(self, user_id: uuid.UUID) -> int:
+        self._require_writable()
+        changed = 0
+        for index, event in enumerate(self.db.audit):
+            if event.user_id != user_id:
+                continue
+            new = tombstone(event.changes)
+            if new != event.changes:
+                self.db.audit[index] = dataclasses.replace(event, changes=new)
+                changed += 1
+        return changed
 
     # Last, because inside the class body the name `list` is this method from here on.
     async def list(

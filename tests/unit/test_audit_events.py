@@ -30,7 +30,7 @@ from usersvc.domain.errors import (
     UserNotFound,
     ValidationFailed,
 )
-from usersvc.domain.models import UserView
+from usersvc.domain.models import UserState, UserView
 from usersvc.services.audit import AuditService
 from usersvc.services.auth import AuthService, TokenStateCache, hash_refresh_token
 from usersvc.services.users import UserService
@@ -290,7 +290,7 @@ async def test_disable_and_enable_record_the_state_change(
     )
 
 
-async def test_delete_records_the_old_values_and_every_event_outlives_the_user(
+async def test_soft_delete_records_the_state_and_every_event_outlives_the_purge(
     service: UserService, uow: FakeUnitOfWorkFactory, codec: PageTokenCodec, clock: FakeClock
 ) -> None:
     user = await _create(service)
@@ -299,6 +299,7 @@ async def test_delete_records_the_old_values_and_every_event_outlives_the_user(
         ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id), etag=""
     )
     clock.advance(timedelta(seconds=1))
+    deleted_at = clock()
     await service.delete_user(
         ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id)
     )
@@ -309,15 +310,18 @@ async def test_delete_records_the_old_values_and_every_event_outlives_the_user(
         str(ADMIN.user_id),
     )
     assert event.changes == {
-        "email": _change("alice@example.com", None),
-        "name": _change("Alice", None),
-        "roles": _change([], None),
+        "state": _change("disabled", "deleted"),
+        "purge_time": _change(None, (deleted_at + timedelta(days=30)).isoformat()),
     }
+    assert uow.store[user.id].state is UserState.DELETED
+    clock.advance(timedelta(days=30))
+    assert await service.purge_deleted_users() == 1
     assert uow.store == {}
     page = await AuditService(uow=uow, page_tokens=codec).list_events(
         page_size=0, page_token="", user_id=str(user.id)
     )
     assert [e.action for e in page.events] == [
+        audit.USER_PURGED,
         audit.USER_DELETED,
         audit.USER_DISABLED,
         audit.USER_CREATED,
@@ -559,6 +563,23 @@ async def test_failed_login_of_a_disabled_user_is_recorded(
     event = _only_event(uow, 2)
     assert (event.action, event.user_id) == (audit.LOGIN_FAILED, user.id)
     assert event.changes["outcome"] == _change(None, "disabled")
+
+
+async def test_failed_login_of_a_deleted_user_is_recorded_and_refused_alike(
+    service: UserService, auth_service: AuthService, uow: FakeUnitOfWorkFactory
+) -> None:
+    user = await _create(service)
+    await service.delete_user(
+        ctx=RequestContext(ADMIN, request_id=REQUEST_ID), user_id=str(user.id)
+    )
+    with pytest.raises(Unauthenticated) as refused:
+        await _login(auth_service, user.email, PASSWORD)
+    event = _only_event(uow, 2)
+    assert (event.action, event.user_id) == (audit.LOGIN_FAILED, user.id)
+    assert event.changes["outcome"] == _change(None, "deleted")
+    with pytest.raises(Unauthenticated) as unknown:
+        await _login(auth_service, "nobody@example.com", PASSWORD)
+    assert str(refused.value) == str(unknown.value)
 
 
 async def test_failed_login_counts_in_the_same_transaction_as_its_event(

@@ -198,8 +198,10 @@ async def test_each_committed_change_writes_one_event_and_a_refused_one_none(
         (user_events.CREATED, ("email", "name", "password", "roles", "state"), 1),
         (user_events.UPDATED, ("name",), 2),
         (user_events.DISABLED, ("state",), 3),
-        (user_events.DELETED, ("email", "name", "roles", "state"), 3),
+        # Soft delete: the user as it is now, state DELETED, a version of its own.
+        (user_events.DELETED, ("state",), 4),
     ]
+    assert uow.user_events[-1].user.state is UserState.DELETED
     assert {e.request_id for e in uow.user_events} == {"req-1"}
     assert uow.user_events[1].user.name == "Renamed"
     assert len(uow.audit) == len(uow.user_events)

@@ -19,8 +19,10 @@ from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import (
     EmailTaken,
     EtagMismatch,
+    FailedPrecondition,
     PermissionDenied,
     UserNotFound,
+    UsersNotFound,
     ValidationFailed,
 )
 from usersvc.domain.events import TOPIC_USER_CREATED
@@ -714,21 +716,237 @@ async def test_an_unknown_role_is_a_validation_error(
 # --- delete ----------------------------------------------------------------------------------
 
 
-async def test_delete_removes_the_user(service: UserService, uow: FakeUnitOfWorkFactory) -> None:
+async def test_delete_soft_deletes_the_user_and_hides_it_from_non_admins(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
     created = await _create(service, "nina@example.com")
     await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
     _assert_committed_once(uow.last)
-    assert uow.views == {}
+    stored = uow.store[created.id]
+    assert stored.state is UserState.DELETED
+    assert stored.delete_time == START
+    assert stored.purge_time == START + timedelta(days=30)
+    assert stored.deleted_from_state is UserState.ACTIVE
+    assert stored.token_version == created.token_version + 1
+    assert uow.db.refresh_tokens_revoked == [created.id]
     with pytest.raises(UserNotFound):
-        await service.get_user(str(created.id))
+        await service.get_user(str(created.id), ctx=RequestContext(MEMBER))
+    seen = await service.get_user(str(created.id), ctx=RequestContext(ADMIN))
+    assert (seen.state, seen.delete_time, seen.purge_time) == (
+        UserState.DELETED,
+        START,
+        START + timedelta(days=30),
+    )
 
 
-async def test_delete_with_the_current_etag_removes_the_user(
+async def test_delete_with_the_current_etag_deletes_the_user(
     service: UserService, uow: FakeUnitOfWorkFactory
 ) -> None:
     created = await _create(service, "omar@example.com")
     await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id), etag=created.etag)
-    assert uow.views == {}
+    assert uow.store[created.id].state is UserState.DELETED
+
+
+async def test_retention_sets_the_purge_time(
+    make_user_service: UserServiceFactory, uow: FakeUnitOfWorkFactory
+) -> None:
+    service = make_user_service(deleted_user_retention=timedelta(days=7))
+    created = await _create(service, "ola@example.com")
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
+    assert uow.store[created.id].purge_time == START + timedelta(days=7)
+
+
+async def test_deleting_a_deleted_user_is_user_not_found(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    created = await _create(service, "otto@example.com")
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
+    before = uow.store[created.id]
+    with pytest.raises(UserNotFound):
+        await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
+    assert uow.store[created.id] == before
+
+
+@pytest.mark.parametrize("change", ["update", "disable", "enable", "password"])
+async def test_a_deleted_user_cannot_be_changed(
+    service: UserService, uow: FakeUnitOfWorkFactory, change: str
+) -> None:
+    created = await _create(service, "oona@example.com")
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
+    before = uow.store[created.id]
+    ctx = RequestContext(ADMIN)
+    uid = str(created.id)
+    calls = {
+        "update": lambda: _update(
+            service, ADMIN, user_id=uid, paths=["name"], email="", name="New", etag=""
+        ),
+        "disable": lambda: service.disable_user(ctx=ctx, user_id=uid, etag=""),
+        "enable": lambda: service.enable_user(ctx=ctx, user_id=uid, etag=""),
+        "password": lambda: service.change_password(
+            ctx=ctx, user_id=uid, current_password="", new_password="another long one", etag=""
+        ),
+    }
+    with pytest.raises(UserNotFound):
+        await calls[change]()
+    assert uow.store[created.id] == before
+
+
+@pytest.mark.parametrize("disabled_first", [False, True])
+async def test_undelete_restores_the_state_before_the_deletion(
+    service: UserService, uow: FakeUnitOfWorkFactory, disabled_first: bool
+) -> None:
+    created = await _create(service, "olga@example.com")
+    ctx = RequestContext(ADMIN)
+    if disabled_first:
+        await service.disable_user(ctx=ctx, user_id=str(created.id), etag="")
+    await service.delete_user(ctx=ctx, user_id=str(created.id))
+    deleted = uow.store[created.id]
+    restored = await service.undelete_user(ctx=ctx, user_id=str(created.id), etag=deleted.etag)
+    expected = UserState.DISABLED if disabled_first else UserState.ACTIVE
+    assert (restored.state, restored.delete_time, restored.purge_time) == (expected, None, None)
+    assert restored.version == deleted.version + 1
+    # Tokens revoked by the deletion stay revoked: the token version only moves on.
+    assert restored.token_version == deleted.token_version + 1
+    assert uow.store[created.id].deleted_from_state is None
+    assert (await service.get_user(str(created.id), ctx=RequestContext(MEMBER))).state is expected
+
+
+async def test_undelete_of_a_user_not_deleted_is_failed_precondition(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    created = await _create(service, "oskar@example.com")
+    with pytest.raises(FailedPrecondition) as err:
+        await service.undelete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
+    assert err.value.reason == "USER_NOT_DELETED"
+    with pytest.raises(UserNotFound):
+        await service.undelete_user(ctx=RequestContext(ADMIN), user_id=str(uuid.uuid4()))
+    assert uow.store[created.id].view() == created
+
+
+async def test_undelete_with_a_stale_etag_is_etag_mismatch(
+    service: UserService, uow: FakeUnitOfWorkFactory
+) -> None:
+    created = await _create(service, "ozzy@example.com")
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
+    with pytest.raises(EtagMismatch):
+        await service.undelete_user(
+            ctx=RequestContext(ADMIN), user_id=str(created.id), etag=created.etag
+        )
+    assert uow.store[created.id].state is UserState.DELETED
+
+
+async def test_batch_get_reports_deleted_users_missing_except_to_admins(
+    service: UserService,
+) -> None:
+    kept = await _create(service, "pam@example.com")
+    gone = await _create(service, "pat@example.com")
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(gone.id))
+    ids = [str(kept.id), str(gone.id)]
+    as_service = RequestContext(Principal(user_id=uuid.uuid4(), roles=frozenset({"service"})))
+    result = await service.batch_get_users(ctx=as_service, user_ids=ids, allow_missing=True)
+    assert ([u.id for u in result.users], result.missing_ids) == ([kept.id], [gone.id])
+    with pytest.raises(UsersNotFound):
+        await service.batch_get_users(ctx=as_service, user_ids=ids)
+    result = await service.batch_get_users(ctx=RequestContext(ADMIN), user_ids=ids)
+    assert [u.state for u in result.users] == [UserState.ACTIVE, UserState.DELETED]
+
+
+async def test_list_leaves_deleted_users_out_unless_show_deleted(
+    service: UserService, clock: FakeClock
+) -> None:
+    kept = await _create(service, "quentin@example.com")
+    clock.advance(timedelta(seconds=1))
+    gone = await _create(service, "quincy@example.com")
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(gone.id))
+    ctx = RequestContext(ADMIN)
+    plain = await service.list_users(page_size=0, page_token="", email="", ctx=ctx)
+    assert ([u.id for u in plain.users], plain.total_size) == ([kept.id], 1)
+    shown = await service.list_users(
+        page_size=0, page_token="", email="", show_deleted=True, ctx=ctx
+    )
+    assert ([u.id for u in shown.users], shown.total_size) == ([gone.id, kept.id], 2)
+    only = await service.list_users(
+        page_size=0, page_token="", email="", filter="state = DELETED", show_deleted=True, ctx=ctx
+    )
+    assert [u.id for u in only.users] == [gone.id]
+    with pytest.raises(ValidationFailed) as err:
+        await service.list_users(
+            page_size=0, page_token="", email="", filter="state = DELETED", ctx=ctx
+        )
+    assert _violations(err) == [("filter", "SHOW_DELETED_REQUIRED")]
+    with pytest.raises(PermissionDenied):
+        await service.list_users(
+            page_size=0,
+            page_token="",
+            email="",
+            show_deleted=True,
+            ctx=RequestContext(Principal(user_id=uuid.uuid4(), roles=frozenset({"service"}))),
+        )
+
+
+async def test_page_tokens_are_bound_to_show_deleted(service: UserService) -> None:
+    for n in range(3):
+        await _create(service, f"rita{n}@example.com")
+    ctx = RequestContext(ADMIN)
+    shown = await service.list_users(
+        page_size=1, page_token="", email="", show_deleted=True, ctx=ctx
+    )
+    plain = await service.list_users(page_size=1, page_token="", email="", ctx=ctx)
+    for token, show in ((shown.next_page_token, False), (plain.next_page_token, True)):
+        with pytest.raises(ValidationFailed) as err:
+            await service.list_users(
+                page_size=1, page_token=token, email="", show_deleted=show, ctx=ctx
+            )
+        assert _violations(err) == [("page_token", "INVALID_PAGE_TOKEN")]
+
+
+async def test_purge_removes_due_users_frees_the_email_and_tombstones_the_audit_trail(
+    service: UserService, uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    gone = await _create(service, "sam@example.com", name="Sam Secret")
+    later = await _create(service, "sue@example.com")
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(gone.id))
+    clock.advance(timedelta(days=1))
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(later.id))
+    clock.advance(timedelta(days=29) - timedelta(seconds=1))
+    assert await service.purge_deleted_users() == 0
+    clock.advance(timedelta(seconds=1))
+    # Due: the first (deleted 30 days ago); not yet: the second (a day younger).
+    assert await service.purge_deleted_users() == 1
+    assert set(uow.store) == {later.id}
+    trail = [e for e in uow.audit if e.user_id == gone.id]
+    assert [e.action for e in trail] == ["user.created", "user.deleted", "user.purged"]
+    assert trail[0].changes["email"] == {"old": None, "new": "[PURGED]"}
+    assert trail[0].changes["name"] == {"old": None, "new": "[PURGED]"}
+    assert trail[0].changes["roles"] == {"old": None, "new": []}
+    assert "sam@example.com" not in repr(trail) and "Sam Secret" not in repr(trail)
+    assert (trail[-1].actor, trail[-1].request_id[:6]) == ("system", "purge-")
+    # The other user's trail is untouched, and the e-mail is free again.
+    assert any(e.changes.get("email", {}).get("new") == "sue@example.com" for e in uow.audit)
+    again = await _create(service, "sam@example.com")
+    assert again.id != gone.id
+
+
+async def test_purge_works_through_more_than_one_batch(
+    service: UserService, uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    for n in range(5):
+        created = await _create(service, f"tom{n}@example.com")
+        await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
+    clock.advance(timedelta(days=31))
+    assert await service.purge_deleted_users(batch=2) == 5
+    assert uow.store == {}
+
+
+async def test_an_undeleted_user_is_not_purged(
+    service: UserService, uow: FakeUnitOfWorkFactory, clock: FakeClock
+) -> None:
+    created = await _create(service, "ursula@example.com")
+    await service.delete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
+    await service.undelete_user(ctx=RequestContext(ADMIN), user_id=str(created.id))
+    clock.advance(timedelta(days=365))
+    assert await service.purge_deleted_users() == 0
+    assert set(uow.store) == {created.id}
 
 
 async def test_delete_with_a_stale_etag_is_etag_mismatch_and_keeps_the_user(

@@ -175,6 +175,13 @@ class AsyncClient:
         request = user_service_pb2.DeleteUserRequest(id=id, etag=etag)
         await self._call(self._users.DeleteUser, request, timeout=timeout)
 
+    async def undelete_user(
+        self, id: str, *, etag: str = "", timeout: float | None = None
+    ) -> user_pb2.User:
+        """Restores a soft-deleted user to the state it had when deleted."""
+        request = user_service_pb2.UndeleteUserRequest(id=id, etag=etag)
+        return (await self._call(self._users.UndeleteUser, request, timeout=timeout)).user
+
     async def change_password(
         self,
         id: str,

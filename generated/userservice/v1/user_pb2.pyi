@@ -33,6 +33,11 @@ class _UserStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserState.V
     """The account can sign in and be used."""
     USER_STATE_DISABLED: _UserState.ValueType  # 2
     """The account is disabled: it cannot sign in and its tokens are refused."""
+    USER_STATE_DELETED: _UserState.ValueType  # 3
+    """The account is soft-deleted (AIP-164): it cannot sign in, its tokens are refused, its
+    e-mail stays reserved, and it is hidden from everyone but admins until purge_time, when
+    it is removed for good. UndeleteUser brings it back.
+    """
 
 class UserState(_UserState, metaclass=_UserStateEnumTypeWrapper):
     """Lifecycle state of a user account."""
@@ -43,6 +48,11 @@ USER_STATE_ACTIVE: UserState.ValueType  # 1
 """The account can sign in and be used."""
 USER_STATE_DISABLED: UserState.ValueType  # 2
 """The account is disabled: it cannot sign in and its tokens are refused."""
+USER_STATE_DELETED: UserState.ValueType  # 3
+"""The account is soft-deleted (AIP-164): it cannot sign in, its tokens are refused, its
+e-mail stays reserved, and it is hidden from everyone but admins until purge_time, when
+it is removed for good. UndeleteUser brings it back.
+"""
 Global___UserState: _TypeAlias = UserState  # noqa: Y015
 
 @_typing.final
@@ -63,6 +73,8 @@ class User(_message.Message):
     LOCKED_UNTIL_FIELD_NUMBER: _builtins.int
     LAST_LOGIN_TIME_FIELD_NUMBER: _builtins.int
     PASSWORD_CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    DELETE_TIME_FIELD_NUMBER: _builtins.int
+    PURGE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier, a lower-case UUID string such as
     "6f1c0d1e-8a55-4b8e-9b6e-2f6b5b8f3f0a". Output only.
@@ -127,6 +139,20 @@ class User(_message.Message):
         unset value counts as older than any time.
         """
 
+    @_builtins.property
+    def delete_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user was soft-deleted (UTC); unset unless state is USER_STATE_DELETED.
+        Output only. Only admins ever see a deleted user (see UserService.DeleteUser).
+        """
+
+    @_builtins.property
+    def purge_time(self) -> _timestamp_pb2.Timestamp:
+        """When a soft-deleted user will be removed for good (UTC): delete_time plus the retention
+        period (USERSVC_DELETED_USER_RETENTION_DAYS, default 30 days). Until then UndeleteUser
+        restores the user; afterwards the row is purged and the audit trail's e-mail and name
+        values are replaced by "[PURGED]". Unset unless state is USER_STATE_DELETED. Output only.
+        """
+
     def __init__(
         self,
         *,
@@ -142,10 +168,12 @@ class User(_message.Message):
         locked_until: _timestamp_pb2.Timestamp | None = ...,
         last_login_time: _timestamp_pb2.Timestamp | None = ...,
         password_change_time: _timestamp_pb2.Timestamp | None = ...,
+        delete_time: _timestamp_pb2.Timestamp | None = ...,
+        purge_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "password_change_time", b"password_change_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "email", b"email", "etag", b"etag", "failed_login_count", b"failed_login_count", "id", b"id", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "name", b"name", "password_change_time", b"password_change_time", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "email", b"email", "etag", b"etag", "failed_login_count", b"failed_login_count", "id", b"id", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "name", b"name", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,7 +182,9 @@ Global___User: _TypeAlias = User  # noqa: Y015
 @_typing.final
 class AuditEvent(_message.Message):
     """One entry of the audit trail: a change to a user, or a login attempt. Append-only; kept
-    after the user is deleted. Passwords, hashes and tokens never appear in it.
+    after the user is deleted and purged. Passwords, hashes and tokens never appear in it. The
+    one rewrite: when a soft-deleted user is purged, the e-mail and name values in its events'
+    changes become "[PURGED]" (action, actor, time and request id stay).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -173,8 +203,9 @@ class AuditEvent(_message.Message):
     action: _builtins.str
     """What happened: "user.created", "user.updated", "user.roles_changed", "user.deleted",
     "user.password_changed", "user.disabled", "user.enabled", "user.unlocked",
-    "auth.login_succeeded", "auth.login_failed". A user disabled for dormancy is
-    "user.disabled" by actor "system" with a change "reason" of "dormant".
+    "user.undeleted", "user.purged", "auth.login_succeeded", "auth.login_failed". A user
+    disabled for dormancy is "user.disabled" by actor "system" with a change "reason" of
+    "dormant".
     """
     actor: _builtins.str
     """Who did it: the caller's user id, "system" for operator tooling and background jobs,

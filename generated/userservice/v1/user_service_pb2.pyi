@@ -34,9 +34,9 @@ class _UserEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserEve
     USER_EVENT_TYPE_CREATED: _UserEventType.ValueType  # 1
     """The user was created."""
     USER_EVENT_TYPE_UPDATED: _UserEventType.ValueType  # 2
-    """E-mail or name changed."""
+    """E-mail or name changed, or (changed_fields "state") the user was undeleted."""
     USER_EVENT_TYPE_DELETED: _UserEventType.ValueType  # 3
-    """The user was deleted."""
+    """The user was soft-deleted (DeleteUser). Its later purge sends no event."""
     USER_EVENT_TYPE_DISABLED: _UserEventType.ValueType  # 4
     """The user was disabled."""
     USER_EVENT_TYPE_ENABLED: _UserEventType.ValueType  # 5
@@ -56,9 +56,9 @@ USER_EVENT_TYPE_UNSPECIFIED: UserEventType.ValueType  # 0
 USER_EVENT_TYPE_CREATED: UserEventType.ValueType  # 1
 """The user was created."""
 USER_EVENT_TYPE_UPDATED: UserEventType.ValueType  # 2
-"""E-mail or name changed."""
+"""E-mail or name changed, or (changed_fields "state") the user was undeleted."""
 USER_EVENT_TYPE_DELETED: UserEventType.ValueType  # 3
-"""The user was deleted."""
+"""The user was soft-deleted (DeleteUser). Its later purge sends no event."""
 USER_EVENT_TYPE_DISABLED: UserEventType.ValueType  # 4
 """The user was disabled."""
 USER_EVENT_TYPE_ENABLED: UserEventType.ValueType  # 5
@@ -263,6 +263,7 @@ class ListUsersRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    SHOW_DELETED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Largest number of users to return. 0 means 50; values above 100 are coerced to 100;
     negative values give INVALID_ARGUMENT.
@@ -279,7 +280,8 @@ class ListUsersRequest(_message.Message):
     """
     filter: _builtins.str
     """Optional filter (AIP-160 subset), at most 1,024 characters. Terms joined with AND:
-      state = ACTIVE | DISABLED          (also "state:", and USER_STATE_ACTIVE etc.)
+      state = ACTIVE | DISABLED | DELETED  (also "state:", and USER_STATE_ACTIVE etc.;
+                                         DELETED only with show_deleted)
       roles:"admin"                      the user holds the role ("admin" or "service")
       email:"ada*"                       e-mail prefix (a value without "*" is exact),
                                          normalised like CreateUserRequest.email
@@ -296,6 +298,11 @@ class ListUsersRequest(_message.Message):
     INVALID_ARGUMENT whose field violation names the 1-based character position. Page tokens
     are bound to the filter: a token issued for another filter gives INVALID_ARGUMENT.
     """
+    show_deleted: _builtins.bool
+    """Include soft-deleted users (state USER_STATE_DELETED). Admin only: set by any other
+    caller it gives PERMISSION_DENIED. The filter term `state = DELETED` needs it (without
+    it: INVALID_ARGUMENT). Page tokens are bound to it like to the filter.
+    """
     def __init__(
         self,
         *,
@@ -303,10 +310,11 @@ class ListUsersRequest(_message.Message):
         page_token: _builtins.str = ...,
         email: _builtins.str = ...,
         filter: _builtins.str = ...,
+        show_deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token", "show_deleted", b"show_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,7 +335,8 @@ class ListUsersResponse(_message.Message):
     """Number of users matching the request across all pages. Exact when the request sets email
     or filter, and whenever fewer than 10,000 users exist. Otherwise (an unfiltered list of a
     large table on PostgreSQL) an estimate from the database's statistics, as AIP-132
-    allows: usually within a few percent and up to a few seconds old, never a reason to stop
+    allows: usually within a few percent (soft-deleted users are in the estimate, as they are
+    rows of the table) and up to a few seconds old, never a reason to stop
     paging (only an empty next_page_token ends the list). An exact count of a million rows
     would cost more than the page itself.
     """
@@ -438,7 +447,7 @@ Global___DeleteUserRequest: _TypeAlias = DeleteUserRequest  # noqa: Y015
 
 @_typing.final
 class DeleteUserResponse(_message.Message):
-    """Response of DeleteUser."""
+    """Response of DeleteUser. Empty (the user is soft-deleted; see UserService.DeleteUser)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -452,6 +461,56 @@ class DeleteUserResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteUserResponse: _TypeAlias = DeleteUserResponse  # noqa: Y015
+
+@_typing.final
+class UndeleteUserRequest(_message.Message):
+    """Request of UndeleteUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id of the user, a UUID string. Malformed: INVALID_ARGUMENT; unknown or purged: NOT_FOUND."""
+    etag: _builtins.str
+    """Optional etag of the deleted user; if set and stale: ABORTED and nothing changes."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeleteUserRequest: _TypeAlias = UndeleteUserRequest  # noqa: Y015
+
+@_typing.final
+class UndeleteUserResponse(_message.Message):
+    """Response of UndeleteUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> _user_pb2.User:
+        """The user, back in the state it had when it was deleted."""
+
+    def __init__(
+        self,
+        *,
+        user: _user_pb2.User | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeleteUserResponse: _TypeAlias = UndeleteUserResponse  # noqa: Y015
 
 @_typing.final
 class ChangePasswordRequest(_message.Message):
@@ -812,8 +871,8 @@ class UserEvent(_message.Message):
     """Request id of the call that made the change (its x-request-id)."""
     @_builtins.property
     def user(self) -> _user_pb2.User:
-        """The user as it is after the change; for USER_EVENT_TYPE_DELETED, as it was when it was
-        deleted. The admins-only login counters (failed_login_count, locked_until) and
+        """The user as it is after the change; for USER_EVENT_TYPE_DELETED, the soft-deleted user
+        (state USER_STATE_DELETED, with delete_time and purge_time). The admins-only login counters (failed_login_count, locked_until) and
         last_login_time, which changes without an event, are never set here.
         """
 
@@ -821,7 +880,8 @@ class UserEvent(_message.Message):
     def changed_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the fields that changed, sorted: "email", "name", "roles", "state",
         "password" (the fact only), "failed_login_count" and "locked_until" (unlock); every
-        public field on USER_EVENT_TYPE_CREATED and USER_EVENT_TYPE_DELETED.
+        public field on USER_EVENT_TYPE_CREATED; "state" on USER_EVENT_TYPE_DELETED (a soft
+        delete) and on the USER_EVENT_TYPE_UPDATED of an UndeleteUser.
         """
 
     @_builtins.property

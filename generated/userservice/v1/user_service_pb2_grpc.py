@@ -70,6 +70,11 @@ class UserServiceStub:
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.DeleteUserRequest.SerializeToString,
                 response_deserializer=userservice_dot_v1_dot_user__service__pb2.DeleteUserResponse.FromString,
                 _registered_method=True)
+        self.UndeleteUser = channel.unary_unary(
+                '/userservice.v1.UserService/UndeleteUser',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.UndeleteUserRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.UndeleteUserResponse.FromString,
+                _registered_method=True)
         self.ChangePassword = channel.unary_unary(
                 '/userservice.v1.UserService/ChangePassword',
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.ChangePasswordRequest.SerializeToString,
@@ -125,7 +130,8 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUser(self, request, context):
-        """Returns one user. Callers: admin, service, the user itself.
+        """Returns one user. Callers: admin, service, the user itself. A soft-deleted user is
+        returned (state USER_STATE_DELETED) to admins only; to anyone else it is NOT_FOUND.
         Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -138,15 +144,18 @@ class UserServiceServicer:
         caller only for itself (every id its own, else PERMISSION_DENIED). Errors:
         INVALID_ARGUMENT (more than 1,000 ids; malformed ids, one field violation per bad entry
         such as "ids[3]", the first 9 listed and the rest counted), NOT_FOUND (some ids match no user and
-        allow_missing is false; the message names the first 10 of them).
+        allow_missing is false; the message names the first 10 of them). Soft-deleted users count
+        as missing except for admins, who get them with state USER_STATE_DELETED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListUsers(self, request, context):
-        """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
-        Errors: INVALID_ARGUMENT (negative page_size, bad page_token, bad filter).
+        """Lists users, newest first (ties broken by id), with keyset pagination. Soft-deleted users
+        are left out unless show_deleted is set. Callers: admin, service. Errors:
+        INVALID_ARGUMENT (negative page_size, bad page_token, bad filter, `state = DELETED`
+        without show_deleted), PERMISSION_DENIED (show_deleted by a caller that is not admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,16 +164,38 @@ class UserServiceServicer:
     def UpdateUser(self, request, context):
         """Updates the fields named in update_mask. Callers: admin (any writable path); the user
         itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
-        (empty mask, unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail
-        taken), ABORTED (stale etag). A change of roles revokes the user's tokens.
+        (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
+        user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
+        also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
+        tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUser(self, request, context):
-        """Deletes a user and revokes its tokens. Callers: admin. Errors: INVALID_ARGUMENT (malformed
-        id), NOT_FOUND, ABORTED (stale etag).
+        """Soft-deletes a user (AIP-164): the user moves to USER_STATE_DELETED with delete_time and
+        purge_time (delete_time plus USERSVC_DELETED_USER_RETENTION_DAYS, default 30) set, its
+        tokens are revoked (refresh tokens at once, access tokens within the token cache's few
+        seconds), it cannot log in, its e-mail stays taken, and GetUser, BatchGetUsers and
+        ListUsers treat it as absent for everyone but admins. UndeleteUser restores it until
+        purge_time; after that a background job removes the row for good and replaces the e-mail
+        and name values in its audit trail with "[PURGED]". The response stays empty (as before
+        soft delete; read the deleted user with GetUser as an admin). Callers: admin. Errors:
+        INVALID_ARGUMENT (malformed id), NOT_FOUND (unknown or already deleted), ABORTED (stale
+        etag).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndeleteUser(self, request, context):
+        """Restores a soft-deleted user to the state it had when it was deleted (ACTIVE or
+        DISABLED), clearing delete_time and purge_time; its e-mail, name, roles and password are
+        as they were. Tokens issued before the deletion stay revoked: the user logs in again.
+        Callers: admin. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND (unknown or already
+        purged), FAILED_PRECONDITION (the user is not deleted; reason USER_NOT_DELETED),
+        ABORTED (stale etag).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -284,6 +315,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.DeleteUser,
                     request_deserializer=userservice_dot_v1_dot_user__service__pb2.DeleteUserRequest.FromString,
                     response_serializer=userservice_dot_v1_dot_user__service__pb2.DeleteUserResponse.SerializeToString,
+            ),
+            'UndeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeleteUser,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.UndeleteUserRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.UndeleteUserResponse.SerializeToString,
             ),
             'ChangePassword': grpc.unary_unary_rpc_method_handler(
                     servicer.ChangePassword,
@@ -489,6 +525,33 @@ class UserService:
             '/userservice.v1.UserService/DeleteUser',
             userservice_dot_v1_dot_user__service__pb2.DeleteUserRequest.SerializeToString,
             userservice_dot_v1_dot_user__service__pb2.DeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/UndeleteUser',
+            userservice_dot_v1_dot_user__service__pb2.UndeleteUserRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.UndeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,7 +44,8 @@ class UserServiceStub:
     at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
     """
     GetUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]
-    """Returns one user. Callers: admin, service, the user itself.
+    """Returns one user. Callers: admin, service, the user itself. A soft-deleted user is
+    returned (state USER_STATE_DELETED) to admins only; to anyone else it is NOT_FOUND.
     Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
     """
     BatchGetUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.BatchGetUsersRequest, _user_service_pb2.BatchGetUsersResponse]
@@ -53,21 +54,42 @@ class UserServiceStub:
     caller only for itself (every id its own, else PERMISSION_DENIED). Errors:
     INVALID_ARGUMENT (more than 1,000 ids; malformed ids, one field violation per bad entry
     such as "ids[3]", the first 9 listed and the rest counted), NOT_FOUND (some ids match no user and
-    allow_missing is false; the message names the first 10 of them).
+    allow_missing is false; the message names the first 10 of them). Soft-deleted users count
+    as missing except for admins, who get them with state USER_STATE_DELETED.
     """
     ListUsers: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]
-    """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
-    Errors: INVALID_ARGUMENT (negative page_size, bad page_token, bad filter).
+    """Lists users, newest first (ties broken by id), with keyset pagination. Soft-deleted users
+    are left out unless show_deleted is set. Callers: admin, service. Errors:
+    INVALID_ARGUMENT (negative page_size, bad page_token, bad filter, `state = DELETED`
+    without show_deleted), PERMISSION_DENIED (show_deleted by a caller that is not admin).
     """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]
     """Updates the fields named in update_mask. Callers: admin (any writable path); the user
     itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
-    (empty mask, unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail
-    taken), ABORTED (stale etag). A change of roles revokes the user's tokens.
+    (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
+    user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
+    also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
+    tokens.
     """
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]
-    """Deletes a user and revokes its tokens. Callers: admin. Errors: INVALID_ARGUMENT (malformed
-    id), NOT_FOUND, ABORTED (stale etag).
+    """Soft-deletes a user (AIP-164): the user moves to USER_STATE_DELETED with delete_time and
+    purge_time (delete_time plus USERSVC_DELETED_USER_RETENTION_DAYS, default 30) set, its
+    tokens are revoked (refresh tokens at once, access tokens within the token cache's few
+    seconds), it cannot log in, its e-mail stays taken, and GetUser, BatchGetUsers and
+    ListUsers treat it as absent for everyone but admins. UndeleteUser restores it until
+    purge_time; after that a background job removes the row for good and replaces the e-mail
+    and name values in its audit trail with "[PURGED]". The response stays empty (as before
+    soft delete; read the deleted user with GetUser as an admin). Callers: admin. Errors:
+    INVALID_ARGUMENT (malformed id), NOT_FOUND (unknown or already deleted), ABORTED (stale
+    etag).
+    """
+    UndeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UndeleteUserRequest, _user_service_pb2.UndeleteUserResponse]
+    """Restores a soft-deleted user to the state it had when it was deleted (ACTIVE or
+    DISABLED), clearing delete_time and purge_time; its e-mail, name, roles and password are
+    as they were. Tokens issued before the deletion stay revoked: the user logs in again.
+    Callers: admin. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND (unknown or already
+    purged), FAILED_PRECONDITION (the user is not deleted; reason USER_NOT_DELETED),
+    ABORTED (stale etag).
     """
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]
     """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
@@ -140,7 +162,8 @@ class UserServiceAsyncStub(UserServiceStub):
     at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
     """
     GetUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]  # type: ignore[assignment]
-    """Returns one user. Callers: admin, service, the user itself.
+    """Returns one user. Callers: admin, service, the user itself. A soft-deleted user is
+    returned (state USER_STATE_DELETED) to admins only; to anyone else it is NOT_FOUND.
     Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
     """
     BatchGetUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.BatchGetUsersRequest, _user_service_pb2.BatchGetUsersResponse]  # type: ignore[assignment]
@@ -149,21 +172,42 @@ class UserServiceAsyncStub(UserServiceStub):
     caller only for itself (every id its own, else PERMISSION_DENIED). Errors:
     INVALID_ARGUMENT (more than 1,000 ids; malformed ids, one field violation per bad entry
     such as "ids[3]", the first 9 listed and the rest counted), NOT_FOUND (some ids match no user and
-    allow_missing is false; the message names the first 10 of them).
+    allow_missing is false; the message names the first 10 of them). Soft-deleted users count
+    as missing except for admins, who get them with state USER_STATE_DELETED.
     """
     ListUsers: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ListUsersRequest, _user_service_pb2.ListUsersResponse]  # type: ignore[assignment]
-    """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
-    Errors: INVALID_ARGUMENT (negative page_size, bad page_token, bad filter).
+    """Lists users, newest first (ties broken by id), with keyset pagination. Soft-deleted users
+    are left out unless show_deleted is set. Callers: admin, service. Errors:
+    INVALID_ARGUMENT (negative page_size, bad page_token, bad filter, `state = DELETED`
+    without show_deleted), PERMISSION_DENIED (show_deleted by a caller that is not admin).
     """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]  # type: ignore[assignment]
     """Updates the fields named in update_mask. Callers: admin (any writable path); the user
     itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
-    (empty mask, unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail
-    taken), ABORTED (stale etag). A change of roles revokes the user's tokens.
+    (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
+    user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
+    also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
+    tokens.
     """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
-    """Deletes a user and revokes its tokens. Callers: admin. Errors: INVALID_ARGUMENT (malformed
-    id), NOT_FOUND, ABORTED (stale etag).
+    """Soft-deletes a user (AIP-164): the user moves to USER_STATE_DELETED with delete_time and
+    purge_time (delete_time plus USERSVC_DELETED_USER_RETENTION_DAYS, default 30) set, its
+    tokens are revoked (refresh tokens at once, access tokens within the token cache's few
+    seconds), it cannot log in, its e-mail stays taken, and GetUser, BatchGetUsers and
+    ListUsers treat it as absent for everyone but admins. UndeleteUser restores it until
+    purge_time; after that a background job removes the row for good and replaces the e-mail
+    and name values in its audit trail with "[PURGED]". The response stays empty (as before
+    soft delete; read the deleted user with GetUser as an admin). Callers: admin. Errors:
+    INVALID_ARGUMENT (malformed id), NOT_FOUND (unknown or already deleted), ABORTED (stale
+    etag).
+    """
+    UndeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UndeleteUserRequest, _user_service_pb2.UndeleteUserResponse]  # type: ignore[assignment]
+    """Restores a soft-deleted user to the state it had when it was deleted (ACTIVE or
+    DISABLED), clearing delete_time and purge_time; its e-mail, name, roles and password are
+    as they were. Tokens issued before the deletion stay revoked: the user logs in again.
+    Callers: admin. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND (unknown or already
+    purged), FAILED_PRECONDITION (the user is not deleted; reason USER_NOT_DELETED),
+    ABORTED (stale etag).
     """
     ChangePassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
@@ -245,7 +289,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.GetUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.GetUserResponse, _abc.Awaitable[_user_service_pb2.GetUserResponse]]:
-        """Returns one user. Callers: admin, service, the user itself.
+        """Returns one user. Callers: admin, service, the user itself. A soft-deleted user is
+        returned (state USER_STATE_DELETED) to admins only; to anyone else it is NOT_FOUND.
         Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND.
         """
 
@@ -260,7 +305,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         caller only for itself (every id its own, else PERMISSION_DENIED). Errors:
         INVALID_ARGUMENT (more than 1,000 ids; malformed ids, one field violation per bad entry
         such as "ids[3]", the first 9 listed and the rest counted), NOT_FOUND (some ids match no user and
-        allow_missing is false; the message names the first 10 of them).
+        allow_missing is false; the message names the first 10 of them). Soft-deleted users count
+        as missing except for admins, who get them with state USER_STATE_DELETED.
         """
 
     @_abc_1.abstractmethod
@@ -269,8 +315,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.ListUsersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ListUsersResponse, _abc.Awaitable[_user_service_pb2.ListUsersResponse]]:
-        """Lists users, newest first (ties broken by id), with keyset pagination. Callers: admin, service.
-        Errors: INVALID_ARGUMENT (negative page_size, bad page_token, bad filter).
+        """Lists users, newest first (ties broken by id), with keyset pagination. Soft-deleted users
+        are left out unless show_deleted is set. Callers: admin, service. Errors:
+        INVALID_ARGUMENT (negative page_size, bad page_token, bad filter, `state = DELETED`
+        without show_deleted), PERMISSION_DENIED (show_deleted by a caller that is not admin).
         """
 
     @_abc_1.abstractmethod
@@ -281,8 +329,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.UpdateUserResponse, _abc.Awaitable[_user_service_pb2.UpdateUserResponse]]:
         """Updates the fields named in update_mask. Callers: admin (any writable path); the user
         itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
-        (empty mask, unknown or immutable path, bad value), NOT_FOUND, ALREADY_EXISTS (e-mail
-        taken), ABORTED (stale etag). A change of roles revokes the user's tokens.
+        (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
+        user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
+        also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
+        tokens.
         """
 
     @_abc_1.abstractmethod
@@ -291,8 +341,30 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.DeleteUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.DeleteUserResponse, _abc.Awaitable[_user_service_pb2.DeleteUserResponse]]:
-        """Deletes a user and revokes its tokens. Callers: admin. Errors: INVALID_ARGUMENT (malformed
-        id), NOT_FOUND, ABORTED (stale etag).
+        """Soft-deletes a user (AIP-164): the user moves to USER_STATE_DELETED with delete_time and
+        purge_time (delete_time plus USERSVC_DELETED_USER_RETENTION_DAYS, default 30) set, its
+        tokens are revoked (refresh tokens at once, access tokens within the token cache's few
+        seconds), it cannot log in, its e-mail stays taken, and GetUser, BatchGetUsers and
+        ListUsers treat it as absent for everyone but admins. UndeleteUser restores it until
+        purge_time; after that a background job removes the row for good and replaces the e-mail
+        and name values in its audit trail with "[PURGED]". The response stays empty (as before
+        soft delete; read the deleted user with GetUser as an admin). Callers: admin. Errors:
+        INVALID_ARGUMENT (malformed id), NOT_FOUND (unknown or already deleted), ABORTED (stale
+        etag).
+        """
+
+    @_abc_1.abstractmethod
+    def UndeleteUser(
+        self,
+        request: _user_service_pb2.UndeleteUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.UndeleteUserResponse, _abc.Awaitable[_user_service_pb2.UndeleteUserResponse]]:
+        """Restores a soft-deleted user to the state it had when it was deleted (ACTIVE or
+        DISABLED), clearing delete_time and purge_time; its e-mail, name, roles and password are
+        as they were. Tokens issued before the deletion stay revoked: the user logs in again.
+        Callers: admin. Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND (unknown or already
+        purged), FAILED_PRECONDITION (the user is not deleted; reason USER_NOT_DELETED),
+        ABORTED (stale etag).
         """
 
     @_abc_1.abstractmethod

@@ -1,4 +1,8 @@
-"""AuditRepository: append and read audit events; it has no update or delete on purpose."""
+"""AuditRepository: append and read audit events; it has no update or delete on purpose.
+
+The one exception is `tombstone_user`, which purging a soft-deleted user calls: the only
+sanctioned rewrite of audit rows, and it only ever replaces personal values with a marker.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,23 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import bindparam, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.bulk_insert import insert_rows
-from usersvc.adapters.tables import audit_events
-from usersvc.domain.audit import AuditEvent
+from usersvc.adapters.tables import JsonList, audit_events
+from usersvc.domain.audit import AuditEvent, tombstone
 from usersvc.domain.models import PageCursor
 
 _INSERT = insert(audit_events)
+_EVENTS_OF_USER = select(audit_events.c.id, audit_events.c.changes).where(
+    audit_events.c.user_id == bindparam("user_id")
+)
+_SET_CHANGES = (
+    update(audit_events)
+    .where(audit_events.c.id == bindparam("event_id"))
+    .values(changes=bindparam("new_changes", type_=JsonList))
+)
 
 
 def _row(event: AuditEvent) -> dict[str, Any]:
@@ -39,6 +51,19 @@ class AuditRepository:
     async def add_many(self, events: Sequence[AuditEvent]) -> None:
         """One COPY on PostgreSQL, one executemany elsewhere."""
         await insert_rows(self._conn, audit_events, [_row(e) for e in events])
+
+    async def tombstone_user(self, user_id: uuid.UUID) -> int:
+        """Replace the e-mail and name values in every event about `user_id` with the purge
+        marker (domain.audit.tombstone); the rest of each row stays. How many rows changed."""
+        rows = (await self._conn.execute(_EVENTS_OF_USER, {"user_id": user_id})).all()
+        rewrites = [
+            {"event_id": r.id, "new_changes": new}
+            for r in rows
+            if (new := tombstone(r.changes)) != r.changes
+        ]
+        if rewrites:
+            await self._conn.execute(_SET_CHANGES, rewrites)
+        return len(rewrites)
 
     async def list(
         self, *, limit: int, after: PageCursor | None, user_id: uuid.UUID | None

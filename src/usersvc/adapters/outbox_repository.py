@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from usersvc.adapters.bulk_insert import insert_rows
 from usersvc.adapters.tables import outbox, users
 from usersvc.domain.events import OutboxMessage
+from usersvc.domain.models import UserState
 from usersvc.domain.records import ClaimedOutboxMessage, OutboxStatus
 from usersvc.trace_context import current_traceparent
 
@@ -106,8 +107,17 @@ class OutboxRepository:
                 users.c.email,
                 users.c.name,
             )
-            # Outbox rows outlive their user; the outer join says whether it still exists.
-            .select_from(outbox.outerjoin(users, users.c.id == outbox.c.aggregate_id))
+            # Outbox rows outlive their user; the outer join says whether it still exists
+            # (a soft-deleted user counts as gone: no mail to a deleted account).
+            .select_from(
+                outbox.outerjoin(
+                    users,
+                    and_(
+                        users.c.id == outbox.c.aggregate_id,
+                        users.c.state != UserState.DELETED.value,
+                    ),
+                )
+            )
             .where(
                 outbox.c.status == PENDING,
                 outbox.c.topic.in_(list(topics)),

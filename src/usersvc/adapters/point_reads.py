@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 # Fixed statements; the column order is what _user() reads.
 _GET_PG = (
     "SELECT id, email, name, password_hash, roles, state, create_time, update_time, version,"
-    " token_version, failed_login_count, locked_until, last_login_time, password_change_time"
-    " FROM users WHERE id = $1"
+    " token_version, failed_login_count, locked_until, last_login_time, password_change_time,"
+    " delete_time, purge_time, deleted_from_state FROM users WHERE id = $1"
 )
 _AUTH_STATE_PG = "SELECT token_version, state FROM users WHERE id = $1"
 _GET_SQLITE = _GET_PG.replace("$1", "?")
@@ -54,13 +54,16 @@ def _sqlite_time(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
-def _user(
-    row: Sequence[Any] | asyncpg.Record,
-    *,
-    roles: Any,
-    times: tuple[Any, Any, Any, Any, Any],
-) -> User:
-    create_time, update_time, locked_until, last_login_time, password_change_time = times
+def _user(row: Sequence[Any] | asyncpg.Record, *, roles: Any, times: tuple[Any, ...]) -> User:
+    (
+        create_time,
+        update_time,
+        locked_until,
+        last_login_time,
+        password_change_time,
+        delete_time,
+        purge_time,
+    ) = times
     return User(
         id=row[0] if isinstance(row[0], uuid.UUID) else uuid.UUID(row[0]),
         email=row[1],
@@ -76,6 +79,9 @@ def _user(
         locked_until=locked_until,
         last_login_time=last_login_time,
         password_change_time=password_change_time,
+        delete_time=delete_time,
+        purge_time=purge_time,
+        deleted_from_state=UserState(row[16]) if row[16] is not None else None,
     )
 
 
@@ -247,11 +253,8 @@ class PostgresPointReads:
         row = await self._fetch(_GET_PG, user_id)
         if row is None:
             return None
-        return _user(
-            row,
-            roles=json.loads(row[4]),
-            times=(_utc(row[6]), _utc(row[7]), _utc(row[11]), _utc(row[12]), _utc(row[13])),
-        )
+        times = tuple(_utc(row[i]) for i in (6, 7, 11, 12, 13, 14, 15))
+        return _user(row, roles=json.loads(row[4]), times=times)
 
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
         row = await self._fetch(_AUTH_STATE_PG, user_id)
@@ -299,8 +302,7 @@ class SqlitePointReads:
             return user
         if row is None:
             return None
-        t = _sqlite_time
-        times = (t(row[6]), t(row[7]), t(row[11]), t(row[12]), t(row[13]))
+        times = tuple(_sqlite_time(row[i]) for i in (6, 7, 11, 12, 13, 14, 15))
         return _user(row, roles=json.loads(row[4]), times=times)
 
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:

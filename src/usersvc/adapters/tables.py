@@ -85,6 +85,11 @@ users = Table(
     # Migration 0008. NULL: never logged in / password set before the column existed.
     Column("last_login_time", UTCDateTime(), nullable=True),
     Column("password_change_time", UTCDateTime(), nullable=True),
+    # Soft delete (migration 0010): set while state is "deleted". The row, and so the unique
+    # e-mail, stays until purge_time; deleted_from_state is what UndeleteUser restores.
+    Column("delete_time", UTCDateTime(), nullable=True),
+    Column("purge_time", UTCDateTime(), nullable=True),
+    Column("deleted_from_state", String(16), nullable=True),
     # The list order (newest first, id as tiebreaker) served by one index scan; also the
     # create_time bounds of ListUsers.filter.
     Index("ix_users_create_time_id", "create_time", "id"),
@@ -94,6 +99,8 @@ users = Table(
     # filter `last_login_time < ...` (and the dormant-account job), `password_change_time`.
     Index("ix_users_last_login_time", "last_login_time"),
     Index("ix_users_password_change_time", "password_change_time"),
+    # The purge job's scan for deleted users past their purge time.
+    Index("ix_users_purge_time", "purge_time"),
 )
 
 
@@ -167,7 +174,9 @@ refresh_tokens = Table(
     Index("ix_refresh_tokens_user_id", "user_id"),
 )
 
-# Audit trail: append-only. No foreign key to users, so records survive the user's deletion.
+# Audit trail: append-only (AuditRepository has no update or delete), with one sanctioned
+# rewrite: purging a soft-deleted user tombstones the e-mail and name values in its events.
+# No foreign key to users, so records survive the user's deletion.
 audit_events = Table(
     "audit_events",
     metadata,

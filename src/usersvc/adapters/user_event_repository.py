@@ -103,6 +103,9 @@ def snapshot_of(user: UserView) -> dict[str, Any]:
         "password_change_time": user.password_change_time.isoformat()
         if user.password_change_time is not None
         else None,
+        # Soft delete: set on the "deleted" event's user (absent from older events).
+        "delete_time": user.delete_time.isoformat() if user.delete_time is not None else None,
+        "purge_time": user.purge_time.isoformat() if user.purge_time is not None else None,
     }
 
 
@@ -120,7 +123,13 @@ def _user_of(snapshot: dict[str, Any]) -> UserView:
         password_change_time=datetime.fromisoformat(snapshot["password_change_time"])
         if snapshot.get("password_change_time")
         else None,
+        delete_time=_time_or_none(snapshot.get("delete_time")),
+        purge_time=_time_or_none(snapshot.get("purge_time")),
     )
+
+
+def _time_or_none(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
 
 
 def _record(row: Any) -> UserEventRecord:

@@ -97,7 +97,19 @@ WRITABLE_COLUMNS = frozenset(
         # UnlockUser
         "failed_login_count",
         "locked_until",
+        # Soft delete and UndeleteUser
+        "delete_time",
+        "purge_time",
+        "deleted_from_state",
     }
+)
+# Deleted users whose purge time has come, oldest first (ix_users_purge_time).
+_PURGEABLE = (
+    select(users.c.id)
+    .where(users.c.state == UserState.DELETED.value)
+    .where(users.c.purge_time <= bindparam("now"))
+    .order_by(users.c.purge_time, users.c.id)
+    .limit(bindparam("limit"))
 )
 
 
@@ -117,6 +129,8 @@ def filter_conditions(where: UserFilter, dialect: str) -> list[ColumnElement[boo
     if where.impossible:
         return [false()]
     conditions: list[ColumnElement[bool]] = []
+    if not where.show_deleted:
+        conditions.append(users.c.state != UserState.DELETED.value)
     for state in sorted(s.value for s in where.states):
         conditions.append(users.c.state == state)
     for role in sorted(where.roles):
@@ -193,6 +207,11 @@ def _to_user(row: Row[Any]) -> User:
         locked_until=m["locked_until"],
         last_login_time=m["last_login_time"],
         password_change_time=m["password_change_time"],
+        delete_time=m["delete_time"],
+        purge_time=m["purge_time"],
+        deleted_from_state=(
+            UserState(m["deleted_from_state"]) if m["deleted_from_state"] is not None else None
+        ),
     )
 
 
@@ -231,6 +250,11 @@ class UserRepository:
                 "locked_until": user.locked_until,
                 "last_login_time": user.last_login_time,
                 "password_change_time": user.password_change_time,
+                "delete_time": user.delete_time,
+                "purge_time": user.purge_time,
+                "deleted_from_state": (
+                    user.deleted_from_state.value if user.deleted_from_state else None
+                ),
             },
         )
 
@@ -353,6 +377,11 @@ class UserRepository:
             stmt = stmt.where(users.c.version == expected_version)
         result = await self._conn.execute(stmt)
         return bool(result.rowcount)
+
+    async def list_purgeable(self, *, now: datetime, limit: int) -> Sequence[uuid.UUID]:
+        """Ids of soft-deleted users whose purge time is at or before `now`, oldest first."""
+        rows = (await self._conn.execute(_PURGEABLE, {"now": now, "limit": limit})).all()
+        return [r[0] for r in rows]
 
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
         """(token_version, state) of a user, or None when it does not exist."""

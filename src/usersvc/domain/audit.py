@@ -15,6 +15,8 @@ USER_PASSWORD_CHANGED = "user.password_changed"
 USER_DISABLED = "user.disabled"
 USER_ENABLED = "user.enabled"
 USER_UNLOCKED = "user.unlocked"
+USER_UNDELETED = "user.undeleted"
+USER_PURGED = "user.purged"
 LOGIN_SUCCEEDED = "auth.login_succeeded"
 LOGIN_FAILED = "auth.login_failed"
 
@@ -35,6 +37,22 @@ REDACTED_FIELDS = frozenset(
     }
 )
 REDACTED = "[REDACTED]"
+
+# Purging a soft-deleted user rewrites its audit trail, the one sanctioned change of audit rows:
+# the values of these fields become PURGED; action, actor, time and request id stay.
+PERSONAL_FIELDS = frozenset({"email", "name"})
+PURGED = "[PURGED]"
+
+
+def tombstone(changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` with every non-null value of a personal field replaced by PURGED."""
+    out: dict[str, Any] = {}
+    for name, change in changes.items():
+        if name in PERSONAL_FIELDS and isinstance(change, dict):
+            out[name] = {k: (PURGED if v is not None else None) for k, v in change.items()}
+        else:
+            out[name] = change
+    return out
 
 
 def redact(changes: dict[str, tuple[Any, Any]]) -> dict[str, dict[str, Any]]:

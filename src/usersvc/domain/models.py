@@ -15,6 +15,8 @@ from usersvc.domain.errors import DomainError
 class UserState(enum.Enum):
     ACTIVE = "active"
     DISABLED = "disabled"
+    # Soft-deleted (AIP-164): kept, hidden and unusable until purged or undeleted.
+    DELETED = "deleted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,10 @@ class User:
     last_login_time: datetime | None = None
     # Set whenever the password is set; None: unknown (users older than the column).
     password_change_time: datetime | None = None
+    # Set while soft-deleted: when, when the purge removes the row, and the state to restore.
+    delete_time: datetime | None = None
+    purge_time: datetime | None = None
+    deleted_from_state: UserState | None = None
 
     @property
     def etag(self) -> str:
@@ -58,6 +64,8 @@ class User:
             locked_until=self.locked_until,
             last_login_time=self.last_login_time,
             password_change_time=self.password_change_time,
+            delete_time=self.delete_time,
+            purge_time=self.purge_time,
         )
 
 
@@ -80,6 +88,8 @@ class UserView:
     locked_until: datetime | None = None
     last_login_time: datetime | None = None
     password_change_time: datetime | None = None
+    delete_time: datetime | None = None
+    purge_time: datetime | None = None
 
     @property
     def etag(self) -> str:

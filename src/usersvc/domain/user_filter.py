@@ -11,7 +11,7 @@ Grammar (whitespace between tokens is free; keywords and field names are case-se
                 | "password_change_time" ( ">" | ">=" | "<" | "<=" ) TIMESTAMP
     value      := '"' characters, with \\" and \\\\ escapes '"'  |  bare characters up to
                   white space or a parenthesis
-    STATE      := ACTIVE | DISABLED | USER_STATE_ACTIVE | USER_STATE_DISABLED
+    STATE      := ACTIVE | DISABLED | DELETED, each also with the USER_STATE_ prefix
     TIMESTAMP  := RFC 3339 with a time zone, such as 2026-01-31T09:00:00Z
 
 last_login_time and password_change_time may be unset (never logged in; password set before
@@ -43,8 +43,10 @@ ECHO_MAX = 40
 _STATES = {
     "ACTIVE": UserState.ACTIVE,
     "DISABLED": UserState.DISABLED,
+    "DELETED": UserState.DELETED,
     "USER_STATE_ACTIVE": UserState.ACTIVE,
     "USER_STATE_DISABLED": UserState.DISABLED,
+    "USER_STATE_DELETED": UserState.DELETED,
 }
 _OPERATORS = (">=", "<=", "!=", "=", ":", ">", "<")
 _RFC3339 = re.compile(
@@ -113,6 +115,8 @@ class UserFilter:
     optional_times: tuple[OptionalTimeBound, ...] = ()
     # Set when terms contradict each other (two states, two exact e-mails): nobody matches.
     impossible: bool = False
+    # Soft-deleted users match only when set (ListUsersRequest.show_deleted).
+    show_deleted: bool = False
 
     @property
     def canonical(self) -> str:
@@ -135,6 +139,8 @@ class UserFilter:
         if self.optional_times:
             # Only when present: tokens of filters without them keep their earlier form.
             parts.append("times=" + ",".join(sorted(b.canonical for b in self.optional_times)))
+        if self.show_deleted:
+            parts.append("show_deleted")
         return "|".join(parts)
 
 
@@ -150,6 +156,8 @@ def matches(
 ) -> bool:
     """Whether a user with these fields satisfies the filter (the stores' semantics)."""
     if f.impossible or any(state is not s for s in f.states):
+        return False
+    if state is UserState.DELETED and not f.show_deleted:
         return False
     if not f.roles <= set(roles):
         return False
@@ -372,7 +380,8 @@ class _Parser:
         state = _STATES.get(value.text)
         if state is None:
             raise FilterSyntaxError(
-                f'unknown state "{_echo(value.text)}"; known: ACTIVE, DISABLED', value.position
+                f'unknown state "{_echo(value.text)}"; known: ACTIVE, DISABLED, DELETED',
+                value.position,
             )
         return state
 

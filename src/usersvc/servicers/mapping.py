@@ -15,6 +15,7 @@ from usersvc.domain.models import UserState, UserView
 _STATE = {
     UserState.ACTIVE: user_pb2.USER_STATE_ACTIVE,
     UserState.DISABLED: user_pb2.USER_STATE_DISABLED,
+    UserState.DELETED: user_pb2.USER_STATE_DELETED,
 }
 
 
@@ -48,6 +49,10 @@ def user_to_proto(user: UserView) -> user_pb2.User:
         message.last_login_time.CopyFrom(timestamp(user.last_login_time))
     if user.password_change_time is not None:
         message.password_change_time.CopyFrom(timestamp(user.password_change_time))
+    if user.delete_time is not None:
+        message.delete_time.CopyFrom(timestamp(user.delete_time))
+    if user.purge_time is not None:
+        message.purge_time.CopyFrom(timestamp(user.purge_time))
     return message
 
 

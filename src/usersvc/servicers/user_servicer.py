@@ -95,6 +95,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
             page_token=request.page_token,
             email=request.email,
             filter=request.filter,
+            show_deleted=request.show_deleted,
             ctx=_request_context(),
         )
         return pb.ListUsersResponse(
@@ -122,6 +123,14 @@ class UserServicer(pb_grpc.UserServiceServicer):
     ) -> pb.DeleteUserResponse:
         await self._users.delete_user(ctx=_request_context(), user_id=request.id, etag=request.etag)
         return pb.DeleteUserResponse()
+
+    async def UndeleteUser(
+        self, request: pb.UndeleteUserRequest, context: Context
+    ) -> pb.UndeleteUserResponse:
+        user = await self._users.undelete_user(
+            ctx=_request_context(), user_id=request.id, etag=request.etag
+        )
+        return pb.UndeleteUserResponse(user=user_to_proto(user))
 
     async def ChangePassword(
         self, request: pb.ChangePasswordRequest, context: Context

@@ -178,7 +178,10 @@ class AuthService:
             )
             raise Unauthenticated()
         if user.state is not UserState.ACTIVE:
-            await self._record_failure(user.id, normalized, "disabled", request_id, count=False)
+            # "disabled" or "deleted" in the audit trail; the caller sees the generic refusal.
+            await self._record_failure(
+                user.id, normalized, user.state.value, request_id, count=False
+            )
             raise Unauthenticated()
         new_hash = None
         if self._hasher.needs_rehash(user.password_hash):

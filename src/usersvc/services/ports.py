@@ -73,7 +73,11 @@ class UserStore(Protocol):
         atomically; None when no row matched id and `expected_version`."""
 
     async def delete(self, user_id: uuid.UUID, *, expected_version: int | None = None) -> bool:
-        """Delete (refresh tokens cascade, audit events stay); False when no row matched."""
+        """Remove the row for good (refresh tokens cascade, audit events stay); False when no
+        row matched. Only the purge of soft-deleted users calls it."""
+
+    async def list_purgeable(self, *, now: datetime, limit: int) -> Sequence[uuid.UUID]:
+        """Ids of up to `limit` soft-deleted users whose purge time is at or before `now`."""
 
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
         """(token_version, state), or None when the user does not exist."""
@@ -137,6 +141,10 @@ class AuditLog(Protocol):
 
     async def add_many(self, events: Sequence[AuditEvent]) -> None:
         """Append all in a few multi-row statements."""
+
+    async def tombstone_user(self, user_id: uuid.UUID) -> int:
+        """The one sanctioned rewrite, for purging a user: the e-mail and name values in the
+        events about `user_id` become the purge marker; how many events changed."""
 
     async def list(
         self, *, limit: int, after: PageCursor | None, user_id: uuid.UUID | None

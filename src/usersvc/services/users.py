@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -140,8 +141,11 @@ class UserService:
         login_lock_seconds: int = 900,
         point_reads: UserPointReads | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        deleted_user_retention: timedelta = timedelta(days=30),
     ) -> None:
         self._uow = uow
+        # How long a soft-deleted user can be undeleted before the purge removes it.
+        self._retention = deleted_user_retention
         # ChangePassword checks passwords too: it shares Login's per-account lock.
         self._max_failures = login_max_failures
         self._lock = timedelta(seconds=login_lock_seconds)
@@ -319,13 +323,20 @@ class UserService:
     async def get_user(self, user_id: str, *, ctx: RequestContext | None = None) -> UserView:
         """The user with this id; ValidationFailed for a malformed id, UserNotFound if none.
 
-        The login counters are shown only when `ctx` is an admin's.
-        """
-        return _shown(ctx, (await self._stored(require_user_id(user_id))).view())
+        The login counters are shown only when `ctx` is an admin's. A soft-deleted user is
+        found by admins only (AIP-164: Get may return it, with its state DELETED); to every
+        other caller it does not exist.
 
-    async def _stored(self, uid: uuid.UUID) -> User:
+        A soft-deleted user is found by admins only (AIP-164: Get may return it, with its
+        state DELETED); to every other caller it does not exist.
+        """
+        uid = require_user_id(user_id)
+        admin = ctx is not None and ctx.actor.is_admin
+        return _shown(ctx, (await self._stored(uid, show_deleted=admin)).view())
+
+    async def _stored(self, uid: uuid.UUID, *, show_deleted: bool = False) -> User:
         user = await self._point_reads.get(uid)
-        if user is None:
+        if user is None or (user.state is UserState.DELETED and not show_deleted):
             raise UserNotFound(str(uid))
         return user
 
@@ -380,7 +391,11 @@ class UserService:
             # The contract's policy already refuses this; the rule holds here on its own too.
             raise PermissionDenied("a user may batch-get only itself")
         async with self._uow(write=False) as uow:
-            found = {u.id: u.view() for u in await uow.users.get_many(set(parsed))}
+            stored = await uow.users.get_many(set(parsed))
+        # Soft-deleted users are missing to all but admins, as in GetUser.
+        found = {
+            u.id: u.view() for u in stored if u.state is not UserState.DELETED or actor.is_admin
+        }
         missing = list(dict.fromkeys(u for u in parsed if u not in found))
         if missing and not allow_missing:
             raise UsersNotFound([str(u) for u in missing], limit=REPORTED_IDS_MAX)
@@ -395,13 +410,17 @@ class UserService:
         page_token: str,
         email: str,
         filter: str = "",
+        show_deleted: bool = False,
         ctx: RequestContext | None = None,
     ) -> ListUsersResult:
         """One page, newest first, with a token for the next page (empty at the end).
 
         `filter` is the AIP-160 subset of domain.user_filter; `email` is an exact e-mail,
-        the same as `email = "..."` in the filter, and ANDed with it.
+        the same as `email = "..."` in the filter, and ANDed with it. Soft-deleted users are
+        left out unless `show_deleted`, which only admins may set.
         """
+        if show_deleted and (ctx is None or not ctx.actor.is_admin):
+            raise PermissionDenied("only admins may list deleted users")
         violations: list[FieldViolation] = []
         email_filter = normalize_email(email) if email else None
         if email_filter is not None and len(email_filter) > EMAIL_MAX:
@@ -413,12 +432,24 @@ class UserService:
             where = parse_filter(filter)
         except FilterSyntaxError as err:
             violations.append(err.violation())
+        if UserState.DELETED in where.states and not show_deleted:
+            violations.append(
+                FieldViolation(
+                    "filter",
+                    "state = DELETED needs show_deleted: deleted users are otherwise left out",
+                    "SHOW_DELETED_REQUIRED",
+                )
+            )
+        where = dataclasses.replace(where, show_deleted=show_deleted)
         if email_filter is not None:
             where = _with_email(where, email_filter)
         # Tokens of an unfiltered list keep the form they had before filters existed.
         query = f"email={email_filter or ''}"
         if filter.strip():
             query += f";filter={where.canonical}"
+        if show_deleted:
+            # A token of a list with deleted users is no token for one without, and back.
+            query += ";show_deleted"
         page_request = parse_page_request(
             self._page_tokens,
             page_size=page_size,
@@ -657,30 +688,40 @@ class UserService:
         )
 
     async def delete_user(self, *, ctx: RequestContext, user_id: str, etag: str = "") -> None:
-        """Delete; UserNotFound if absent, EtagMismatch if a given etag is stale.
-
-        The audit record stays: audit rows have no foreign key to users.
+        """Soft-delete (AIP-164): state DELETED with delete_time and purge_time (now plus the
+        retention period); revokes the user's tokens. The row stays, so its e-mail stays
+        taken, until `purge_deleted_users` removes it. UserNotFound if absent or already
+        deleted, EtagMismatch if a given etag is stale.
         """
         uid = require_user_id(user_id)
         expected = self._expected_version(etag)
 
         async def delete(uow: UnitOfWork) -> None:
             current = await uow.users.get(uid, for_update=True)
-            if current is None:
+            if current is None or current.state is UserState.DELETED:
                 raise UserNotFound(str(uid))
             if expected is not None and current.version != expected:
                 raise EtagMismatch()
-            if not await uow.users.delete(uid, expected_version=current.version):
-                raise EtagMismatch()  # guard only: the row is locked
             now = self._clock()
+            purge_time = now + self._retention
+            updated = await uow.users.update(
+                uid,
+                {
+                    "state": UserState.DELETED.value,
+                    "deleted_from_state": current.state.value,
+                    "delete_time": now,
+                    "purge_time": purge_time,
+                    "update_time": now,
+                },
+                expected_version=current.version,
+                revoke_tokens=True,
+            )
+            if updated is None:
+                raise EtagMismatch()  # guard only: the row is locked
+            await uow.refresh_tokens.revoke_user(uid)
+            # The feed's "deleted": the user as it is now (state DELETED, its purge time).
             await uow.user_events.add(
-                change_of(
-                    audit.USER_DELETED,
-                    current.view(),
-                    ["email", "name", "roles", "state"],
-                    ctx.request_id,
-                    now,
-                )
+                change_of(audit.USER_DELETED, updated.view(), ["state"], ctx.request_id, now)
             )
             await uow.audit.add(
                 self._event(
@@ -688,9 +729,8 @@ class UserService:
                     uid,
                     audit.USER_DELETED,
                     {
-                        "email": (current.email, None),
-                        "name": (current.name, None),
-                        "roles": (list(current.roles), None),
+                        "state": (current.state.value, UserState.DELETED.value),
+                        "purge_time": (None, purge_time.isoformat()),
                     },
                     now,
                 )
@@ -699,6 +739,113 @@ class UserService:
 
         await in_transaction(self._uow, delete)
         self._on_tokens_revoked(uid)
+
+    async def undelete_user(self, *, ctx: RequestContext, user_id: str, etag: str = "") -> UserView:
+        """Restore a soft-deleted user to the state it had when deleted (a disabled user
+        stays disabled) and clear delete_time and purge_time. Tokens revoked by the deletion
+        stay revoked. UserNotFound if absent (or purged), FailedPrecondition if not deleted,
+        EtagMismatch if a given etag is stale.
+        """
+        uid = require_user_id(user_id)
+        expected = self._expected_version(etag)
+
+        async def undelete(uow: UnitOfWork) -> User:
+            current = await uow.users.get(uid, for_update=True)
+            if current is None:
+                raise UserNotFound(str(uid))
+            if expected is not None and current.version != expected:
+                raise EtagMismatch()
+            if current.state is not UserState.DELETED:
+                raise FailedPrecondition("user is not deleted", reason="USER_NOT_DELETED")
+            restored = current.deleted_from_state or UserState.ACTIVE
+            now = self._clock()
+            updated = await uow.users.update(
+                uid,
+                {
+                    "state": restored.value,
+                    "deleted_from_state": None,
+                    "delete_time": None,
+                    "purge_time": None,
+                    "update_time": now,
+                },
+                expected_version=current.version,
+                # Old tokens are dead already; the new token version makes every replica
+                # re-read the state at the first new token instead of serving a cached
+                # "not active" for a few seconds.
+                revoke_tokens=True,
+            )
+            if updated is None:
+                raise EtagMismatch()  # guard only: the row is locked
+            # The feed has no type of its own for this: an "updated" event naming "state".
+            await uow.user_events.add(
+                change_of(audit.USER_UNDELETED, updated.view(), ["state"], ctx.request_id, now)
+            )
+            await uow.audit.add(
+                self._event(
+                    ctx,
+                    uid,
+                    audit.USER_UNDELETED,
+                    {"state": (UserState.DELETED.value, restored.value)},
+                    now,
+                )
+            )
+            await uow.commit()
+            return updated
+
+        restored = await in_transaction(self._uow, undelete)
+        self._on_tokens_revoked(uid)
+        return _shown(ctx, restored.view())
+
+    async def purge_deleted_users(self, *, batch: int = 100) -> int:
+        """Remove for good every soft-deleted user whose purge time has passed; how many.
+
+        Each user goes in its own transaction: the row (its refresh tokens cascade, its
+        e-mail becomes free), the e-mail and name values in its audit trail replaced by a
+        marker (the one sanctioned rewrite of audit rows), and a "user.purged" event by
+        "system". A user undeleted or purged by another replica meanwhile is skipped.
+        """
+        ctx = RequestContext(SYSTEM, request_id=f"purge-{uuid.uuid4()}")
+        purged = 0
+        while True:
+            now = self._clock()
+            async with self._uow(write=False) as uow:
+                due = await uow.users.list_purgeable(now=now, limit=batch)
+            done = 0
+            for uid in due:
+                done += await in_transaction(
+                    self._uow, functools.partial(self._purge_one, ctx=ctx, uid=uid, now=now)
+                )
+            purged += done
+            # A full batch of which some were skipped (undeleted meanwhile) ends this run too.
+            if len(due) < batch or done < len(due):
+                return purged
+
+    async def _purge_one(
+        self, uow: UnitOfWork, *, ctx: RequestContext, uid: uuid.UUID, now: datetime
+    ) -> int:
+        current = await uow.users.get(uid, for_update=True)
+        if (
+            current is None
+            or current.state is not UserState.DELETED
+            or current.purge_time is None
+            or current.purge_time > now
+        ):
+            return 0
+        if not await uow.users.delete(uid, expected_version=current.version):
+            return 0  # guard only: the row is locked
+        tombstoned = await uow.audit.tombstone_user(uid)
+        await uow.audit.add(
+            self._event(
+                ctx,
+                uid,
+                audit.USER_PURGED,
+                {"state": (UserState.DELETED.value, None)},
+                now,
+            )
+        )
+        await uow.commit()
+        log.info("purged deleted user", extra={"user_id": str(uid), "audit_events": tombstoned})
+        return 1
 
     async def _write(
         self,
@@ -720,7 +867,8 @@ class UserService:
 
         async def write(uow: UnitOfWork) -> tuple[User, bool]:
             current = await uow.users.get(uid, for_update=True)
-            if current is None:
+            if current is None or current.state is UserState.DELETED:
+                # A soft-deleted user is changed only by UndeleteUser.
                 raise UserNotFound(str(uid))
             if expected is not None and current.version != expected:
                 raise EtagMismatch()

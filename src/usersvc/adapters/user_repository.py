@@ -215,6 +215,30 @@ def _to_user(row: Row[Any]) -> User:
     )
 
 
+def _row_of(user: User, skeleton: str) -> dict[str, Any]:
+    """The users row of a user (every column, so both insert paths write the same)."""
+    return {
+        "id": user.id,
+        "email": user.email,
+        "email_skeleton": skeleton,
+        "name": user.name,
+        "password_hash": user.password_hash,
+        "roles": list(user.roles),
+        "state": user.state.value,
+        "create_time": user.create_time,
+        "update_time": user.update_time,
+        "version": user.version,
+        "token_version": user.token_version,
+        "failed_login_count": user.failed_login_count,
+        "locked_until": user.locked_until,
+        "last_login_time": user.last_login_time,
+        "password_change_time": user.password_change_time,
+        "delete_time": user.delete_time,
+        "purge_time": user.purge_time,
+        "deleted_from_state": user.deleted_from_state.value if user.deleted_from_state else None,
+    }
+
+
 class UserRepository:
     """Reads and writes users on one connection (the unit of work's)."""
 
@@ -232,57 +256,14 @@ class UserRepository:
     async def add(self, user: User) -> None:
         skeleton = email_skeleton(user.email)
         await self._refuse_lookalike(user.email, skeleton, user.id)
-        await self._conn.execute(
-            _INSERT,
-            {
-                "id": user.id,
-                "email": user.email,
-                "email_skeleton": skeleton,
-                "name": user.name,
-                "password_hash": user.password_hash,
-                "roles": list(user.roles),
-                "state": user.state.value,
-                "create_time": user.create_time,
-                "update_time": user.update_time,
-                "version": user.version,
-                "token_version": user.token_version,
-                "failed_login_count": user.failed_login_count,
-                "locked_until": user.locked_until,
-                "last_login_time": user.last_login_time,
-                "password_change_time": user.password_change_time,
-                "delete_time": user.delete_time,
-                "purge_time": user.purge_time,
-                "deleted_from_state": (
-                    user.deleted_from_state.value if user.deleted_from_state else None
-                ),
-            },
-        )
+        await self._conn.execute(_INSERT, _row_of(user, skeleton))
 
     async def add_many(self, users: Sequence[User]) -> None:
         """One COPY on PostgreSQL, one executemany elsewhere."""
         await insert_rows(
             self._conn,
             _USERS,
-            [
-                {
-                    "id": user.id,
-                    "email": user.email,
-                    "email_skeleton": email_skeleton(user.email),
-                    "name": user.name,
-                    "password_hash": user.password_hash,
-                    "roles": list(user.roles),
-                    "state": user.state.value,
-                    "create_time": user.create_time,
-                    "update_time": user.update_time,
-                    "version": user.version,
-                    "token_version": user.token_version,
-                    "failed_login_count": user.failed_login_count,
-                    "locked_until": user.locked_until,
-                    "last_login_time": user.last_login_time,
-                    "password_change_time": user.password_change_time,
-                }
-                for user in users
-            ],
+            [_row_of(user, email_skeleton(user.email)) for user in users],
         )
 
     async def email_conflicts(self, emails: Collection[str]) -> dict[str, bool]:

@@ -80,3 +80,12 @@ def change_of(
         request_id=request_id,
         create_time=now,
     )
+
+
+# What a created user "changed": every public field it was created with.
+CREATED_FIELDS = ("email", "name", "roles", "state", "password")
+
+
+def created(user: UserView, request_id: str, now: datetime) -> UserChange:
+    """The event of a user's creation (CreateUser, or one user of a batch)."""
+    return change_of(audit.USER_CREATED, user, CREATED_FIELDS, request_id, now)

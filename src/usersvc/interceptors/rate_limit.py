@@ -114,6 +114,13 @@ def peer_host(peer: str) -> str:
     return peer
 
 
+def _caller(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
+    """Whom a limit counts: the token's subject, else the peer's host; and that host."""
+    principal = principal_var.get()
+    peer = peer_host(context.peer() or "")
+    return (f"user:{principal.user_id}" if principal is not None else f"peer:{peer}"), peer
+
+
 def method_class(method: str) -> str | None:
     if method.startswith(EXEMPT_PREFIXES):
         return None
@@ -151,9 +158,7 @@ class RateLimitInterceptor(UnaryWrappingInterceptor):
         take = self._take
 
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            principal = principal_var.get()
-            peer = peer_host(context.peer() or "")
-            caller = f"user:{principal.user_id}" if principal is not None else f"peer:{peer}"
+            caller, peer = _caller(context)
             take(method, kind or WRITE, items, kind or WRITE, caller)
             if email_items and (account_field == "email" or request.current_password):
                 account = str(getattr(request, account_field or "email", ""))
@@ -171,9 +176,7 @@ class RateLimitInterceptor(UnaryWrappingInterceptor):
         take = self._take
 
         async def limit(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            principal = principal_var.get()
-            peer = peer_host(context.peer() or "")
-            caller = f"user:{principal.user_id}" if principal is not None else f"peer:{peer}"
+            caller, _ = _caller(context)
             take(method, kind or WRITE, items, kind or WRITE, caller)
 
         return checked_first(behavior, limit)

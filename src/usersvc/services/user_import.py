@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from usersvc.domain import audit
+from usersvc.domain import audit, user_events
 from usersvc.domain.audit import AuditEvent, redact
 from usersvc.domain.auth import RequestContext
 from usersvc.domain.errors import (
@@ -25,7 +25,6 @@ from usersvc.domain.errors import (
 from usersvc.domain.events import TOPIC_USER_CREATED, OutboxMessage
 from usersvc.domain.models import EntryOutcome, User, UserState
 from usersvc.domain.password_hashes import HashFormatError, parse_password_hash
-from usersvc.domain.user_events import change_of
 from usersvc.domain.validation import (
     check_email,
     check_name,
@@ -328,16 +327,7 @@ class UserImport:
         await uow.outbox.add_many(welcomes)
         await uow.audit.add_many(events)
         await uow.user_events.add_many(
-            [
-                change_of(
-                    audit.USER_CREATED,
-                    user.view(),
-                    ["email", "name", "roles", "state", "password"],
-                    ctx.request_id,
-                    now,
-                )
-                for user in new_users
-            ]
+            [user_events.created(user.view(), ctx.request_id, now) for user in new_users]
         )
         await uow.commit()
         return final

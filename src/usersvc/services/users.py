@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from usersvc.domain import audit
+from usersvc.domain import audit, user_events
 from usersvc.domain.audit import AuditEvent, redact
 from usersvc.domain.auth import ADMIN, SERVICE, SYSTEM, RequestContext
 from usersvc.domain.errors import (
@@ -263,15 +263,7 @@ class UserService:
             # Service accounts (no password) have no mailbox to welcome.
             if password is not None:
                 await uow.outbox.add(welcome)
-            await uow.user_events.add(
-                change_of(
-                    audit.USER_CREATED,
-                    user.view(),
-                    ["email", "name", "roles", "state", "password"],
-                    ctx.request_id,
-                    now,
-                )
-            )
+            await uow.user_events.add(user_events.created(user.view(), ctx.request_id, now))
             await uow.audit.add(
                 self._event(
                     ctx,

@@ -93,6 +93,35 @@ async def test_point_reads_answer_as_the_store_does_and_see_each_commit(
     assert renamed is not None and renamed.name == "Renamed" and renamed.version == 2
 
 
+async def test_a_point_read_page_is_the_stores_unfiltered_page(
+    stores: UnitOfWorkFactory, point_reads: UserPointReads
+) -> None:
+    """ListUsers' fast path (an unfiltered page without a unit of work) returns what the
+    store's list does: list order, keyset after the cursor, deleted users left out."""
+    # A window of time of this test's own, found behind a cursor at its end.
+    top = NOW - timedelta(days=uuid.uuid4().int % 100_000 + 1)
+    newest, same_time, deleted, oldest = (
+        new_user(create_time=top - timedelta(seconds=1)),
+        new_user(create_time=top - timedelta(seconds=2), roles=("admin",)),
+        new_user(create_time=top - timedelta(seconds=2), state=UserState.DELETED),
+        new_user(create_time=top - timedelta(seconds=3), locked_until=NOW),
+    )
+    await add(stores, newest, same_time, deleted, oldest)
+    start = PageCursor(create_time=top, id=uuid.uuid4())
+    async with stores(write=False) as tx:
+        expected = await tx.users.list(limit=3, after=start, where=UserFilter())
+    page = await point_reads.list_page(limit=3, after=start)
+    assert list(page) == list(expected)
+    assert [u.id for u in page] == [newest.id, same_time.id, oldest.id]
+    rest = await point_reads.list_page(
+        limit=1, after=PageCursor(create_time=same_time.create_time, id=same_time.id)
+    )
+    assert [u.id for u in rest] == [oldest.id]
+    first = await point_reads.list_page(limit=2, after=None)
+    async with stores(write=False) as tx:
+        assert list(first) == list(await tx.users.list(limit=2, after=None, where=UserFilter()))
+
+
 async def test_an_email_is_unique_and_the_failed_insert_leaves_nothing(
     stores: UnitOfWorkFactory,
 ) -> None:

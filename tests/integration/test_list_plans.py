@@ -8,12 +8,14 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.support import bulk_insert_users, sync_engine, throwaway_database
 from usersvc.adapters.db import create_engine
+from usersvc.adapters.point_reads import LIST_AFTER_PG, LIST_FIRST_PG
 from usersvc.adapters.tables import users
 from usersvc.adapters.user_repository import UserRepository, list_statement
 from usersvc.domain.models import PageCursor
@@ -82,6 +84,36 @@ def test_a_page_at_any_depth_reads_one_page_of_the_keyset_index(
     assert scans[0]["Scan Direction"] == "Backward"
     # The keyset condition is an index condition: the scan starts at the cursor and stops
     # after one page, whatever the depth.
+    if after is not None:
+        assert "create_time" in scans[0]["Index Cond"]
+    assert scans[0]["Actual Rows"] <= PAGE
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+@pytest.mark.parametrize("depth", [None, 0.95])
+async def test_the_point_read_page_reads_one_page_of_the_keyset_index(
+    large_url: str, depth: float | None, plan_cache_mode: str
+) -> None:
+    """ListUsers' fast path sends fixed SQL as prepared statements: after a few runs
+    PostgreSQL may plan them once for any parameters (a generic plan). Both kinds of plan
+    read one page of the index, backwards."""
+    after = _cursor_at(large_url, depth) if depth is not None else None
+    args: tuple[Any, ...] = (PAGE,) if after is None else (PAGE, after.create_time, after.id)
+    sql = LIST_FIRST_PG if after is None else LIST_AFTER_PG
+    dsn = make_url(large_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
+        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+        assert len(await conn.fetch(sql, *args)) == PAGE
+    finally:
+        await conn.close()
+    nodes = list(_nodes(json.loads(raw)[0]["Plan"]))
+    kinds = [n["Node Type"] for n in nodes]
+    assert "Seq Scan" not in kinds and "Sort" not in kinds, kinds
+    scans = [n for n in nodes if n["Node Type"] in ("Index Scan", "Index Only Scan")]
+    assert [s["Index Name"] for s in scans] == ["ix_users_create_time_id"]
+    assert scans[0]["Scan Direction"] == "Backward"
     if after is not None:
         assert "create_time" in scans[0]["Index Cond"]
     assert scans[0]["Actual Rows"] <= PAGE

@@ -19,24 +19,39 @@ import json
 import logging
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
 from usersvc.domain.errors import StorageUnavailable
-from usersvc.domain.models import User, UserState
+from usersvc.domain.models import PageCursor, User, UserState
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
-# Fixed statements; the column order is what _user() reads.
-_GET_PG = (
-    "SELECT id, email, name, password_hash, roles, state, create_time, update_time, version,"
+# Fixed statements (no input is ever formatted into them: S608 below is about that); the
+# column order is what _user() reads.
+_COLUMNS = (
+    "id, email, name, password_hash, roles, state, create_time, update_time, version,"
     " token_version, failed_login_count, locked_until, last_login_time, password_change_time,"
-    " delete_time, purge_time, deleted_from_state FROM users WHERE id = $1"
+    " delete_time, purge_time, deleted_from_state"
+)
+_GET_PG = f"SELECT {_COLUMNS} FROM users WHERE id = $1"  # noqa: S608
+# The unfiltered list (deleted users left out) in list order: what list_statement in
+# user_repository builds for an empty filter, written out so it runs without the ORM. Served by
+# ix_users_create_time_id read backwards; tests compare both paths and check the plan.
+LIST_FIRST_PG = (
+    f"SELECT {_COLUMNS} FROM users WHERE state != 'deleted'"  # noqa: S608
+    " ORDER BY create_time DESC, id DESC LIMIT $1"
+)
+LIST_AFTER_PG = (
+    f"SELECT {_COLUMNS} FROM users WHERE state != 'deleted'"  # noqa: S608
+    " AND (create_time, id) < ($2, $3) ORDER BY create_time DESC, id DESC LIMIT $1"
 )
 _AUTH_STATE_PG = "SELECT token_version, state FROM users WHERE id = $1"
 _GET_SQLITE = _GET_PG.replace("$1", "?")
@@ -85,6 +100,11 @@ def _user(row: Sequence[Any] | asyncpg.Record, *, roles: Any, times: tuple[Any, 
     )
 
 
+def _pg_user(row: asyncpg.Record) -> User:
+    times = tuple(_utc(row[i]) for i in (6, 7, 11, 12, 13, 14, 15))
+    return _user(row, roles=json.loads(row[4]), times=times)
+
+
 APPLICATION_NAME = "usersvc-point-reads"
 # A broken link raises one of these; the read is retried once on a new connection.
 _LINK_ERRORS: tuple[type[BaseException], ...] = (
@@ -121,10 +141,18 @@ class ConnectionLender:
         self._closed = False
 
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._run("fetchrow", query, args)
+        return row
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._run("fetch", query, args)
+        return rows
+
+    async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
         reused = bool(self._idle)
         connection = await self._take()
         try:
-            row = await connection.fetchrow(query, *args)
+            result = await getattr(connection, method)(query, *args)
         except _LINK_ERRORS:
             self._discard(connection)
             if not reused:
@@ -133,7 +161,7 @@ class ConnectionLender:
             # the read is safe to repeat, once, on a new connection.
             connection = await self._take(fresh=True)
             try:
-                row = await connection.fetchrow(query, *args)
+                result = await getattr(connection, method)(query, *args)
             except BaseException:
                 self._discard(connection)
                 raise
@@ -141,7 +169,7 @@ class ConnectionLender:
             self._discard(connection)
             raise
         self._give_back(connection)
-        return row
+        return result
 
     async def _take(self, *, fresh: bool = False) -> asyncpg.Connection[asyncpg.Record]:
         if self._closed:
@@ -237,8 +265,11 @@ class PostgresPointReads:
         self._connections = ConnectionLender(dsn, size=size, application_name=application_name)
 
     async def _fetch(self, query: str, user_id: uuid.UUID) -> asyncpg.Record | None:
+        return await self._guarded(self._connections.fetchrow(query, user_id))
+
+    async def _guarded(self, read: Awaitable[_T]) -> _T:
         try:
-            return await self._connections.fetchrow(query, user_id)
+            return await read
         except _LINK_ERRORS as err:
             log.warning("database unavailable: %s", type(err).__name__)
             raise StorageUnavailable() from err
@@ -251,10 +282,14 @@ class PostgresPointReads:
 
     async def get(self, user_id: uuid.UUID) -> User | None:
         row = await self._fetch(_GET_PG, user_id)
-        if row is None:
-            return None
-        times = tuple(_utc(row[i]) for i in (6, 7, 11, 12, 13, 14, 15))
-        return _user(row, roles=json.loads(row[4]), times=times)
+        return None if row is None else _pg_user(row)
+
+    async def list_page(self, *, limit: int, after: PageCursor | None) -> Sequence[User]:
+        if after is None:
+            read = self._connections.fetch(LIST_FIRST_PG, limit)
+        else:
+            read = self._connections.fetch(LIST_AFTER_PG, limit, after.create_time, after.id)
+        return [_pg_user(row) for row in await self._guarded(read)]
 
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
         row = await self._fetch(_AUTH_STATE_PG, user_id)
@@ -304,6 +339,12 @@ class SqlitePointReads:
             return None
         times = tuple(_sqlite_time(row[i]) for i in (6, 7, 11, 12, 13, 14, 15))
         return _user(row, roles=json.loads(row[4]), times=times)
+
+    async def list_page(self, *, limit: int, after: PageCursor | None) -> Sequence[User]:
+        # Pages are not this path's business on SQLite: a page is many rows, and the list
+        # is the embedded default's cold path.
+        users: Sequence[User] = await self._fallback.list_page(limit=limit, after=after)
+        return users
 
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
         try:

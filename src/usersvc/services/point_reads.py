@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
-from usersvc.domain.models import User, UserState
+from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.user_filter import UserFilter
 from usersvc.services.ports import UnitOfWorkFactory
 
 
@@ -21,3 +23,7 @@ class UnitOfWorkPointReads:
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
         async with self._uow(write=False) as uow:
             return await uow.users.auth_state(user_id)
+
+    async def list_page(self, *, limit: int, after: PageCursor | None) -> Sequence[User]:
+        async with self._uow(write=False) as uow:
+            return await uow.users.list(limit=limit, after=after, where=UserFilter())

@@ -110,6 +110,10 @@ class UserPointReads(Protocol):
 
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None: ...
 
+    async def list_page(self, *, limit: int, after: PageCursor | None) -> Sequence[User]:
+        """UserStore.list with no filter (deleted users left out)."""
+        ...
+
 
 class RefreshTokenStore(Protocol):
     """Refresh tokens by hash; a family is every token descended from one login."""

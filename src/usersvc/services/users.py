@@ -454,18 +454,22 @@ class UserService:
         now = self._monotonic()
         unfiltered = where == UserFilter()
         reuse = unfiltered and self._estimate[0] > now
-        async with self._uow(write=False) as uow:
-            rows = await uow.users.list(
-                limit=page_request.size + 1, after=page_request.cursor, where=where
-            )
+        if reuse:
             # AIP-132: an estimate on large unfiltered lists (an exact COUNT would cost more
-            # than the page); exact when filtered or small.
-            if reuse:
-                total = self._estimate[1]
-            else:
+            # than the page), reused for a few seconds; the page alone is a point read.
+            rows = await self._point_reads.list_page(
+                limit=page_request.size + 1, after=page_request.cursor
+            )
+            total = self._estimate[1]
+        else:
+            async with self._uow(write=False) as uow:
+                rows = await uow.users.list(
+                    limit=page_request.size + 1, after=page_request.cursor, where=where
+                )
+                # Exact when filtered or small.
                 total = await uow.users.count(where=where, exact_below=EXACT_COUNT_BELOW)
-                if unfiltered and total >= EXACT_COUNT_BELOW:
-                    self._estimate = (now + ESTIMATE_SECONDS, total)
+            if unfiltered and total >= EXACT_COUNT_BELOW:
+                self._estimate = (now + ESTIMATE_SECONDS, total)
         page, next_token = cut_page(self._page_tokens, page_request, rows)
         return ListUsersResult(
             users=[_shown(ctx, u.view()) for u in page],

@@ -939,3 +939,100 @@ async def test_tombstone_replaces_personal_values_of_one_users_events_only(
         (e.id, e.action, e.actor, e.request_id, e.create_time) for e in events[:3]
     ]
     assert untouched == [events[3]]
+
+
+# --- labels and admin metadata -----------------------------------------------------------------
+
+
+async def test_labels_and_admin_metadata_read_back_follow_updates_and_go_with_the_user(
+    stores: UnitOfWorkFactory, point_reads: UserPointReads
+) -> None:
+    """Both JSON columns read back alike on every path (store, point read, list); the
+    searchable copy of the labels follows each write and goes when the user goes."""
+    metadata = {
+        "note": "vip",
+        "tier": 2,
+        "ratio": 0.5,
+        "tags": ["a", None, True],
+        "deep": {"k": {}},
+    }
+    user = new_user(labels={"team": "billing", "env": ""}, admin_metadata=metadata)
+    plain = new_user()
+    await add(stores, user, plain)
+    assert await stored(stores, user.id) == user
+    assert await point_reads.get(user.id) == user
+    assert (await point_reads.get(plain.id)) == plain == await stored(stores, plain.id)
+    assert plain.labels == {} and plain.admin_metadata == {}
+
+    billing = parse_filter(f'labels.team = "billing" AND email = "{user.email}"')
+    async with stores() as tx:
+        assert [u.id for u in await tx.users.list(limit=5, after=None, where=billing)] == [user.id]
+        updated = await tx.users.update(
+            user.id, {"labels": {"team": "ops"}, "admin_metadata": {}}, expected_version=1
+        )
+        await tx.commit()
+    assert updated is not None and updated.labels == {"team": "ops"} and updated.version == 2
+    assert updated.admin_metadata == {}
+    assert await point_reads.get(user.id) == updated == await stored(stores, user.id)
+    ops = parse_filter(f'labels.team = "ops" AND email = "{user.email}"')
+    async with stores(write=False) as tx:
+        assert await tx.users.count(where=billing) == 0
+        assert await tx.users.count(where=ops) == 1
+    # A stale version changes nothing, the searchable copy included.
+    async with stores() as tx:
+        assert await tx.users.update(user.id, {"labels": {}}, expected_version=1) is None
+        await tx.commit()
+    async with stores() as tx:
+        assert await tx.users.count(where=ops) == 1
+        assert await tx.users.delete(user.id)
+        await tx.commit()
+    # A new user with the same id and e-mail finds no label left behind.
+    await add(stores, dataclasses.replace(user, labels={}, admin_metadata={}))
+    async with stores(write=False) as tx:
+        assert await tx.users.count(where=ops) == 0
+
+
+LABELLED = {
+    "billing": {"team": "billing"},
+    "billing-prod": {"team": "billing", "env": "prod"},
+    "ops-prod": {"team": "ops", "env": "prod"},
+    "none": {},
+}
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ('labels.team = "billing"', ["billing", "billing-prod"]),
+        ("labels.team = billing AND labels.env = prod", ["billing-prod"]),
+        ('labels.team != "billing"', ["ops-prod", "none"]),
+        ('labels.env != "prod" AND state = ACTIVE', ["billing", "none"]),
+        ('labels.team = "billing" AND labels.team = "ops"', []),
+        ('labels.team = ""', []),
+    ],
+)
+async def test_label_filters_select_alike(
+    stores: UnitOfWorkFactory, source: str, expected: list[str]
+) -> None:
+    day = _day_of_its_own()
+    made = {
+        name: new_user(labels=labels, create_time=day + timedelta(seconds=n))
+        for n, (name, labels) in enumerate(LABELLED.items())
+    }
+    # Half through the multi-row path (COPY on PostgreSQL), half one by one.
+    items = list(made.values())
+    async with stores() as tx:
+        await tx.users.add_many(items[:2])
+        await tx.commit()
+    await add(stores, *items[2:])
+    day_end = (day + timedelta(days=1)).isoformat()
+    where = parse_filter(
+        f"{source} AND create_time >= {day.isoformat()} AND create_time < {day_end}"
+    )
+    names = {u.id: name for name, u in made.items()}
+    async with stores(write=False) as tx:
+        listed = await tx.users.list(limit=50, after=None, where=where)
+        count = await tx.users.count(where=where)
+    assert sorted(names.get(u.id, u.email) for u in listed) == sorted(expected)
+    assert count == len(expected)
+    assert all(u.labels == made[names[u.id]].labels for u in listed)

@@ -39,6 +39,23 @@ SERVICES = {
     "userservice.v1.AuthService": auth_service_pb2,
 }
 SKIP_TYPES = {"google.protobuf.Timestamp"}
+STRUCT = "google.protobuf.Struct"
+# Any JSON object (google.protobuf.Struct): hostile keys and strings, non-finite numbers,
+# nesting past any bound.
+JSON_VALUE = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-(2**60), 2**60),
+        HOSTILE_TEXT,
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(HOSTILE_TEXT, inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+JSON_OBJECT = st.dictionaries(HOSTILE_TEXT, JSON_VALUE, max_size=6)
 
 
 def _message_strategy(
@@ -56,9 +73,18 @@ def _message_strategy(
             value = st.integers(-5, 10)
         elif field.type == FieldDescriptor.TYPE_BOOL:
             value = st.booleans()
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and _is_string_map(field):
+            # map<string, string> (labels): hostile keys and values.
+            fields[field.name] = st.one_of(
+                st.none(), st.dictionaries(HOSTILE_TEXT, HOSTILE_TEXT, max_size=70)
+            )
+            continue
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and _is_struct(field):
+            fields[field.name] = st.one_of(st.none(), JSON_OBJECT)
+            continue
         elif field.type == FieldDescriptor.TYPE_MESSAGE and depth < 2:
             assert field.message_type is not None
-            if field.message_type.full_name in SKIP_TYPES:
+            if field.message_type.full_name in SKIP_TYPES or _is_map(field):
                 continue
             value = _message_strategy(field.message_type, ids, depth + 1)
         else:
@@ -69,13 +95,29 @@ def _message_strategy(
     return st.fixed_dictionaries({}, optional=fields)
 
 
+def _is_map(field: Any) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def _is_struct(field: Any) -> bool:
+    return field.message_type is not None and field.message_type.full_name == STRUCT
+
+
+def _is_string_map(field: Any) -> bool:
+    return _is_map(field) and all(
+        f.type == FieldDescriptor.TYPE_STRING for f in field.message_type.fields
+    )
+
+
 def _build(cls: type[Message], values: dict[str, Any]) -> Message:
     message = cls()
     for name, value in values.items():
         if value is None:
             continue
         field = message.DESCRIPTOR.fields_by_name[name]
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if field.type == FieldDescriptor.TYPE_MESSAGE and (_is_map(field) or _is_struct(field)):
+            getattr(message, name).update(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
             sub_cls = type(getattr(message, name)) if not field.is_repeated else None
             if field.is_repeated:
                 container = getattr(message, name)
@@ -121,7 +163,15 @@ SERVER_STREAMING = frozenset(
     for method in module.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]].methods
     if method.server_streaming
 )
-TABLES = ("users", "refresh_tokens", "outbox", "idempotency_keys", "audit_events", "user_events")
+TABLES = (
+    "users",
+    "user_labels",
+    "refresh_tokens",
+    "outbox",
+    "idempotency_keys",
+    "audit_events",
+    "user_events",
+)
 
 
 def _snapshot(db: Engine, *, with_audit: bool) -> dict[str, Any]:

@@ -43,6 +43,15 @@ SELECT gen_random_uuid(), 'user' || g || '@example.com', 'User ' || g, '$argon2i
             ELSE timestamptz '{START.isoformat()}' + g * interval '1 second' END
 FROM generate_series(1, {USERS}) AS g
 """
+# Every user has a label "team" (ten values, so each matches 10%); one in 5,000 has
+# "project" = "apollo".
+SEED_LABELS = """
+INSERT INTO user_labels (user_id, key, value)
+SELECT id, 'team', 't' || (substr(email, 5, length(email) - 16)::int % 10) FROM users
+UNION ALL
+SELECT id, 'project', 'apollo' FROM users
+WHERE substr(email, 5, length(email) - 16)::int % 5000 = 0
+"""
 INDEX_SCANS = {"Index Scan", "Index Only Scan", "Bitmap Index Scan"}
 
 
@@ -53,8 +62,11 @@ def big_directory(postgres_admin_url: str) -> Iterator[Engine]:
         try:
             with engine.begin() as conn:
                 conn.execute(text(SEED))
+                conn.execute(text(SEED_LABELS))
             with engine.connect() as conn:
-                conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE users"))
+                autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+                autocommit.execute(text("ANALYZE users"))
+                autocommit.execute(text("ANALYZE user_labels"))
             yield engine
         finally:
             engine.dispose()
@@ -132,6 +144,15 @@ LATE = START + timedelta(seconds=USERS - USERS // 100)
         (
             f'state = ACTIVE AND roles:"admin" AND create_time < {MIDDLE.isoformat()}',
             {"ix_users_roles", "ix_users_state_create_time_id", "ix_users_create_time_id"},
+        ),
+        # A common label: the list order, probing user_labels' primary key per user.
+        ('labels.team = "t3"', {"ix_users_create_time_id", "pk_user_labels"}),
+        ('labels.team != "t3"', {"ix_users_create_time_id", "pk_user_labels"}),
+        # A rare one: its rows through (key, value), then the users by id.
+        ('labels.project = "apollo"', {"ix_user_labels_key_value"}),
+        (
+            f'state = ACTIVE AND labels.team = "t3" AND create_time < {MIDDLE.isoformat()}',
+            {"ix_users_state_create_time_id", "ix_users_create_time_id", "pk_user_labels"},
         ),
     ],
 )

@@ -52,6 +52,8 @@ WRITABLE_COLUMNS = frozenset(
         "delete_time",
         "purge_time",
         "deleted_from_state",
+        "labels",
+        "admin_metadata",
     }
 )
 
@@ -200,6 +202,9 @@ class FakeUserRepository(_Writes):
         changes = dict(values)
         if "roles" in changes:
             changes["roles"] = tuple(changes["roles"])
+        for name in ("labels", "admin_metadata"):
+            if name in changes:
+                changes[name] = dict(changes[name])
         if "state" in changes:
             changes["state"] = UserState(changes["state"])
         if changes.get("deleted_from_state") is not None:
@@ -304,6 +309,7 @@ def _matches(where: UserFilter, user: User) -> bool:
         create_time=user.create_time,
         last_login_time=user.last_login_time,
         password_change_time=user.password_change_time,
+        labels=user.labels,
     )
 
 

@@ -61,6 +61,26 @@ class User(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
@@ -73,6 +93,8 @@ class User(_message.Message):
     LOCKED_UNTIL_FIELD_NUMBER: _builtins.int
     LAST_LOGIN_TIME_FIELD_NUMBER: _builtins.int
     PASSWORD_CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    ADMIN_METADATA_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
     PURGE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
@@ -140,6 +162,33 @@ class User(_message.Message):
         """
 
     @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Key/value labels for grouping and selecting users (ListUsers filter
+        `labels.team = "billing"`). At most 64 labels. A key is 1 to 63 characters of lower-case
+        ASCII letters, digits, "_" and "-", starting with a letter; a value is 0 to 63 characters
+        of the same set. A bad key or value gives INVALID_ARGUMENT with a field violation naming
+        the label, such as `user.labels["Bad Key"]` (in CreateUser `labels["Bad Key"]`, in
+        BatchCreateUsers `users[3].labels["Bad Key"]`); more than 64 gives INVALID_ARGUMENT on
+        the map. Visible to every caller that may read the user. Written by CreateUser (admin,
+        service), BatchCreateUsers (admin) and UpdateUser (admin only, paths "labels" and
+        "labels.<key>"; a user may not label itself: PERMISSION_DENIED). A change of labels
+        changes etag and update_time, is audited and appears in the change feed.
+        """
+
+    @_builtins.property
+    def admin_metadata(self) -> _struct_pb2.Struct:
+        """Free-form notes for administrators: a JSON object of at most 8 KiB (compact UTF-8 JSON),
+        nested at most 8 levels deep, keys 1 to 128 characters, no control characters other
+        than tab and line breaks, finite numbers. Out of bounds: INVALID_ARGUMENT on
+        "admin_metadata" (UpdateUser "user.admin_metadata"). Read and written by admins only:
+        any other caller sees it unset in every response (GetUser, BatchGetUsers, ListUsers,
+        CreateUser, UpdateUser, ...), and setting it without the admin role gives
+        PERMISSION_DENIED. Never sent in WatchUserEvents (whose callers include services): a
+        change of it is named in UserEvent.changed_fields only. UpdateUser path "admin_metadata"
+        replaces the whole object. Changes change etag and are audited.
+        """
+
+    @_builtins.property
     def delete_time(self) -> _timestamp_pb2.Timestamp:
         """When the user was soft-deleted (UTC); unset unless state is USER_STATE_DELETED.
         Output only. Only admins ever see a deleted user (see UserService.DeleteUser).
@@ -168,12 +217,14 @@ class User(_message.Message):
         locked_until: _timestamp_pb2.Timestamp | None = ...,
         last_login_time: _timestamp_pb2.Timestamp | None = ...,
         password_change_time: _timestamp_pb2.Timestamp | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        admin_metadata: _struct_pb2.Struct | None = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
         purge_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "create_time", b"create_time", "delete_time", b"delete_time", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "email", b"email", "etag", b"etag", "failed_login_count", b"failed_login_count", "id", b"id", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "name", b"name", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "create_time", b"create_time", "delete_time", b"delete_time", "email", b"email", "etag", b"etag", "failed_login_count", b"failed_login_count", "id", b"id", "labels", b"labels", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "name", b"name", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,19 +23,24 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from userservice.v1 import options_pb2 as userservice_dot_v1_dot_options__pb2
 from userservice.v1 import user_pb2 as userservice_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!userservice/v1/user_service.proto\x12\x0euserservice.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1cuserservice/v1/options.proto\x1a\x19userservice/v1/user.proto\"V\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"8\n\x12\x43reateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x0fGetUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\":\n\x14\x42\x61tchGetUsersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"Q\n\x15\x42\x61tchGetUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"n\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x14\n\x0cshow_deleted\x18\n \x01(\x08\"e\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateUserRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"8\n\x12UpdateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"/\n\x13UndeleteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\":\n\x14UndeleteUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"a\n\x15\x43hangePasswordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_password\x18\x02 \x01(\t\x12\x14\n\x0cnew_password\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"<\n\x16\x43hangePasswordResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\".\n\x12\x44isableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"9\n\x13\x44isableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x45nableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12\x45nableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11UnlockUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12UnlockUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"P\n\x16ListAuditEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x17ListAuditEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.userservice.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x16WatchUserEventsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\"Y\n\x17WatchUserEventsResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.userservice.v1.UserEvent\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"\xc9\x01\n\tUserEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.userservice.v1.UserEventType\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\"\n\x04user\x18\x03 \x01(\x0b\x32\x14.userservice.v1.User\x12\x16\n\x0e\x63hanged_fields\x18\x04 \x03(\t\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"z\n\x17\x42\x61tchCreateUsersRequest\x12\x33\n\x05users\x18\x01 \x03(\x0b\x32$.userservice.v1.BatchCreateUserEntry\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"}\n\x14\x42\x61tchCreateUserEntry\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\x08password\x18\x03 \x01(\tH\x00\x12\x17\n\rpassword_hash\x18\x04 \x01(\tH\x00\x12\r\n\x05roles\x18\x05 \x03(\tB\x0c\n\ncredential\"R\n\x18\x42\x61tchCreateUsersResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.userservice.v1.BatchCreateUserResult\"_\n\x15\x42\x61tchCreateUserResult\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\"\n\x04user\x18\x02 \x01(\x0b\x32\x14.userservice.v1.User*\xa9\x02\n\rUserEventType\x12\x1f\n\x1bUSER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17USER_EVENT_TYPE_CREATED\x10\x01\x12\x1b\n\x17USER_EVENT_TYPE_UPDATED\x10\x02\x12\x1b\n\x17USER_EVENT_TYPE_DELETED\x10\x03\x12\x1c\n\x18USER_EVENT_TYPE_DISABLED\x10\x04\x12\x1b\n\x17USER_EVENT_TYPE_ENABLED\x10\x05\x12!\n\x1dUSER_EVENT_TYPE_ROLES_CHANGED\x10\x06\x12$\n USER_EVENT_TYPE_PASSWORD_CHANGED\x10\x07\x12\x1c\n\x18USER_EVENT_TYPE_UNLOCKED\x10\x08\x32\xf0\x0b\n\x0bUserService\x12i\n\nCreateUser\x12!.userservice.v1.CreateUserRequest\x1a\".userservice.v1.CreateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12\x64\n\x07GetUser\x12\x1e.userservice.v1.GetUserRequest\x1a\x1f.userservice.v1.GetUserResponse\"\x18\x8a\xb5\x18\x14\x12\x05\x61\x64min\x12\x07service\x1a\x02id\x12w\n\rBatchGetUsers\x12$.userservice.v1.BatchGetUsersRequest\x1a%.userservice.v1.BatchGetUsersResponse\"\x19\x8a\xb5\x18\x15\x12\x05\x61\x64min\x12\x07service\x1a\x03ids\x12\x66\n\tListUsers\x12 .userservice.v1.ListUsersRequest\x1a!.userservice.v1.ListUsersResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12i\n\nUpdateUser\x12!.userservice.v1.UpdateUserRequest\x1a\".userservice.v1.UpdateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x1a\x07user.id\x12`\n\nDeleteUser\x12!.userservice.v1.DeleteUserRequest\x1a\".userservice.v1.DeleteUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12\x66\n\x0cUndeleteUser\x12#.userservice.v1.UndeleteUserRequest\x1a$.userservice.v1.UndeleteUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12p\n\x0e\x43hangePassword\x12%.userservice.v1.ChangePasswordRequest\x1a&.userservice.v1.ChangePasswordResponse\"\x0f\x8a\xb5\x18\x0b\x12\x05\x61\x64min\x1a\x02id\x12\x63\n\x0b\x44isableUser\x12\".userservice.v1.DisableUserRequest\x1a#.userservice.v1.DisableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12o\n\x0fListAuditEvents\x12&.userservice.v1.ListAuditEventsRequest\x1a\'.userservice.v1.ListAuditEventsResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nEnableUser\x12!.userservice.v1.EnableUserRequest\x1a\".userservice.v1.EnableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nUnlockUser\x12!.userservice.v1.UnlockUserRequest\x1a\".userservice.v1.UnlockUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12z\n\x0fWatchUserEvents\x12&.userservice.v1.WatchUserEventsRequest\x1a\'.userservice.v1.WatchUserEventsResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service0\x01\x12r\n\x10\x42\x61tchCreateUsers\x12\'.userservice.v1.BatchCreateUsersRequest\x1a(.userservice.v1.BatchCreateUsersResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64minb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!userservice/v1/user_service.proto\x12\x0euserservice.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1cuserservice/v1/options.proto\x1a\x19userservice/v1/user.proto\"\xf5\x01\n\x11\x43reateUserRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12=\n\x06labels\x18\x05 \x03(\x0b\x32-.userservice.v1.CreateUserRequest.LabelsEntry\x12/\n\x0e\x61\x64min_metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x12\x43reateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x0fGetUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\":\n\x14\x42\x61tchGetUsersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"Q\n\x15\x42\x61tchGetUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"n\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x14\n\x0cshow_deleted\x18\n \x01(\x08\"e\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.userservice.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"h\n\x11UpdateUserRequest\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"8\n\x12UpdateUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse\"/\n\x13UndeleteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\":\n\x14UndeleteUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"a\n\x15\x43hangePasswordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x63urrent_password\x18\x02 \x01(\t\x12\x14\n\x0cnew_password\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"<\n\x16\x43hangePasswordResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\".\n\x12\x44isableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"9\n\x13\x44isableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11\x45nableUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12\x45nableUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"-\n\x11UnlockUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"8\n\x12UnlockUserResponse\x12\"\n\x04user\x18\x01 \x01(\x0b\x32\x14.userservice.v1.User\"P\n\x16ListAuditEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x17ListAuditEventsResponse\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.userservice.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x16WatchUserEventsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\"Y\n\x17WatchUserEventsResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.userservice.v1.UserEvent\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"\xc9\x01\n\tUserEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.userservice.v1.UserEventType\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\"\n\x04user\x18\x03 \x01(\x0b\x32\x14.userservice.v1.User\x12\x16\n\x0e\x63hanged_fields\x18\x04 \x03(\t\x12.\n\nevent_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"z\n\x17\x42\x61tchCreateUsersRequest\x12\x33\n\x05users\x18\x01 \x03(\x0b\x32$.userservice.v1.BatchCreateUserEntry\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x9f\x02\n\x14\x42\x61tchCreateUserEntry\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\x08password\x18\x03 \x01(\tH\x00\x12\x17\n\rpassword_hash\x18\x04 \x01(\tH\x00\x12\r\n\x05roles\x18\x05 \x03(\t\x12@\n\x06labels\x18\x06 \x03(\x0b\x32\x30.userservice.v1.BatchCreateUserEntry.LabelsEntry\x12/\n\x0e\x61\x64min_metadata\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\ncredential\"R\n\x18\x42\x61tchCreateUsersResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.userservice.v1.BatchCreateUserResult\"_\n\x15\x42\x61tchCreateUserResult\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\"\n\x04user\x18\x02 \x01(\x0b\x32\x14.userservice.v1.User*\xa9\x02\n\rUserEventType\x12\x1f\n\x1bUSER_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17USER_EVENT_TYPE_CREATED\x10\x01\x12\x1b\n\x17USER_EVENT_TYPE_UPDATED\x10\x02\x12\x1b\n\x17USER_EVENT_TYPE_DELETED\x10\x03\x12\x1c\n\x18USER_EVENT_TYPE_DISABLED\x10\x04\x12\x1b\n\x17USER_EVENT_TYPE_ENABLED\x10\x05\x12!\n\x1dUSER_EVENT_TYPE_ROLES_CHANGED\x10\x06\x12$\n USER_EVENT_TYPE_PASSWORD_CHANGED\x10\x07\x12\x1c\n\x18USER_EVENT_TYPE_UNLOCKED\x10\x08\x32\xf0\x0b\n\x0bUserService\x12i\n\nCreateUser\x12!.userservice.v1.CreateUserRequest\x1a\".userservice.v1.CreateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12\x64\n\x07GetUser\x12\x1e.userservice.v1.GetUserRequest\x1a\x1f.userservice.v1.GetUserResponse\"\x18\x8a\xb5\x18\x14\x12\x05\x61\x64min\x12\x07service\x1a\x02id\x12w\n\rBatchGetUsers\x12$.userservice.v1.BatchGetUsersRequest\x1a%.userservice.v1.BatchGetUsersResponse\"\x19\x8a\xb5\x18\x15\x12\x05\x61\x64min\x12\x07service\x1a\x03ids\x12\x66\n\tListUsers\x12 .userservice.v1.ListUsersRequest\x1a!.userservice.v1.ListUsersResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service\x12i\n\nUpdateUser\x12!.userservice.v1.UpdateUserRequest\x1a\".userservice.v1.UpdateUserResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x1a\x07user.id\x12`\n\nDeleteUser\x12!.userservice.v1.DeleteUserRequest\x1a\".userservice.v1.DeleteUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12\x66\n\x0cUndeleteUser\x12#.userservice.v1.UndeleteUserRequest\x1a$.userservice.v1.UndeleteUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12p\n\x0e\x43hangePassword\x12%.userservice.v1.ChangePasswordRequest\x1a&.userservice.v1.ChangePasswordResponse\"\x0f\x8a\xb5\x18\x0b\x12\x05\x61\x64min\x1a\x02id\x12\x63\n\x0b\x44isableUser\x12\".userservice.v1.DisableUserRequest\x1a#.userservice.v1.DisableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12o\n\x0fListAuditEvents\x12&.userservice.v1.ListAuditEventsRequest\x1a\'.userservice.v1.ListAuditEventsResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nEnableUser\x12!.userservice.v1.EnableUserRequest\x1a\".userservice.v1.EnableUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12`\n\nUnlockUser\x12!.userservice.v1.UnlockUserRequest\x1a\".userservice.v1.UnlockUserResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64min\x12z\n\x0fWatchUserEvents\x12&.userservice.v1.WatchUserEventsRequest\x1a\'.userservice.v1.WatchUserEventsResponse\"\x14\x8a\xb5\x18\x10\x12\x05\x61\x64min\x12\x07service0\x01\x12r\n\x10\x42\x61tchCreateUsers\x12\'.userservice.v1.BatchCreateUsersRequest\x1a(.userservice.v1.BatchCreateUsersResponse\"\x0b\x8a\xb5\x18\x07\x12\x05\x61\x64minb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'userservice.v1.user_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREATEUSERREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_CREATEUSERREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_BATCHCREATEUSERENTRY_LABELSENTRY']._loaded_options = None
+  _globals['_BATCHCREATEUSERENTRY_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_USERSERVICE'].methods_by_name['CreateUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\212\265\030\020\022\005admin\022\007service'
   _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
@@ -64,70 +69,74 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['WatchUserEvents']._serialized_options = b'\212\265\030\020\022\005admin\022\007service'
   _globals['_USERSERVICE'].methods_by_name['BatchCreateUsers']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['BatchCreateUsers']._serialized_options = b'\212\265\030\007\022\005admin'
-  _globals['_USEREVENTTYPE']._serialized_start=2558
-  _globals['_USEREVENTTYPE']._serialized_end=2855
-  _globals['_CREATEUSERREQUEST']._serialized_start=202
-  _globals['_CREATEUSERREQUEST']._serialized_end=288
-  _globals['_CREATEUSERRESPONSE']._serialized_start=290
-  _globals['_CREATEUSERRESPONSE']._serialized_end=346
-  _globals['_GETUSERREQUEST']._serialized_start=348
-  _globals['_GETUSERREQUEST']._serialized_end=376
-  _globals['_GETUSERRESPONSE']._serialized_start=378
-  _globals['_GETUSERRESPONSE']._serialized_end=431
-  _globals['_BATCHGETUSERSREQUEST']._serialized_start=433
-  _globals['_BATCHGETUSERSREQUEST']._serialized_end=491
-  _globals['_BATCHGETUSERSRESPONSE']._serialized_start=493
-  _globals['_BATCHGETUSERSRESPONSE']._serialized_end=574
-  _globals['_LISTUSERSREQUEST']._serialized_start=576
-  _globals['_LISTUSERSREQUEST']._serialized_end=686
-  _globals['_LISTUSERSRESPONSE']._serialized_start=688
-  _globals['_LISTUSERSRESPONSE']._serialized_end=789
-  _globals['_UPDATEUSERREQUEST']._serialized_start=791
-  _globals['_UPDATEUSERREQUEST']._serialized_end=895
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=897
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=953
-  _globals['_DELETEUSERREQUEST']._serialized_start=955
-  _globals['_DELETEUSERREQUEST']._serialized_end=1000
-  _globals['_DELETEUSERRESPONSE']._serialized_start=1002
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1022
-  _globals['_UNDELETEUSERREQUEST']._serialized_start=1024
-  _globals['_UNDELETEUSERREQUEST']._serialized_end=1071
-  _globals['_UNDELETEUSERRESPONSE']._serialized_start=1073
-  _globals['_UNDELETEUSERRESPONSE']._serialized_end=1131
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=1133
-  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=1230
-  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=1232
-  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=1292
-  _globals['_DISABLEUSERREQUEST']._serialized_start=1294
-  _globals['_DISABLEUSERREQUEST']._serialized_end=1340
-  _globals['_DISABLEUSERRESPONSE']._serialized_start=1342
-  _globals['_DISABLEUSERRESPONSE']._serialized_end=1399
-  _globals['_ENABLEUSERREQUEST']._serialized_start=1401
-  _globals['_ENABLEUSERREQUEST']._serialized_end=1446
-  _globals['_ENABLEUSERRESPONSE']._serialized_start=1448
-  _globals['_ENABLEUSERRESPONSE']._serialized_end=1504
-  _globals['_UNLOCKUSERREQUEST']._serialized_start=1506
-  _globals['_UNLOCKUSERREQUEST']._serialized_end=1551
-  _globals['_UNLOCKUSERRESPONSE']._serialized_start=1553
-  _globals['_UNLOCKUSERRESPONSE']._serialized_end=1609
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1611
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1691
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1693
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1787
-  _globals['_WATCHUSEREVENTSREQUEST']._serialized_start=1789
-  _globals['_WATCHUSEREVENTSREQUEST']._serialized_end=1828
-  _globals['_WATCHUSEREVENTSRESPONSE']._serialized_start=1830
-  _globals['_WATCHUSEREVENTSRESPONSE']._serialized_end=1919
-  _globals['_USEREVENT']._serialized_start=1922
-  _globals['_USEREVENT']._serialized_end=2123
-  _globals['_BATCHCREATEUSERSREQUEST']._serialized_start=2125
-  _globals['_BATCHCREATEUSERSREQUEST']._serialized_end=2247
-  _globals['_BATCHCREATEUSERENTRY']._serialized_start=2249
-  _globals['_BATCHCREATEUSERENTRY']._serialized_end=2374
-  _globals['_BATCHCREATEUSERSRESPONSE']._serialized_start=2376
-  _globals['_BATCHCREATEUSERSRESPONSE']._serialized_end=2458
-  _globals['_BATCHCREATEUSERRESULT']._serialized_start=2460
-  _globals['_BATCHCREATEUSERRESULT']._serialized_end=2555
-  _globals['_USERSERVICE']._serialized_start=2858
-  _globals['_USERSERVICE']._serialized_end=4378
+  _globals['_USEREVENTTYPE']._serialized_start=2911
+  _globals['_USEREVENTTYPE']._serialized_end=3208
+  _globals['_CREATEUSERREQUEST']._serialized_start=233
+  _globals['_CREATEUSERREQUEST']._serialized_end=478
+  _globals['_CREATEUSERREQUEST_LABELSENTRY']._serialized_start=433
+  _globals['_CREATEUSERREQUEST_LABELSENTRY']._serialized_end=478
+  _globals['_CREATEUSERRESPONSE']._serialized_start=480
+  _globals['_CREATEUSERRESPONSE']._serialized_end=536
+  _globals['_GETUSERREQUEST']._serialized_start=538
+  _globals['_GETUSERREQUEST']._serialized_end=566
+  _globals['_GETUSERRESPONSE']._serialized_start=568
+  _globals['_GETUSERRESPONSE']._serialized_end=621
+  _globals['_BATCHGETUSERSREQUEST']._serialized_start=623
+  _globals['_BATCHGETUSERSREQUEST']._serialized_end=681
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_start=683
+  _globals['_BATCHGETUSERSRESPONSE']._serialized_end=764
+  _globals['_LISTUSERSREQUEST']._serialized_start=766
+  _globals['_LISTUSERSREQUEST']._serialized_end=876
+  _globals['_LISTUSERSRESPONSE']._serialized_start=878
+  _globals['_LISTUSERSRESPONSE']._serialized_end=979
+  _globals['_UPDATEUSERREQUEST']._serialized_start=981
+  _globals['_UPDATEUSERREQUEST']._serialized_end=1085
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=1087
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=1143
+  _globals['_DELETEUSERREQUEST']._serialized_start=1145
+  _globals['_DELETEUSERREQUEST']._serialized_end=1190
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1192
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1212
+  _globals['_UNDELETEUSERREQUEST']._serialized_start=1214
+  _globals['_UNDELETEUSERREQUEST']._serialized_end=1261
+  _globals['_UNDELETEUSERRESPONSE']._serialized_start=1263
+  _globals['_UNDELETEUSERRESPONSE']._serialized_end=1321
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_start=1323
+  _globals['_CHANGEPASSWORDREQUEST']._serialized_end=1420
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_start=1422
+  _globals['_CHANGEPASSWORDRESPONSE']._serialized_end=1482
+  _globals['_DISABLEUSERREQUEST']._serialized_start=1484
+  _globals['_DISABLEUSERREQUEST']._serialized_end=1530
+  _globals['_DISABLEUSERRESPONSE']._serialized_start=1532
+  _globals['_DISABLEUSERRESPONSE']._serialized_end=1589
+  _globals['_ENABLEUSERREQUEST']._serialized_start=1591
+  _globals['_ENABLEUSERREQUEST']._serialized_end=1636
+  _globals['_ENABLEUSERRESPONSE']._serialized_start=1638
+  _globals['_ENABLEUSERRESPONSE']._serialized_end=1694
+  _globals['_UNLOCKUSERREQUEST']._serialized_start=1696
+  _globals['_UNLOCKUSERREQUEST']._serialized_end=1741
+  _globals['_UNLOCKUSERRESPONSE']._serialized_start=1743
+  _globals['_UNLOCKUSERRESPONSE']._serialized_end=1799
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1801
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1881
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1883
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1977
+  _globals['_WATCHUSEREVENTSREQUEST']._serialized_start=1979
+  _globals['_WATCHUSEREVENTSREQUEST']._serialized_end=2018
+  _globals['_WATCHUSEREVENTSRESPONSE']._serialized_start=2020
+  _globals['_WATCHUSEREVENTSRESPONSE']._serialized_end=2109
+  _globals['_USEREVENT']._serialized_start=2112
+  _globals['_USEREVENT']._serialized_end=2313
+  _globals['_BATCHCREATEUSERSREQUEST']._serialized_start=2315
+  _globals['_BATCHCREATEUSERSREQUEST']._serialized_end=2437
+  _globals['_BATCHCREATEUSERENTRY']._serialized_start=2440
+  _globals['_BATCHCREATEUSERENTRY']._serialized_end=2727
+  _globals['_BATCHCREATEUSERENTRY_LABELSENTRY']._serialized_start=433
+  _globals['_BATCHCREATEUSERENTRY_LABELSENTRY']._serialized_end=478
+  _globals['_BATCHCREATEUSERSRESPONSE']._serialized_start=2729
+  _globals['_BATCHCREATEUSERSRESPONSE']._serialized_end=2811
+  _globals['_BATCHCREATEUSERRESULT']._serialized_start=2813
+  _globals['_BATCHCREATEUSERRESULT']._serialized_end=2908
+  _globals['_USERSERVICE']._serialized_start=3211
+  _globals['_USERSERVICE']._serialized_end=4731
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -77,10 +78,32 @@ class CreateUserRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     EMAIL_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    ADMIN_METADATA_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """E-mail address; trimmed, NFKC-normalised and lower-cased before it is stored or
     compared. Required, at most 254 characters, one "@" with a non-empty local part and a
@@ -99,6 +122,18 @@ class CreateUserRequest(_message.Message):
     request_id with a different payload gives INVALID_ARGUMENT (reason REQUEST_ID_REUSED).
     Malformed: INVALID_ARGUMENT.
     """
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional labels, with the bounds of User.labels. Bad: INVALID_ARGUMENT naming the label,
+        such as `labels["Bad Key"]`.
+        """
+
+    @_builtins.property
+    def admin_metadata(self) -> _struct_pb2.Struct:
+        """Optional admin metadata, with the bounds of User.admin_metadata (INVALID_ARGUMENT on
+        "admin_metadata"). Non-empty from a caller that is not admin: PERMISSION_DENIED.
+        """
+
     def __init__(
         self,
         *,
@@ -106,10 +141,12 @@ class CreateUserRequest(_message.Message):
         name: _builtins.str = ...,
         password: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        admin_metadata: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "name", b"name", "password", b"password", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "email", b"email", "labels", b"labels", "name", b"name", "password", b"password", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -288,6 +325,10 @@ class ListUsersRequest(_message.Message):
       create_time >= "2026-01-01T00:00:00Z"   also >, <, <=; RFC 3339 with a time zone
       last_login_time < "2026-01-01T00:00:00Z"       the same operators and values
       password_change_time < "2026-01-01T00:00:00Z" the same operators and values
+      labels.team = "billing"            the user's label "team" is "billing"
+      labels.team != "billing"           any other user, including those without "team"
+                                         (keys and values as in User.labels; a bad key or
+                                         value gives INVALID_ARGUMENT)
     A user who never logged in (no last_login_time), or whose password time is unknown,
     counts as older than any time: it matches < and <=, never > or >=. So
     `last_login_time < X` finds every account not used since X, including those never used;
@@ -376,9 +417,13 @@ class UpdateUserRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to update. Writable paths: "name", "email", and "roles" (admin only; each role one
-        of "admin", "service"). An empty mask, an unknown path or an output-only path (id, state,
-        create_time, update_time, etag) gives INVALID_ARGUMENT.
+        """Fields to update. Writable paths: "name", "email", and, for admins only, "roles" (each
+        role one of "admin", "service"), "labels" (replaces the whole map), "labels.<key>" (sets
+        that label to user.labels[key], or removes it when user.labels lacks the key; a bad key
+        or value gives INVALID_ARGUMENT on `user.labels["<key>"]`, more than 64 labels after the
+        change INVALID_ARGUMENT on "user.labels"; not together with "labels") and
+        "admin_metadata" (replaces the whole object). An empty mask, an unknown path or an
+        output-only path (id, state, create_time, update_time, etag) gives INVALID_ARGUMENT.
         """
 
     def __init__(
@@ -873,14 +918,15 @@ class UserEvent(_message.Message):
     def user(self) -> _user_pb2.User:
         """The user as it is after the change; for USER_EVENT_TYPE_DELETED, the soft-deleted user
         (state USER_STATE_DELETED, with delete_time and purge_time). The admins-only login counters (failed_login_count, locked_until) and
-        last_login_time, which changes without an event, are never set here.
+        admin_metadata, and last_login_time, which changes without an event, are never set here.
         """
 
     @_builtins.property
     def changed_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the fields that changed, sorted: "email", "name", "roles", "state",
-        "password" (the fact only), "failed_login_count" and "locked_until" (unlock); every
-        public field on USER_EVENT_TYPE_CREATED; "state" on USER_EVENT_TYPE_DELETED (a soft
+        "password" (the fact only), "failed_login_count" and "locked_until" (unlock), "labels",
+        "admin_metadata" (the fact only: its value is never in an event); every public field on
+        USER_EVENT_TYPE_CREATED (labels and admin_metadata when the user was created with them); "state" on USER_EVENT_TYPE_DELETED (a soft
         delete) and on the USER_EVENT_TYPE_UPDATED of an UndeleteUser.
         """
 
@@ -957,11 +1003,33 @@ class BatchCreateUserEntry(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     EMAIL_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     PASSWORD_HASH_FIELD_NUMBER: _builtins.int
     ROLES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    ADMIN_METADATA_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """E-mail address; rules of CreateUserRequest.email. Bad: INVALID_ARGUMENT; taken by a
     stored user or by an earlier entry of the batch: ALREADY_EXISTS.
@@ -994,6 +1062,18 @@ class BatchCreateUserEntry(_message.Message):
         (otherwise PERMISSION_DENIED for the entry). Unknown role: INVALID_ARGUMENT.
         """
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional labels, with the bounds of User.labels. Bad: INVALID_ARGUMENT for the entry,
+        naming the label, such as `users[3].labels["Bad Key"]`.
+        """
+
+    @_builtins.property
+    def admin_metadata(self) -> _struct_pb2.Struct:
+        """Optional admin metadata, with the bounds of User.admin_metadata. Out of bounds:
+        INVALID_ARGUMENT for the entry on "users[i].admin_metadata".
+        """
+
     def __init__(
         self,
         *,
@@ -1002,10 +1082,12 @@ class BatchCreateUserEntry(_message.Message):
         password: _builtins.str = ...,
         password_hash: _builtins.str = ...,
         roles: _abc.Iterable[_builtins.str] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        admin_metadata: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "password", b"password", "password_hash", b"password_hash"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "credential", b"credential", "password", b"password", "password_hash", b"password_hash"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "email", b"email", "name", b"name", "password", b"password", "password_hash", b"password_hash", "roles", b"roles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "credential", b"credential", "email", b"email", "labels", b"labels", "name", b"name", "password", b"password", "password_hash", b"password_hash", "roles", b"roles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_credential: _TypeAlias = _typing.Literal["password", "password_hash"]  # noqa: Y015
     _WhichOneofArgType_credential: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015

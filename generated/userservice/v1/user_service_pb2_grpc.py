@@ -123,7 +123,9 @@ class UserServiceServicer:
 
     def CreateUser(self, request, context):
         """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
-        at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
+        at once, including a too common password and bad labels or admin_metadata),
+        ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata set by
+        a caller that is not admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,7 +165,8 @@ class UserServiceServicer:
 
     def UpdateUser(self, request, context):
         """Updates the fields named in update_mask. Callers: admin (any writable path); the user
-        itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+        itself ("name" and "email" only; "roles", "labels", "labels.<key>" and "admin_metadata"
+        give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
         (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
         user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
         also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's

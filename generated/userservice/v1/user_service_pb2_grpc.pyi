@@ -41,7 +41,9 @@ class UserServiceStub:
     def __new__(cls, channel: _aio.Channel) -> UserServiceAsyncStub: ...
     CreateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]
     """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
-    at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
+    at once, including a too common password and bad labels or admin_metadata),
+    ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata set by
+    a caller that is not admin).
     """
     GetUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]
     """Returns one user. Callers: admin, service, the user itself. A soft-deleted user is
@@ -65,7 +67,8 @@ class UserServiceStub:
     """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]
     """Updates the fields named in update_mask. Callers: admin (any writable path); the user
-    itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+    itself ("name" and "email" only; "roles", "labels", "labels.<key>" and "admin_metadata"
+    give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
     (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
     user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
     also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
@@ -159,7 +162,9 @@ class UserServiceAsyncStub(UserServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]  # type: ignore[assignment]
     """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
-    at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
+    at once, including a too common password and bad labels or admin_metadata),
+    ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata set by
+    a caller that is not admin).
     """
     GetUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]  # type: ignore[assignment]
     """Returns one user. Callers: admin, service, the user itself. A soft-deleted user is
@@ -183,7 +188,8 @@ class UserServiceAsyncStub(UserServiceStub):
     """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]  # type: ignore[assignment]
     """Updates the fields named in update_mask. Callers: admin (any writable path); the user
-    itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+    itself ("name" and "email" only; "roles", "labels", "labels.<key>" and "admin_metadata"
+    give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
     (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
     user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
     also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
@@ -280,7 +286,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.CreateUserResponse, _abc.Awaitable[_user_service_pb2.CreateUserResponse]]:
         """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
-        at once, including a too common password), ALREADY_EXISTS (the normalised e-mail is taken).
+        at once, including a too common password and bad labels or admin_metadata),
+        ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata set by
+        a caller that is not admin).
         """
 
     @_abc_1.abstractmethod
@@ -328,7 +336,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.UpdateUserResponse, _abc.Awaitable[_user_service_pb2.UpdateUserResponse]]:
         """Updates the fields named in update_mask. Callers: admin (any writable path); the user
-        itself ("name" and "email" only; "roles" gives PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+        itself ("name" and "email" only; "roles", "labels", "labels.<key>" and "admin_metadata"
+        give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
         (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
         user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
         also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's

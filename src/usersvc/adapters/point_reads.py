@@ -35,11 +35,13 @@ _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 # Fixed statements (no input is ever formatted into them: S608 below is about that); the
-# column order is what _user() reads.
+# column order is what _user() reads. Labels and admin metadata are JSON columns of the same
+# row (users.labels is what reads return; user_labels only serves filters), so GetUser stays
+# one primary-key read.
 _COLUMNS = (
     "id, email, name, password_hash, roles, state, create_time, update_time, version,"
     " token_version, failed_login_count, locked_until, last_login_time, password_change_time,"
-    " delete_time, purge_time, deleted_from_state"
+    " delete_time, purge_time, deleted_from_state, labels, admin_metadata"
 )
 _GET_PG = f"SELECT {_COLUMNS} FROM users WHERE id = $1"  # noqa: S608
 # The unfiltered list (deleted users left out) in list order: what list_statement in
@@ -97,6 +99,9 @@ def _user(row: Sequence[Any] | asyncpg.Record, *, roles: Any, times: tuple[Any, 
         delete_time=delete_time,
         purge_time=purge_time,
         deleted_from_state=UserState(row[16]) if row[16] is not None else None,
+        # JSON text on both drivers (asyncpg hands jsonb over as text); NULL: none.
+        labels=(json.loads(row[17]) if row[17] is not None else None) or {},
+        admin_metadata=(json.loads(row[18]) if row[18] is not None else None) or {},
     )
 
 

@@ -90,6 +90,11 @@ users = Table(
     Column("delete_time", UTCDateTime(), nullable=True),
     Column("purge_time", UTCDateTime(), nullable=True),
     Column("deleted_from_state", String(16), nullable=True),
+    # Migration 0011. labels: {key: value}, what every read returns (user_labels below is its
+    # index for ListUsers.filter, written with it). admin_metadata: a bounded JSON object for
+    # admins. NULL (rows older than the columns) reads as {}.
+    Column("labels", JsonList, nullable=True),
+    Column("admin_metadata", JsonList, nullable=True),
     # The list order (newest first, id as tiebreaker) served by one index scan; also the
     # create_time bounds of ListUsers.filter.
     Index("ix_users_create_time_id", "create_time", "id"),
@@ -122,6 +127,20 @@ _postgresql_only(
 # filter `email:"ada*"`: LIKE 'ada%' needs pattern ops under a non-C collation.
 _postgresql_only(
     Index("ix_users_email_prefix", users.c.email, postgresql_ops={"email": "varchar_pattern_ops"})
+)
+
+
+# The labels of each user, one row per label, kept equal to users.labels by the repository in
+# the same statement batch that writes the column. It is there to be searched: filter
+# `labels.team = "billing"` is an EXISTS probe on the primary key for each user in list order,
+# or, for a rare label, a read of ix_user_labels_key_value; on both databases.
+user_labels = Table(
+    "user_labels",
+    metadata,
+    Column("user_id", Uuid(), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(63), primary_key=True),
+    Column("value", String(63), nullable=False),
+    Index("ix_user_labels_key_value", "key", "value"),
 )
 
 

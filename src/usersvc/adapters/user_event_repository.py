@@ -89,8 +89,8 @@ _COLUMNS = (
 
 def snapshot_of(user: UserView) -> dict[str, Any]:
     """The fields of a user every feed reader may see, as stored in an event: never a hash,
-    nor the admins-only login counters, nor the last login time (which changes without an
-    event)."""
+    nor the admins-only login counters or admin_metadata (service watchers read the feed
+    too), nor the last login time (which changes without an event)."""
     return {
         "id": str(user.id),
         "email": user.email,
@@ -106,6 +106,7 @@ def snapshot_of(user: UserView) -> dict[str, Any]:
         # Soft delete: set on the "deleted" event's user (absent from older events).
         "delete_time": user.delete_time.isoformat() if user.delete_time is not None else None,
         "purge_time": user.purge_time.isoformat() if user.purge_time is not None else None,
+        "labels": dict(user.labels),
     }
 
 
@@ -125,6 +126,8 @@ def _user_of(snapshot: dict[str, Any]) -> UserView:
         else None,
         delete_time=_time_or_none(snapshot.get("delete_time")),
         purge_time=_time_or_none(snapshot.get("purge_time")),
+        # Absent from events written before labels existed.
+        labels=snapshot.get("labels") or {},
     )
 
 

@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.bulk_insert import insert_rows
-from usersvc.adapters.tables import users
+from usersvc.adapters.tables import user_labels, users
 from usersvc.domain.errors import EmailLookalike, EmailTaken
 from usersvc.domain.models import SERVICE_ACCOUNT_PASSWORD_HASH, PageCursor, User, UserState
 from usersvc.domain.user_filter import OptionalTimeBound, UserFilter
@@ -101,8 +101,13 @@ WRITABLE_COLUMNS = frozenset(
         "delete_time",
         "purge_time",
         "deleted_from_state",
+        # UpdateUser (admins); labels also rewrite the user's user_labels rows.
+        "labels",
+        "admin_metadata",
     }
 )
+_INSERT_LABELS = insert(user_labels)
+_DELETE_LABELS = delete(user_labels).where(user_labels.c.user_id == bindparam("user_id"))
 # Deleted users whose purge time has come, oldest first (ix_users_purge_time).
 _PURGEABLE = (
     select(users.c.id)
@@ -157,7 +162,22 @@ def filter_conditions(where: UserFilter, dialect: str) -> list[ColumnElement[boo
         )
     for optional in where.optional_times:
         conditions.append(_optional_time_condition(optional))
+    # Probes of user_labels' primary key (user_id, key) per candidate user, which keeps the
+    # list-order index scan; or, when the planner finds a label rare, a read of
+    # ix_user_labels_key_value joined back.
+    for key, value in sorted(where.labels):
+        conditions.append(_has_label(key, value))
+    for key, value in sorted(where.labels_not):
+        conditions.append(~_has_label(key, value))
     return conditions
+
+
+def _has_label(key: str, value: str) -> ColumnElement[bool]:
+    return exists().where(
+        user_labels.c.user_id == users.c.id,
+        user_labels.c.key == key,
+        user_labels.c.value == value,
+    )
 
 
 _OPTIONAL_TIME_COLUMNS = {
@@ -212,6 +232,8 @@ def _to_user(row: Row[Any]) -> User:
         deleted_from_state=(
             UserState(m["deleted_from_state"]) if m["deleted_from_state"] is not None else None
         ),
+        labels=m["labels"] or {},
+        admin_metadata=m["admin_metadata"] or {},
     )
 
 
@@ -236,7 +258,13 @@ def _row_of(user: User, skeleton: str) -> dict[str, Any]:
         "delete_time": user.delete_time,
         "purge_time": user.purge_time,
         "deleted_from_state": user.deleted_from_state.value if user.deleted_from_state else None,
+        "labels": dict(user.labels),
+        "admin_metadata": dict(user.admin_metadata),
     }
+
+
+def _label_rows(user_id: uuid.UUID, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [{"user_id": user_id, "key": k, "value": v} for k, v in sorted(labels.items())]
 
 
 class UserRepository:
@@ -257,6 +285,8 @@ class UserRepository:
         skeleton = email_skeleton(user.email)
         await self._refuse_lookalike(user.email, skeleton, user.id)
         await self._conn.execute(_INSERT, _row_of(user, skeleton))
+        if user.labels:
+            await self._conn.execute(_INSERT_LABELS, _label_rows(user.id, user.labels))
 
     async def add_many(self, users: Sequence[User]) -> None:
         """One COPY on PostgreSQL, one executemany elsewhere."""
@@ -264,6 +294,11 @@ class UserRepository:
             self._conn,
             _USERS,
             [_row_of(user, email_skeleton(user.email)) for user in users],
+        )
+        await insert_rows(
+            self._conn,
+            user_labels,
+            [row for user in users for row in _label_rows(user.id, user.labels)],
         )
 
     async def email_conflicts(self, emails: Collection[str]) -> dict[str, bool]:
@@ -350,7 +385,14 @@ class UserRepository:
             bumps["token_version"] = users.c.token_version + 1
         stmt = stmt.values(**values, **bumps).returning(*users.c)
         row = (await self._conn.execute(stmt)).first()
-        return _to_user(row) if row is not None else None
+        if row is None:
+            return None
+        if "labels" in values:
+            # The searchable copy, in the same transaction (the users row is locked by now).
+            await self._conn.execute(_DELETE_LABELS, {"user_id": user_id})
+            if values["labels"]:
+                await self._conn.execute(_INSERT_LABELS, _label_rows(user_id, values["labels"]))
+        return _to_user(row)
 
     async def delete(self, user_id: uuid.UUID, *, expected_version: int | None = None) -> bool:
         stmt = delete(users).where(users.c.id == user_id)

@@ -6,8 +6,10 @@ import dataclasses
 import enum
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from usersvc.domain.errors import DomainError
 
@@ -44,6 +46,10 @@ class User:
     delete_time: datetime | None = None
     purge_time: datetime | None = None
     deleted_from_state: UserState | None = None
+    # Bounded key/value pairs (domain.labels); filterable in ListUsers.
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # A bounded JSON object that only admins read and write.
+    admin_metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def etag(self) -> str:
@@ -66,14 +72,16 @@ class User:
             password_change_time=self.password_change_time,
             delete_time=self.delete_time,
             purge_time=self.purge_time,
+            labels=self.labels,
+            admin_metadata=self.admin_metadata,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class UserView:
     """A user as the service layer hands it out: no password hash. The login counters
-    (failed_login_count, locked_until) are for admins: `without_login_counters` blanks them
-    for everyone else."""
+    (failed_login_count, locked_until) and admin_metadata are for admins: `for_non_admin`
+    blanks them for everyone else."""
 
     id: uuid.UUID
     email: str
@@ -90,16 +98,19 @@ class UserView:
     password_change_time: datetime | None = None
     delete_time: datetime | None = None
     purge_time: datetime | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    admin_metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def etag(self) -> str:
         return etag_of(self.version)
 
-    def without_login_counters(self) -> UserView:
-        """This view as a caller who is not an admin sees it."""
-        if not self.failed_login_count and self.locked_until is None:
+    def for_non_admin(self) -> UserView:
+        """This view as a caller who is not an admin sees it: no login counters, no
+        admin_metadata."""
+        if not self.failed_login_count and self.locked_until is None and not self.admin_metadata:
             return self
-        return dataclasses.replace(self, failed_login_count=0, locked_until=None)
+        return dataclasses.replace(self, failed_login_count=0, locked_until=None, admin_metadata={})
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ feed holds exactly the committed changes. Each carries the user as it is after t
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,8 +37,19 @@ TYPE_OF_ACTION = {
 }
 
 # Fields a user event may name as changed; anything else (a hash, a counter) never appears.
+# admin_metadata is named when it changes, but its value is never in an event.
 PUBLIC_FIELDS = frozenset(
-    {"email", "name", "roles", "state", "password", "failed_login_count", "locked_until"}
+    {
+        "email",
+        "name",
+        "roles",
+        "state",
+        "password",
+        "failed_login_count",
+        "locked_until",
+        "labels",
+        "admin_metadata",
+    }
 )
 
 
@@ -75,7 +87,8 @@ def change_of(
     return UserChange(
         # An action without a type of its own still changed the user (and its etag).
         type=TYPE_OF_ACTION.get(action, UPDATED),
-        user=user,
+        # Every watcher reads the same event, service watchers too: admin_metadata stays out.
+        user=dataclasses.replace(user, admin_metadata={}) if user.admin_metadata else user,
         changed_fields=tuple(sorted(f for f in set(changed) if f in PUBLIC_FIELDS)),
         request_id=request_id,
         create_time=now,
@@ -87,5 +100,11 @@ CREATED_FIELDS = ("email", "name", "roles", "state", "password")
 
 
 def created(user: UserView, request_id: str, now: datetime) -> UserChange:
-    """The event of a user's creation (CreateUser, or one user of a batch)."""
-    return change_of(audit.USER_CREATED, user, CREATED_FIELDS, request_id, now)
+    """The event of a user's creation (CreateUser, or one user of a batch); labels and
+    admin_metadata count among its fields when it was created with them."""
+    fields: tuple[str, ...] = CREATED_FIELDS
+    if user.labels:
+        fields += ("labels",)
+    if user.admin_metadata:
+        fields += ("admin_metadata",)
+    return change_of(audit.USER_CREATED, user, fields, request_id, now)

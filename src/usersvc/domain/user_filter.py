@@ -9,10 +9,16 @@ Grammar (whitespace between tokens is free; keywords and field names are case-se
                 | "create_time" ( ">" | ">=" | "<" | "<=" ) TIMESTAMP
                 | "last_login_time" ( ">" | ">=" | "<" | "<=" ) TIMESTAMP
                 | "password_change_time" ( ">" | ">=" | "<" | "<=" ) TIMESTAMP
+                | "labels." KEY ( "=" | "!=" ) LABEL_VALUE
     value      := '"' characters, with \\" and \\\\ escapes '"'  |  bare characters up to
                   white space or a parenthesis
     STATE      := ACTIVE | DISABLED | DELETED, each also with the USER_STATE_ prefix
     TIMESTAMP  := RFC 3339 with a time zone, such as 2026-01-31T09:00:00Z
+    KEY        := a label key: a-z first, then a-z, 0-9, "_", "-"; 1 to 63 characters
+    LABEL_VALUE:= 0 to 63 characters of a-z, 0-9, "_", "-" (quote the empty value: "")
+
+`labels.team = "billing"` matches users whose label "team" is "billing";
+`labels.team != "billing"` matches every other user, including those without a "team" label.
 
 last_login_time and password_change_time may be unset (never logged in; password set before
 the column existed): an unset value counts as older than any time, so it matches < and <=
@@ -27,11 +33,13 @@ turn them into bound parameters, never into SQL text.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from usersvc.domain.auth import KNOWN_ROLES
 from usersvc.domain.errors import FieldViolation
+from usersvc.domain.labels import is_label_key, is_label_value
 from usersvc.domain.models import UserState
 from usersvc.domain.validation import EMAIL_MAX, normalize_email
 
@@ -74,6 +82,10 @@ class TimeBound:
     inclusive: bool
 
 
+# `labels.<key>` terms: equality only.
+LABELS_PREFIX = "labels."
+LABEL_OPERATORS = ("=", "!=")
+
 # Timestamps that may be unset; an unset one is older than any time.
 OPTIONAL_TIME_FIELDS = ("last_login_time", "password_change_time")
 
@@ -113,6 +125,9 @@ class UserFilter:
     create_before: tuple[TimeBound, ...] = ()
     # last_login_time and password_change_time bounds.
     optional_times: tuple[OptionalTimeBound, ...] = ()
+    # labels.KEY = VALUE and labels.KEY != VALUE terms, as sorted (key, value) pairs.
+    labels: frozenset[tuple[str, str]] = frozenset()
+    labels_not: frozenset[tuple[str, str]] = frozenset()
     # Set when terms contradict each other (two states, two exact e-mails): nobody matches.
     impossible: bool = False
     # Soft-deleted users match only when set (ListUsersRequest.show_deleted).
@@ -139,6 +154,10 @@ class UserFilter:
         if self.optional_times:
             # Only when present: tokens of filters without them keep their earlier form.
             parts.append("times=" + ",".join(sorted(b.canonical for b in self.optional_times)))
+        if self.labels or self.labels_not:
+            # Only when present, like the times above. Keys and values hold no "," or "=".
+            parts.append("labels=" + ",".join(f"{k}={v}" for k, v in sorted(self.labels)))
+            parts.append("labels_not=" + ",".join(f"{k}={v}" for k, v in sorted(self.labels_not)))
         if self.show_deleted:
             parts.append("show_deleted")
         return "|".join(parts)
@@ -153,6 +172,7 @@ def matches(
     create_time: datetime,
     last_login_time: datetime | None = None,
     password_change_time: datetime | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> bool:
     """Whether a user with these fields satisfies the filter (the stores' semantics)."""
     if f.impossible or any(state is not s for s in f.states):
@@ -164,6 +184,11 @@ def matches(
     if f.email is not None and email != f.email:
         return False
     if not all(email.startswith(p) for p in f.email_prefixes):
+        return False
+    held = labels or {}
+    if any(held.get(k) != v for k, v in f.labels):
+        return False
+    if any(held.get(k) == v for k, v in f.labels_not):
         return False
     for b in f.create_after:
         if not (create_time >= b.value if b.inclusive else create_time > b.value):
@@ -288,6 +313,8 @@ class _Parser:
         after: list[TimeBound] = []
         before: list[TimeBound] = []
         optional_times: list[OptionalTimeBound] = []
+        labels: dict[str, set[str]] = {}
+        labels_not: set[tuple[str, str]] = set()
         state_terms = 0
         terms = 0
         while True:
@@ -303,6 +330,13 @@ class _Parser:
             elif field.text == "email":
                 email, prefix = self._email(value)
                 (prefixes if prefix else emails).add(email)
+            elif field.text.startswith(LABELS_PREFIX):
+                key = field.text[len(LABELS_PREFIX) :]
+                label_value = self._label_value(value)
+                if op.text == "=":
+                    labels.setdefault(key, set()).add(label_value)
+                else:
+                    labels_not.add((key, label_value))
             else:
                 moment = _rfc3339(value.text, round_up=op.text in ("<", ">="))
                 if moment is None:
@@ -328,7 +362,14 @@ class _Parser:
             raise FilterSyntaxError(
                 f'expected AND or the end, not "{_echo(token.text)}"', token.position
             )
-        impossible = len(states) > 1 or len(emails) > 1
+        equal = {(k, v) for k, values in labels.items() for v in values}
+        impossible = (
+            len(states) > 1
+            or len(emails) > 1
+            # A label has one value; it cannot both equal and differ from one.
+            or any(len(values) > 1 for values in labels.values())
+            or bool(equal & labels_not)
+        )
         return UserFilter(
             states=frozenset(states),
             roles=frozenset(roles),
@@ -337,6 +378,8 @@ class _Parser:
             create_after=tuple(after),
             create_before=tuple(before),
             optional_times=tuple(optional_times),
+            labels=frozenset(equal),
+            labels_not=frozenset(labels_not),
             impossible=impossible,
         )
 
@@ -357,18 +400,27 @@ class _Parser:
             raise FilterSyntaxError("parentheses are not supported", field.position)
         if field.kind == "word" and field.text in ("NOT", "OR", "AND"):
             raise FilterSyntaxError(f'expected a field, not "{field.text}"', field.position)
-        if field.kind != "word" or field.text not in self._FIELD_OPERATORS:
+        if field.kind == "word" and field.text.startswith(LABELS_PREFIX):
+            if not is_label_key(field.text[len(LABELS_PREFIX) :]):
+                raise FilterSyntaxError(
+                    f'bad label key in "{_echo(field.text)}": a key is 1 to 63 characters of '
+                    'a-z, 0-9, "_" and "-", starting with a letter',
+                    field.position,
+                )
+            allowed: tuple[str, ...] = LABEL_OPERATORS
+        elif field.kind != "word" or field.text not in self._FIELD_OPERATORS:
             raise FilterSyntaxError(
                 f'unknown field "{_echo(field.text)}"; known: create_time, email, '
-                "last_login_time, password_change_time, roles, state",
+                "labels.<key>, last_login_time, password_change_time, roles, state",
                 field.position,
             )
+        else:
+            allowed = self._FIELD_OPERATORS[field.text]
         op = self._next()
-        allowed = self._FIELD_OPERATORS[field.text]
         if op.kind != "op" or op.text not in allowed:
             wanted = " or ".join(f'"{o}"' for o in allowed)
             raise FilterSyntaxError(
-                f'{field.text} takes {wanted}, not "{_echo(op.text)}"', op.position
+                f'{_echo(field.text)} takes {wanted}, not "{_echo(op.text)}"', op.position
             )
         value = self._next()
         if value.kind not in ("word", "string"):
@@ -384,6 +436,16 @@ class _Parser:
                 value.position,
             )
         return state
+
+    @staticmethod
+    def _label_value(value: _Token) -> str:
+        if not is_label_value(value.text):
+            raise FilterSyntaxError(
+                f'bad label value "{_echo(value.text)}": a value is 0 to 63 characters of '
+                'a-z, 0-9, "_" and "-"',
+                value.position,
+            )
+        return value.text
 
     @staticmethod
     def _role(value: _Token) -> str:

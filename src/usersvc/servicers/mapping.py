@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -41,7 +42,11 @@ def user_to_proto(user: UserView) -> user_pb2.User:
         update_time=timestamp(user.update_time),
         etag=user.etag,
         failed_login_count=user.failed_login_count,
+        labels=user.labels,
     )
+    if user.admin_metadata:
+        # Empty for every caller but an admin (services.users._shown).
+        message.admin_metadata.update(user.admin_metadata)
     # Unset stays unset (never logged in, not locked, unknown), not the epoch.
     if user.locked_until is not None:
         message.locked_until.CopyFrom(timestamp(user.locked_until))
@@ -79,6 +84,28 @@ def user_event_to_proto(change: user_events.UserChange) -> user_service_pb2.User
     )
 
 
+def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
+    """A google.protobuf.Struct as the JSON object it stands for."""
+    return {key: _plain(value) for key, value in message.fields.items()}
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_plain(v) for v in value.list_value.values]
+    if kind == "number_value":
+        number = value.number_value
+        # Whole numbers stay integers in JSON (as JavaScript clients send them).
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
 def timestamp_from_epoch(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
@@ -97,6 +124,11 @@ def _value(value: object) -> struct_pb2.Value:
         v.string_value = value
     elif isinstance(value, list | tuple):
         v.list_value.values.extend(_value(x) for x in value)
+    elif isinstance(value, dict):
+        # labels and admin_metadata in audit changes: a JSON object (an empty one too).
+        v.struct_value.SetInParent()
+        for key, item in value.items():
+            v.struct_value.fields[str(key)].CopyFrom(_value(item))
     else:
         v.string_value = str(value)
     return v

@@ -10,7 +10,12 @@ from usersvc.context import current_principal, request_id_var
 from usersvc.domain.auth import RequestContext
 from usersvc.interceptors.base import Context
 from usersvc.interceptors.errors import entry_status
-from usersvc.servicers.mapping import audit_event_to_proto, user_event_to_proto, user_to_proto
+from usersvc.servicers.mapping import (
+    audit_event_to_proto,
+    struct_to_dict,
+    user_event_to_proto,
+    user_to_proto,
+)
 from usersvc.services.audit import AuditService
 from usersvc.services.user_events import UserEventFeed
 from usersvc.services.user_import import NewUserEntry
@@ -37,6 +42,8 @@ class UserServicer(pb_grpc.UserServiceServicer):
             name=request.name,
             password=request.password,
             request_id=request.request_id,
+            labels=dict(request.labels),
+            admin_metadata=struct_to_dict(request.admin_metadata),
         )
         return pb.CreateUserResponse(user=user_to_proto(user))
 
@@ -54,6 +61,8 @@ class UserServicer(pb_grpc.UserServiceServicer):
                         e.password_hash if e.WhichOneof("credential") == "password_hash" else None
                     ),
                     roles=list(e.roles),
+                    labels=dict(e.labels),
+                    admin_metadata=struct_to_dict(e.admin_metadata),
                 )
                 for e in request.users
             ],
@@ -114,6 +123,8 @@ class UserServicer(pb_grpc.UserServiceServicer):
             email=request.user.email,
             name=request.user.name,
             roles=list(request.user.roles),
+            labels=dict(request.user.labels),
+            admin_metadata=struct_to_dict(request.user.admin_metadata),
             etag=request.user.etag,
         )
         return pb.UpdateUserResponse(user=user_to_proto(user))

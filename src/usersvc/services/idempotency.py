@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -35,15 +35,26 @@ class IdempotentCreates:
         self._ttl = timedelta(seconds=ttl_seconds)
 
     def fingerprint(
-        self, email: str, name: str, password: str | None, roles: tuple[str, ...]
+        self,
+        email: str,
+        name: str,
+        password: str | None,
+        roles: tuple[str, ...],
+        *,
+        labels: Mapping[str, str] | None = None,
+        admin_metadata: Mapping[str, Any] | None = None,
     ) -> str:
         # Keyed, so the stored value reveals nothing about the password without the key.
-        payload = json.dumps([email, name, password, list(roles)], ensure_ascii=False)
+        fields: list[Any] = [email, name, password, list(roles)]
+        if labels or admin_metadata:
+            # Only when set: keys remembered before these fields existed keep their fingerprint.
+            fields.append([dict(labels or {}), dict(admin_metadata or {})])
+        payload = json.dumps(fields, ensure_ascii=False, sort_keys=True)
         return hmac.new(self._fingerprint_key, payload.encode(), hashlib.sha256).hexdigest()
 
     def batch_fingerprint(self, all_or_nothing: bool, entries: list[list[Any]]) -> str:
         """Of a whole BatchCreateUsers request; never equal to a CreateUser fingerprint."""
-        payload = json.dumps(["batch", all_or_nothing, entries], ensure_ascii=False)
+        payload = json.dumps(["batch", all_or_nothing, entries], ensure_ascii=False, sort_keys=True)
         return hmac.new(self._fingerprint_key, payload.encode(), hashlib.sha256).hexdigest()
 
     async def remembered(self, caller: str, request_id: str, fingerprint: str) -> UserView | None:
@@ -160,6 +171,8 @@ def _snapshot(user: UserView) -> dict[str, Any]:
         "password_change_time": (
             user.password_change_time.isoformat() if user.password_change_time else None
         ),
+        "labels": dict(user.labels),
+        "admin_metadata": dict(user.admin_metadata),
     }
 
 
@@ -179,6 +192,8 @@ def _from_snapshot(data: dict[str, Any]) -> UserView:
             if data.get("password_change_time")
             else None
         ),
+        labels=data.get("labels") or {},
+        admin_metadata=data.get("admin_metadata") or {},
     )
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +23,7 @@ from usersvc.domain.errors import (
     ValidationFailed,
 )
 from usersvc.domain.events import TOPIC_USER_CREATED, OutboxMessage
+from usersvc.domain.labels import check_admin_metadata, check_labels
 from usersvc.domain.models import EntryOutcome, User, UserState
 from usersvc.domain.password_hashes import HashFormatError, parse_password_hash
 from usersvc.domain.validation import (
@@ -55,6 +56,8 @@ class NewUserEntry:
     password: str | None = None
     password_hash: str | None = None
     roles: Sequence[str] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    admin_metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -68,6 +71,8 @@ class _Pending:
     password: str | None
     password_hash: str | None
     hash_format: str
+    labels: dict[str, str] = field(default_factory=dict)
+    admin_metadata: dict[str, Any] = field(default_factory=dict)
 
 
 class UserImport:
@@ -120,7 +125,7 @@ class UserImport:
         key = request_id.lower()
         fingerprint = self._creates.batch_fingerprint(
             all_or_nothing,
-            [[e.email, e.name, e.password, e.password_hash, sorted(set(e.roles))] for e in entries],
+            [_fingerprint_entry(e) for e in entries],
         )
         if request_id:
             earlier = await self._creates.remembered_batch(caller, key, fingerprint)
@@ -182,6 +187,10 @@ class UserImport:
             email, email_violation = check_email(entry.email, prefix + "email")
             name, name_violation = check_name(entry.name, prefix + "name")
             roles, roles_violation = check_roles(entry.roles, prefix + "roles")
+            labels, label_violations = check_labels(entry.labels, prefix + "labels")
+            metadata, metadata_violation = check_admin_metadata(
+                entry.admin_metadata, prefix + "admin_metadata"
+            )
             credential_violation: FieldViolation | None = None
             hash_format = ""
             if entry.password is not None and entry.password_hash is not None:
@@ -206,7 +215,14 @@ class UserImport:
                 )
             found = [
                 v
-                for v in (email_violation, name_violation, credential_violation, roles_violation)
+                for v in (
+                    email_violation,
+                    name_violation,
+                    credential_violation,
+                    roles_violation,
+                    *label_violations,
+                    metadata_violation,
+                )
                 if v
             ]
             if found:
@@ -215,6 +231,12 @@ class UserImport:
             if not set(roles) <= held:
                 outcomes[index] = EntryOutcome(
                     error=PermissionDenied("a caller may grant only roles it holds itself")
+                )
+                continue
+            if metadata and not ctx.actor.is_admin:
+                # The contract lets only admins call this; the rule holds here on its own too.
+                outcomes[index] = EntryOutcome(
+                    error=PermissionDenied("only admins may set admin_metadata")
                 )
                 continue
             skeleton = email_skeleton(email)
@@ -236,6 +258,8 @@ class UserImport:
                     password=entry.password if entry.password_hash is None else None,
                     password_hash=entry.password_hash,
                     hash_format=hash_format or "argon2id",
+                    labels=labels,
+                    admin_metadata=metadata,
                 )
             )
         return pending
@@ -300,6 +324,8 @@ class UserImport:
                 version=1,
                 # At creation, as for CreateUser (an imported hash's age elsewhere is unknown).
                 password_change_time=now,
+                labels=entry.labels,
+                admin_metadata=entry.admin_metadata,
             )
             new_users.append(user)
             welcomes.append(
@@ -333,6 +359,20 @@ class UserImport:
         return final
 
 
+def _fingerprint_entry(entry: NewUserEntry) -> list[Any]:
+    fields: list[Any] = [
+        entry.email,
+        entry.name,
+        entry.password,
+        entry.password_hash,
+        sorted(set(entry.roles)),
+    ]
+    if entry.labels or entry.admin_metadata:
+        # Only when set: batches remembered before these fields existed keep their fingerprint.
+        fields.append([dict(entry.labels), dict(entry.admin_metadata)])
+    return fields
+
+
 def _mark_conflicts(
     pending: Sequence[_Pending], outcomes: list[EntryOutcome | None], conflicts: dict[str, bool]
 ) -> None:
@@ -356,6 +396,10 @@ def _created_event(ctx: RequestContext, user: User, hash_format: str, now: datet
         # The format only (argon2id, bcrypt, ...), never the hash.
         "password_format": (None, hash_format),
     }
+    if user.labels:
+        changes["labels"] = (None, dict(user.labels))
+    if user.admin_metadata:
+        changes["admin_metadata"] = (None, dict(user.admin_metadata))
     return AuditEvent(
         user_id=user.id,
         action=audit.USER_CREATED,

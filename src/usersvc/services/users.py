@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +26,7 @@ from usersvc.domain.errors import (
     ValidationFailed,
 )
 from usersvc.domain.events import TOPIC_USER_CREATED, OutboxMessage
+from usersvc.domain.labels import check_admin_metadata, check_labels
 from usersvc.domain.models import (
     ETAG_MAX,
     SERVICE_ACCOUNT_PASSWORD_HASH,
@@ -36,7 +37,7 @@ from usersvc.domain.models import (
     is_etag_like,
     version_of_etag,
 )
-from usersvc.domain.update_mask import ADMIN_ONLY_PATHS, parse_update_mask
+from usersvc.domain.update_mask import admin_only, merged_labels, parse_update_mask
 from usersvc.domain.user_events import change_of
 from usersvc.domain.user_filter import FilterSyntaxError, UserFilter, parse_filter
 from usersvc.domain.validation import (
@@ -192,13 +193,18 @@ class UserService:
         password: str | None,
         roles: Sequence[str] = (),
         request_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        admin_metadata: Mapping[str, Any] | None = None,
     ) -> UserView:
         """Validate every field at once, hash the password, insert; EmailTaken on a duplicate.
 
         `password=None` makes an account that cannot log in with a password (service accounts).
         With a `request_id`, a retry by the same caller returns the first call's user and
-        creates nothing; the same request_id with another payload is refused.
+        creates nothing; the same request_id with another payload is refused. A non-empty
+        `admin_metadata` needs an admin (PermissionDenied otherwise).
         """
+        if admin_metadata and not ctx.actor.is_admin:
+            raise PermissionDenied("only admins may set admin_metadata")
         email, email_violation = check_email(email)
         name, name_violation = check_name(name)
         password_violation = (
@@ -208,6 +214,10 @@ class UserService:
         violations = [
             v for v in (email_violation, name_violation, password_violation, roles_violation) if v
         ]
+        checked_labels, label_violations = check_labels(labels or {})
+        violations.extend(label_violations)
+        metadata, metadata_violation = check_admin_metadata(admin_metadata or {})
+        violations.extend([metadata_violation] if metadata_violation else [])
         if request_id:
             _, id_violation = parse_user_id(request_id, "request_id")
             violations.extend([id_violation] if id_violation else [])
@@ -215,11 +225,13 @@ class UserService:
             raise ValidationFailed(violations)
         caller = ctx.actor.audit_name
         key = request_id.lower()
-        fingerprint = self._creates.fingerprint(email, name, password, checked_roles)
+        fingerprint = self._creates.fingerprint(
+            email, name, password, checked_roles, labels=checked_labels, admin_metadata=metadata
+        )
         if request_id:
             earlier = await self._creates.remembered(caller, key, fingerprint)
             if earlier is not None:
-                return earlier
+                return _shown(ctx, earlier)
         password_hash = (
             await self._hasher.hash(password)
             if password is not None
@@ -237,6 +249,8 @@ class UserService:
             update_time=now,
             version=1,
             password_change_time=now,
+            labels=checked_labels,
+            admin_metadata=metadata,
         )
         welcome = OutboxMessage(
             topic=TOPIC_USER_CREATED,
@@ -275,6 +289,7 @@ class UserService:
                         "roles": (None, list(user.roles)),
                         "state": (None, user.state.value),
                         "password": (None, "set" if password is not None else None),
+                        **created_extras(user),
                     },
                     now,
                 )
@@ -283,13 +298,13 @@ class UserService:
             return user.view()
 
         try:
-            return await in_transaction(self._uow, insert)
+            return _shown(ctx, await in_transaction(self._uow, insert))
         except DuplicateRequest:
             # A concurrent call with the same request_id committed first: answer as it did.
             earlier = await self._creates.remembered(caller, key, fingerprint)
             if earlier is None:
                 raise
-            return earlier
+            return _shown(ctx, earlier)
 
     async def batch_create_users(
         self,
@@ -486,25 +501,48 @@ class UserService:
         email: str,
         name: str,
         roles: Sequence[str] = (),
+        labels: Mapping[str, str] | None = None,
+        admin_metadata: Mapping[str, Any] | None = None,
         etag: str,
     ) -> UserView:
         """Write the masked fields only; checks etag and bumps the version atomically.
 
-        Only admins may write `roles`; a change of roles revokes the user's tokens.
+        Only admins may write `roles`, `labels` (also `labels.<key>`) and `admin_metadata`;
+        a change of roles revokes the user's tokens. `labels` replaces the whole map;
+        `labels.<key>` sets that label to labels[key], or removes it when labels lacks the key.
         """
-        if not ctx.actor.is_admin and ADMIN_ONLY_PATHS & set(paths):
-            raise PermissionDenied("only admins may change roles")
+        if not ctx.actor.is_admin and admin_only(paths):
+            raise PermissionDenied("only admins may change roles, labels and admin_metadata")
         violations: list[FieldViolation] = []
         uid, id_violation = parse_user_id(user_id, "user.id")
         if id_violation:
             violations.append(id_violation)
-        update = parse_update_mask(paths, email=email, name=name, roles=roles)
+        update = parse_update_mask(
+            paths,
+            email=email,
+            name=name,
+            roles=roles,
+            labels=labels,
+            admin_metadata=admin_metadata,
+        )
         violations.extend(update.violations)
         if violations or uid is None:
             raise ValidationFailed(violations)
+        derive = None
+        if update.label_edits:
+            edits = update.label_edits
+
+            def derive(current: User) -> dict[str, Any]:
+                merged, violation = merged_labels(current.labels, edits)
+                if violation is not None:
+                    raise ValidationFailed([violation])
+                return {"labels": merged}
+
         return _shown(
             ctx,
-            await self._write(ctx, uid, update.values, etag=etag, action=audit.USER_UPDATED),
+            await self._write(
+                ctx, uid, update.values, etag=etag, action=audit.USER_UPDATED, derive=derive
+            ),
         )
 
     async def change_password(
@@ -854,11 +892,13 @@ class UserService:
         require_state: UserState | None = None,
         check: Callable[[User], None] | None = None,
         note: dict[str, tuple[Any, Any]] | None = None,
+        derive: Callable[[User], dict[str, Any]] | None = None,
     ) -> UserView:
         """Apply `values` with the etag and state checks, the audit record and, where the
         change affects what tokens may do (password, roles, state), token revocation, all in
         one transaction. `check` may refuse the stored user (under its row lock) by raising;
-        `note` adds entries to the audit record."""
+        `note` adds entries to the audit record; `derive` adds values computed from the
+        stored user under its row lock (single-label edits)."""
         expected = self._expected_version(etag)
 
         async def write(uow: UnitOfWork) -> tuple[User, bool]:
@@ -875,14 +915,15 @@ class UserService:
                 )
             if check is not None:
                 check(current)
-            changes = _changes(current, values)
+            wanted = {**values, **derive(current)} if derive is not None else values
+            changes = _changes(current, wanted)
             if not changes and require_state is None:
                 # Nothing would change: no new version, no audit record (AIP-134 allows it).
                 return current, False
-            revoke = bool({"password_hash", "state"} & set(values)) or "roles" in changes
+            revoke = bool({"password_hash", "state"} & set(wanted)) or "roles" in changes
             now = self._clock()
-            written = {**values, "update_time": now}
-            if "password_hash" in values:
+            written = {**wanted, "update_time": now}
+            if "password_hash" in wanted:
                 written["password_change_time"] = now
             # The row is locked (SQLite: the write lock is held), so the version still matches;
             # the condition stays in the statement as a guard all the same.
@@ -947,6 +988,16 @@ class UserService:
         return -1 if version is None else version
 
 
+def created_extras(user: User) -> dict[str, tuple[Any, Any]]:
+    """The audit changes of a created user's labels and admin_metadata, when it has them."""
+    extras: dict[str, tuple[Any, Any]] = {}
+    if user.labels:
+        extras["labels"] = (None, dict(user.labels))
+    if user.admin_metadata:
+        extras["admin_metadata"] = (None, dict(user.admin_metadata))
+    return extras
+
+
 def _with_email(where: UserFilter, email: str) -> UserFilter:
     """`where` AND email = `email`."""
     if where.email is not None and where.email != email:
@@ -964,6 +1015,8 @@ def _changes(current: User, values: dict[str, Any]) -> dict[str, tuple[Any, Any]
         old: Any = getattr(current, name)
         if name == "roles":
             old, new = list(old), list(new)
+        elif name in ("labels", "admin_metadata"):
+            old, new = dict(old), dict(new)
         elif name == "state":
             old = old.value
         # Audit values are JSON: times as RFC 3339 text.
@@ -977,7 +1030,8 @@ def _changes(current: User, values: dict[str, Any]) -> dict[str, tuple[Any, Any]
 
 
 def _shown(ctx: RequestContext | None, user: UserView) -> UserView:
-    """The user as this caller may see it: the login counters are for admins only."""
+    """The user as this caller may see it: the login counters and admin_metadata are for
+    admins only."""
     if ctx is not None and ctx.actor.is_admin:
         return user
-    return user.without_login_counters()
+    return user.for_non_admin()

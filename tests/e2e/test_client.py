@@ -96,6 +96,21 @@ def test_validation_failure_carries_every_detail(client: Client) -> None:
     assert err.retry_delay is None
 
 
+def test_labels_and_admin_metadata_go_in_and_the_filter_finds_them(client: Client) -> None:
+    team = f"team-{uuid.uuid4().hex[:8]}"
+    made = client.create_user(
+        email=_email(),
+        name="Labelled",
+        password="unusual-pass-4217",
+        labels={"team": team},
+        admin_metadata={"note": "from the client"},
+    )
+    assert dict(made.labels) == {"team": team}
+    assert made.admin_metadata["note"] == "from the client"
+    found = list(client.iter_users(filter=f'labels.team = "{team}"'))
+    assert [u.id for u in found] == [made.id]
+
+
 def test_iter_users_walks_every_page(client: Client) -> None:
     tag = uuid.uuid4().hex[:6]
     # One exact-email filter per user would be one page; instead walk everything and find ours.

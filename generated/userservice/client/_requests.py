@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from google.protobuf import field_mask_pb2
 
@@ -25,12 +26,24 @@ def call_metadata(token: TokenSource | None) -> tuple[tuple[str, str], ...]:
 
 
 def create_user_request(
-    email: str, name: str, password: str, request_id: str | None
+    email: str,
+    name: str,
+    password: str,
+    request_id: str | None,
+    labels: Mapping[str, str] | None = None,
+    admin_metadata: Mapping[str, Any] | None = None,
 ) -> user_service_pb2.CreateUserRequest:
     # Always with an idempotency key, so that retrying after UNAVAILABLE cannot create twice.
-    return user_service_pb2.CreateUserRequest(
-        email=email, name=name, password=password, request_id=request_id or str(uuid.uuid4())
+    request = user_service_pb2.CreateUserRequest(
+        email=email,
+        name=name,
+        password=password,
+        request_id=request_id or str(uuid.uuid4()),
+        labels=dict(labels or {}),
     )
+    if admin_metadata:
+        request.admin_metadata.update(admin_metadata)
+    return request
 
 
 def update_user_request(

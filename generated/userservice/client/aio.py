@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -117,10 +117,16 @@ class AsyncClient:
         name: str,
         password: str,
         request_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        admin_metadata: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> user_pb2.User:
-        """Creates a user. Without ``request_id`` one is made, so a retry creates nothing twice."""
-        request = create_user_request(email, name, password, request_id)
+        """Creates a user. Without ``request_id`` one is made, so a retry creates nothing twice.
+        ``labels`` (see User.labels) and ``admin_metadata`` (a JSON object, admins only) are
+        optional."""
+        request = create_user_request(
+            email, name, password, request_id, labels=labels, admin_metadata=admin_metadata
+        )
         attempt = 1
         while True:
             try:
@@ -141,21 +147,29 @@ class AsyncClient:
         page_size: int = 0,
         page_token: str = "",
         email: str = "",
+        filter: str = "",
         timeout: float | None = None,
     ) -> user_service_pb2.ListUsersResponse:
+        """One page; ``filter`` is ListUsersRequest.filter, such as
+        ``'labels.team = "billing" AND state = ACTIVE'``."""
         request = user_service_pb2.ListUsersRequest(
-            page_size=page_size, page_token=page_token, email=email
+            page_size=page_size, page_token=page_token, email=email, filter=filter
         )
         return await self._call(self._users.ListUsers, request, timeout=timeout)
 
     async def iter_users(
-        self, *, page_size: int = 0, email: str = "", timeout: float | None = None
+        self,
+        *,
+        page_size: int = 0,
+        email: str = "",
+        filter: str = "",
+        timeout: float | None = None,
     ) -> AsyncIterator[user_pb2.User]:
         """Every matching user, newest first, fetching pages of ``page_size`` as needed."""
         token = ""
         while True:
             page = await self.list_users(
-                page_size=page_size, page_token=token, email=email, timeout=timeout
+                page_size=page_size, page_token=token, email=email, filter=filter, timeout=timeout
             )
             for user in page.users:
                 yield user

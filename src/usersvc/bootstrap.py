@@ -32,6 +32,7 @@ from usersvc.config import Settings
 from usersvc.metrics import Metrics
 from usersvc.notifications.dispatcher import OutboxDispatcher
 from usersvc.notifications.smtp import SmtpSender
+from usersvc.services.account_codes import AccountCodeService
 from usersvc.services.audit import AuditService
 from usersvc.services.auth import AuthService, TokenStateCache
 from usersvc.services.clock import utc_now
@@ -65,6 +66,7 @@ class Components:
     change_signal: LocalChangeSignal
     # PostgreSQL: wakes this process's watchers on commits made anywhere; started by the server.
     change_listener: PostgresChangeListener | None
+    codes: AccountCodeService
 
     async def close(self) -> None:
         if self.change_listener is not None:
@@ -209,6 +211,12 @@ def build_components(
         point_reads=point_reads,
     )
     audit = AuditService(uow=uow, page_tokens=page_tokens)
+    codes = AccountCodeService(
+        uow=uow,
+        clock=clock,
+        verification_ttl=timedelta(seconds=settings.email_verification_code_ttl_seconds),
+        max_attempts=settings.one_time_code_max_attempts,
+    )
     postgres = make_url(settings.effective_database_url).get_backend_name() == "postgresql"
     source: UserEventSource
     poll = settings.watch_poll_seconds
@@ -256,4 +264,5 @@ def build_components(
         change_listener=PostgresChangeListener(settings.effective_database_url, change_signal)
         if postgres
         else None,
+        codes=codes,
     )

@@ -175,7 +175,7 @@ async def build_server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(
-        UserServicer(c.users, c.audit, c.feed), server
+        UserServicer(c.users, c.audit, c.feed, c.codes), server
     )
     auth_service_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(c.auth), server)
 

@@ -38,6 +38,7 @@ from usersvc.server import build_server
 OK = grpc.StatusCode.OK
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 ACTORS = ("anonymous", "user_self", "user_other", "service", "admin")
 
@@ -69,6 +70,9 @@ MATRIX: dict[str, dict[str, grpc.StatusCode]] = {
     "ListAuditEvents": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     # Server streaming: the code of its first message (a checkpoint) or of its refusal.
     "WatchUserEvents": row(UNAUTH, DENIED, DENIED, OK, OK),
+    "SendVerificationEmail": row(UNAUTH, OK, DENIED, OK, OK),
+    # Public: the code decides, and a made-up one is refused alike for everyone.
+    "VerifyEmail": row(INVALID, INVALID, INVALID, INVALID, INVALID),
     "Login": ALL_OK,
     "RefreshToken": ALL_OK,
     "Logout": ALL_OK,
@@ -147,6 +151,8 @@ def _request(
         "UnlockUser": lambda: pb.UnlockUserRequest(id=target.id),
         "ListAuditEvents": lambda: pb.ListAuditEventsRequest(user_id=target.id, page_size=1),
         "WatchUserEvents": lambda: pb.WatchUserEventsRequest(),
+        "SendVerificationEmail": lambda: pb.SendVerificationEmailRequest(user_id=target.id),
+        "VerifyEmail": lambda: pb.VerifyEmailRequest(user_id=target.id, code="made-up-code"),
     }
     if rpc in user_requests:
         return "user", user_requests[rpc]()
@@ -297,6 +303,10 @@ def test_every_rpc_declares_the_policy_of_the_contract() -> None:
     assert policy("UserService/UndeleteUser") == MethodPolicy(False, admin, ())
     assert policy("UserService/ListAuditEvents") == MethodPolicy(False, admin, ())
     assert policy("UserService/WatchUserEvents") == MethodPolicy(False, admin_service, ())
+    assert policy("UserService/SendVerificationEmail") == MethodPolicy(
+        False, admin_service, ("user_id",)
+    )
+    assert policy("UserService/VerifyEmail").public
     for name in ("Login", "RefreshToken", "Logout", "GetJwks"):
         assert policy(f"AuthService/{name}").public
 

@@ -210,3 +210,32 @@ def test_a_genuine_internationalised_address_works(
     assert login(channel, email, PASSWORD).access_token
     found = users.ListUsers(pb.ListUsersRequest(email=email)).users
     assert [u.id for u in found] == [created.id]
+
+
+@pytest.mark.parametrize(
+    ("user_id", "code", "violations"),
+    [
+        ("", "", {"user_id", "code"}),
+        ("not-a-uuid", "c" * 43, {"user_id"}),
+        (None, "", {"code"}),
+        (None, "c" * 65, {"code"}),
+        (None, "c" * 1025, {"code"}),
+    ],
+    ids=["both-empty", "bad-id", "empty-code", "65-chars", "1025-chars"],
+)
+def test_a_malformed_verification_request_names_its_bad_fields(
+    channel: grpc.Channel, user_id: str | None, code: str, violations: set[str]
+) -> None:
+    uid = user_id if user_id is not None else str(uuid.uuid4())
+    request = pb.VerifyEmailRequest(user_id=uid, code=code)
+    details = details_of(_refused(lambda: UserServiceStub(channel).VerifyEmail(request)))
+    assert details.code == INVALID
+    assert set(details.violations) == violations
+    assert details.reason == "INVALID_ARGUMENT"
+
+
+def test_a_malformed_send_verification_request_is_invalid(users: UserServiceStub) -> None:
+    request = pb.SendVerificationEmailRequest(user_id="not-a-uuid")
+    details = details_of(_refused(lambda: users.SendVerificationEmail(request)))
+    assert details.code == INVALID
+    assert set(details.violations) == {"user_id"}

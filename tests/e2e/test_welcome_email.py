@@ -1,4 +1,5 @@
-"""Welcome e-mails end to end: CreateUser on a real server, delivered to a real SMTP server.
+"""Mail end to end: welcome e-mails of CreateUser, and the one-time codes of e-mail
+verification, on a real server delivering to a real SMTP server.
 
 The server runs its outbox dispatcher with short polls and backoffs. The SMTP server listens
 on a port fixed for the module, so a test can stop it (a mail outage) and start it again.
@@ -7,6 +8,7 @@ on a port fixed for the module, so a test can stop it (a mail outage) and start 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,10 +24,12 @@ from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine, RowMapping
 
 from tests.e2e.conftest import ADMIN_EMAIL, CapturedLogs
+from tests.secrets_registry import Detector, remember
 from tests.smtp_server import ReceivedMail, SmtpServer
 from tests.support import (
     ADMIN_PASSWORD,
     ServerThread,
+    details_of,
     ensure_admin,
     login,
     make_settings,
@@ -37,10 +41,12 @@ from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
 from usersvc.adapters.tables import outbox
 from usersvc.bootstrap import DISPATCHER_OFF_MESSAGE
+from usersvc.notifications.code_emails import CODE_MAILS
 from usersvc.notifications.welcome_email import WELCOME_SUBJECT
 
 SENDER = "usersvc <welcome@example.com>"
 PASSWORD = "correct horse battery staple"
+VERIFY_SUBJECT = CODE_MAILS["user.email_verification"].subject
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +224,74 @@ def test_a_user_deleted_before_delivery_gets_no_email(
     wait_until(lambda: mail_to(mail_server, later.email))
     assert welcome_record(db, user.id)["status"] == "skipped"
     assert mail_to(mail_server, user.email) == []
+
+
+def mailed_code(mail: ReceivedMail) -> str:
+    """The one-time code of a code mail (its plain-text body has a line "code: <code>")."""
+    match = re.search(r"^\s*code:\s+(\S+)", mail.body("plain"), re.MULTILINE)
+    assert match is not None, "no code in the mail"
+    return match.group(1)
+
+
+def test_email_verification_by_mailed_code_leaves_the_code_nowhere_else(
+    mailing_server: ServerThread,
+    mailing_users: UserServiceStub,
+    smtp: SmtpServer,
+    logs: CapturedLogs,
+) -> None:
+    user = create(mailing_users)
+    sent = mailing_users.SendVerificationEmail(
+        pb.SendVerificationEmailRequest(user_id=user.id), timeout=10
+    )
+    [mail] = wait_until(
+        lambda: [m for m in mail_to(smtp, user.email) if m.message["Subject"] == VERIFY_SUBJECT]
+    )
+    code = mailed_code(mail)
+    remember(code)  # the end-of-session audit scan looks for it too
+    assert user.id in mail.body("plain")
+    assert code in mail.body("html")
+    assert code not in str(mail.message["Subject"])
+
+    with grpc.insecure_channel(mailing_server.address) as channel:
+        anonymous = UserServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as wrong:
+            anonymous.VerifyEmail(
+                pb.VerifyEmailRequest(user_id=user.id, code=code[::-1]), timeout=10
+            )
+        with pytest.raises(grpc.RpcError) as stranger:
+            anonymous.VerifyEmail(
+                pb.VerifyEmailRequest(user_id=str(uuid.uuid4()), code=code), timeout=10
+            )
+        assert (
+            anonymous.VerifyEmail(pb.VerifyEmailRequest(user_id=user.id, code=code), timeout=10)
+            == pb.VerifyEmailResponse()
+        )
+        with pytest.raises(grpc.RpcError) as reused:
+            anonymous.VerifyEmail(pb.VerifyEmailRequest(user_id=user.id, code=code), timeout=10)
+
+    refusals = [details_of(e.value) for e in (wrong, stranger, reused)]
+    assert {(d.code, d.reason, d.message, tuple(d.violations.items())) for d in refusals} == {
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_CODE",
+            "invalid request: code",
+            (("code", "the code is wrong, expired or already used"),),
+        )
+    }
+    after = mailing_users.GetUser(pb.GetUserRequest(id=user.id), timeout=10).user
+    assert after.email_verified and not user.email_verified
+    assert sent.expire_time.seconds > time.time() + 23 * 3600
+    events = mailing_users.ListAuditEvents(
+        pb.ListAuditEventsRequest(user_id=user.id), timeout=10
+    ).events
+    assert [e.action for e in events][:2] == ["user.email_verified", "user.verification_email_sent"]
+    # The code is in the mail only: not in any log line, audit event or answer.
+    assert logs.wait_for(lambda line: line.get("method", "").endswith("/VerifyEmail"))
+    scanned = logs.text + str(events) + str(after) + str(sent)
+    assert code not in scanned
+    assert Detector.for_suite(also=[code]).findings(scanned) == []
+    # The scan can fail: the code in a line is found.
+    assert Detector.for_suite(also=[code]).findings(scanned + code)
 
 
 def test_without_smtp_host_the_server_serves_and_says_once_that_mail_is_off(

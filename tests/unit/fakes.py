@@ -25,6 +25,7 @@ from usersvc.domain.models import (
     UserState,
     UserView,
 )
+from usersvc.domain.one_time_codes import CodePurpose, OneTimeCode
 from usersvc.domain.records import (
     ClaimedOutboxMessage,
     IdempotencyRecord,
@@ -54,6 +55,7 @@ WRITABLE_COLUMNS = frozenset(
         "deleted_from_state",
         "labels",
         "admin_metadata",
+        "email_verified",
     }
 )
 
@@ -102,6 +104,8 @@ class FakeDatabase:
     outbox_rows: dict[uuid.UUID, OutboxRow] = field(default_factory=dict)
     # The change feed, in feed order.
     user_events: list[UserChange] = field(default_factory=list)
+    # Mailed one-time codes by id.
+    one_time_codes: dict[uuid.UUID, OneTimeCode] = field(default_factory=dict)
 
     def copy(self) -> FakeDatabase:
         return FakeDatabase(
@@ -113,6 +117,7 @@ class FakeDatabase:
             dict(self.idempotency),
             dict(self.outbox_rows),
             list(self.user_events),
+            dict(self.one_time_codes),
         )
 
 
@@ -225,6 +230,9 @@ class FakeUserRepository(_Writes):
         for token_hash, record in list(self.db.refresh_tokens.items()):
             if record.user_id == user_id:
                 del self.db.refresh_tokens[token_hash]
+        for code_id, code in list(self.db.one_time_codes.items()):
+            if code.user_id == user_id:
+                del self.db.one_time_codes[code_id]
         return True
 
     async def list_purgeable(self, *, now: datetime, limit: int) -> Sequence[uuid.UUID]:
@@ -500,6 +508,62 @@ class FakeRefreshTokenRepository(_Writes):
                 )
 
 
+class FakeOneTimeCodeRepository(_Writes):
+    """Codes by id, with the unique hash, the foreign key and single-use redemption."""
+
+    async def add(self, code: OneTimeCode) -> None:
+        self._require_writable()
+        if code.user_id not in self.db.users:
+            raise AssertionError(f"foreign key: no user {code.user_id}")
+        if any(c.code_hash == code.code_hash for c in self.db.one_time_codes.values()):
+            raise AssertionError("duplicate code_hash")
+        self.db.one_time_codes[code.id] = code
+
+    def _unused(self, user_id: uuid.UUID, purpose: CodePurpose) -> list[OneTimeCode]:
+        return [
+            c
+            for c in self.db.one_time_codes.values()
+            if c.user_id == user_id and c.purpose is purpose and c.used_time is None
+        ]
+
+    async def supersede(self, user_id: uuid.UUID, purpose: CodePurpose, *, now: datetime) -> int:
+        self._require_writable()
+        unused = self._unused(user_id, purpose)
+        for code in unused:
+            self.db.one_time_codes[code.id] = dataclasses.replace(code, used_time=now)
+        return len(unused)
+
+    async def redeem(
+        self,
+        user_id: uuid.UUID,
+        purpose: CodePurpose,
+        code_hash: str,
+        *,
+        now: datetime,
+        max_attempts: int,
+    ) -> OneTimeCode | None:
+        self._require_writable()
+        for code in self._unused(user_id, purpose):
+            if (
+                code.code_hash == code_hash
+                and code.expire_time > now
+                and code.failed_attempts < max_attempts
+            ):
+                self.db.one_time_codes[code.id] = dataclasses.replace(code, used_time=now)
+                return code
+        return None
+
+    async def record_failure(
+        self, user_id: uuid.UUID, purpose: CodePurpose, *, now: datetime, max_attempts: int
+    ) -> None:
+        self._require_writable()
+        for code in self._unused(user_id, purpose):
+            failed = code.failed_attempts + 1
+            self.db.one_time_codes[code.id] = dataclasses.replace(
+                code, failed_attempts=failed, used_time=now if failed >= max_attempts else None
+            )
+
+
 class FakeUserEventLog(_Writes):
     async def add(self, change: UserChange) -> None:
         self._require_writable()
@@ -598,6 +662,7 @@ class FakeUnitOfWork:
     audit: FakeAuditRepository
     idempotency: FakeIdempotencyRepository
     user_events: FakeUserEventLog
+    one_time_codes: FakeOneTimeCodeRepository
 
     def __init__(self, factory: FakeUnitOfWorkFactory, *, write: bool) -> None:
         self.write = write
@@ -620,6 +685,7 @@ class FakeUnitOfWork:
         self.audit = FakeAuditRepository(working, writable=self.write)
         self.idempotency = FakeIdempotencyRepository(working, writable=self.write)
         self.user_events = FakeUserEventLog(working, writable=self.write)
+        self.one_time_codes = FakeOneTimeCodeRepository(working, writable=self.write)
 
     async def __aenter__(self) -> Self:
         assert not self.entered, "a unit of work is used once"

@@ -95,6 +95,7 @@ class User(_message.Message):
     PASSWORD_CHANGE_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ADMIN_METADATA_FIELD_NUMBER: _builtins.int
+    EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
     PURGE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
@@ -124,6 +125,11 @@ class User(_message.Message):
     caller (a user reading itself, a service) sees 0. Counting is atomic in the database;
     after USERSVC_LOGIN_MAX_FAILURES of them the account is locked (see locked_until).
     Changes of this counter by logins do not change etag or update_time.
+    """
+    email_verified: _builtins.bool
+    """Whether the user proved it receives mail at `email`: set by VerifyEmail with a code from
+    the mail SendVerificationEmail sent to that address. Output only. Every change of `email`
+    resets it to false (a code sent to the old address no longer verifies).
     """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -219,12 +225,13 @@ class User(_message.Message):
         password_change_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         admin_metadata: _struct_pb2.Struct | None = ...,
+        email_verified: _builtins.bool = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
         purge_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "create_time", b"create_time", "delete_time", b"delete_time", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "create_time", b"create_time", "delete_time", b"delete_time", "email", b"email", "etag", b"etag", "failed_login_count", b"failed_login_count", "id", b"id", "labels", b"labels", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "name", b"name", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "create_time", b"create_time", "delete_time", b"delete_time", "email", b"email", "email_verified", b"email_verified", "etag", b"etag", "failed_login_count", b"failed_login_count", "id", b"id", "labels", b"labels", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "name", b"name", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,7 +261,9 @@ class AuditEvent(_message.Message):
     action: _builtins.str
     """What happened: "user.created", "user.updated", "user.roles_changed", "user.deleted",
     "user.password_changed", "user.disabled", "user.enabled", "user.unlocked",
-    "user.undeleted", "user.purged", "auth.login_succeeded", "auth.login_failed". A user
+    "user.undeleted", "user.purged", "user.verification_email_sent", "user.email_verified",
+    "user.recovery_code_created", "user.password_recovered", "auth.login_succeeded",
+    "auth.login_failed". A user
     disabled for dormancy is "user.disabled" by actor "system" with a change "reason" of
     "dormant".
     """

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class UserServiceStub:
-    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
-    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
+    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -110,11 +110,21 @@ class UserServiceStub:
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersRequest.SerializeToString,
                 response_deserializer=userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersResponse.FromString,
                 _registered_method=True)
+        self.SendVerificationEmail = channel.unary_unary(
+                '/userservice.v1.UserService/SendVerificationEmail',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.SendVerificationEmailRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.SendVerificationEmailResponse.FromString,
+                _registered_method=True)
+        self.VerifyEmail = channel.unary_unary(
+                '/userservice.v1.UserService/VerifyEmail',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.VerifyEmailRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.VerifyEmailResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
-    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
-    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
+    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -286,6 +296,41 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendVerificationEmail(self, request, context):
+        """Sends the user a mail with a fresh e-mail verification code, to the address it has now.
+        The code is 32 random bytes (43 base64url characters), valid for
+        USERSVC_EMAIL_VERIFICATION_CODE_TTL_SECONDS (default 24 hours), usable once; a new code
+        makes every earlier unused one invalid, and so does any change of the e-mail. Only a
+        SHA-256 hash of the code is stored; the code itself travels only in the mail (never in a
+        response, log line, audit event or change-feed event). The mail is queued in the same
+        transaction (outbox) and delivered in the background. Audited as
+        "user.verification_email_sent"; the user, its etag and the change feed stay as they are.
+        Rate limited like other writes. Callers: the user itself, admin, service. Errors:
+        INVALID_ARGUMENT (malformed user_id), NOT_FOUND (unknown or soft-deleted user),
+        FAILED_PRECONDITION (reason EMAIL_ALREADY_VERIFIED: nothing to verify, no mail is sent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyEmail(self, request, context):
+        """Redeems an e-mail verification code: sets email_verified (new etag, audited as
+        "user.email_verified" by "anonymous", change-feed event USER_EVENT_TYPE_UPDATED naming
+        "email_verified"). Needs no token (the code is the proof; the mail's link carries it).
+        The code works once: of two concurrent calls with it, at most one succeeds. A wrong,
+        expired, used or superseded code, a code of another user or for an address the user no
+        longer has, an unknown or soft-deleted user: all give the same INVALID_ARGUMENT (reason
+        INVALID_CODE, field violation "code"), so the answer tells nothing about which, nor
+        whether the user exists. Wrong codes count: after USERSVC_ONE_TIME_CODE_MAX_ATTEMPTS
+        (default 5) the user's outstanding code stops working and a new one must be sent.
+        Rate limited per peer (as a write) and per user and peer together (as Login per
+        account): RESOURCE_EXHAUSTED with RetryInfo. Errors: INVALID_ARGUMENT (malformed user_id;
+        empty or over-long code; INVALID_CODE as above), RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -359,6 +404,16 @@ def add_UserServiceServicer_to_server(servicer, server):
                     request_deserializer=userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersRequest.FromString,
                     response_serializer=userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersResponse.SerializeToString,
             ),
+            'SendVerificationEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendVerificationEmail,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.SendVerificationEmailRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.SendVerificationEmailResponse.SerializeToString,
+            ),
+            'VerifyEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyEmail,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.VerifyEmailRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.VerifyEmailResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'userservice.v1.UserService', rpc_method_handlers)
@@ -368,8 +423,8 @@ def add_UserServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class UserService:
-    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
-    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
+    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -744,6 +799,60 @@ class UserService:
             '/userservice.v1.UserService/BatchCreateUsers',
             userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersRequest.SerializeToString,
             userservice_dot_v1_dot_user__service__pb2.BatchCreateUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendVerificationEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/SendVerificationEmail',
+            userservice_dot_v1_dot_user__service__pb2.SendVerificationEmailRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.SendVerificationEmailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/VerifyEmail',
+            userservice_dot_v1_dot_user__service__pb2.VerifyEmailRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.VerifyEmailResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class UserServiceStub:
-    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
-    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
+    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -148,11 +148,38 @@ class UserServiceStub:
     RESOURCE_EXHAUSTED (too many passwords queued for hashing, with RetryInfo; or a request
     over the 1 MiB message limit).
     """
+    SendVerificationEmail: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.SendVerificationEmailRequest, _user_service_pb2.SendVerificationEmailResponse]
+    """Sends the user a mail with a fresh e-mail verification code, to the address it has now.
+    The code is 32 random bytes (43 base64url characters), valid for
+    USERSVC_EMAIL_VERIFICATION_CODE_TTL_SECONDS (default 24 hours), usable once; a new code
+    makes every earlier unused one invalid, and so does any change of the e-mail. Only a
+    SHA-256 hash of the code is stored; the code itself travels only in the mail (never in a
+    response, log line, audit event or change-feed event). The mail is queued in the same
+    transaction (outbox) and delivered in the background. Audited as
+    "user.verification_email_sent"; the user, its etag and the change feed stay as they are.
+    Rate limited like other writes. Callers: the user itself, admin, service. Errors:
+    INVALID_ARGUMENT (malformed user_id), NOT_FOUND (unknown or soft-deleted user),
+    FAILED_PRECONDITION (reason EMAIL_ALREADY_VERIFIED: nothing to verify, no mail is sent).
+    """
+    VerifyEmail: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.VerifyEmailRequest, _user_service_pb2.VerifyEmailResponse]
+    """Redeems an e-mail verification code: sets email_verified (new etag, audited as
+    "user.email_verified" by "anonymous", change-feed event USER_EVENT_TYPE_UPDATED naming
+    "email_verified"). Needs no token (the code is the proof; the mail's link carries it).
+    The code works once: of two concurrent calls with it, at most one succeeds. A wrong,
+    expired, used or superseded code, a code of another user or for an address the user no
+    longer has, an unknown or soft-deleted user: all give the same INVALID_ARGUMENT (reason
+    INVALID_CODE, field violation "code"), so the answer tells nothing about which, nor
+    whether the user exists. Wrong codes count: after USERSVC_ONE_TIME_CODE_MAX_ATTEMPTS
+    (default 5) the user's outstanding code stops working and a new one must be sent.
+    Rate limited per peer (as a write) and per user and peer together (as Login per
+    account): RESOURCE_EXHAUSTED with RetryInfo. Errors: INVALID_ARGUMENT (malformed user_id;
+    empty or over-long code; INVALID_CODE as above), RESOURCE_EXHAUSTED.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
-    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
-    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
+    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -269,10 +296,37 @@ class UserServiceAsyncStub(UserServiceStub):
     RESOURCE_EXHAUSTED (too many passwords queued for hashing, with RetryInfo; or a request
     over the 1 MiB message limit).
     """
+    SendVerificationEmail: _aio.UnaryUnaryMultiCallable[_user_service_pb2.SendVerificationEmailRequest, _user_service_pb2.SendVerificationEmailResponse]  # type: ignore[assignment]
+    """Sends the user a mail with a fresh e-mail verification code, to the address it has now.
+    The code is 32 random bytes (43 base64url characters), valid for
+    USERSVC_EMAIL_VERIFICATION_CODE_TTL_SECONDS (default 24 hours), usable once; a new code
+    makes every earlier unused one invalid, and so does any change of the e-mail. Only a
+    SHA-256 hash of the code is stored; the code itself travels only in the mail (never in a
+    response, log line, audit event or change-feed event). The mail is queued in the same
+    transaction (outbox) and delivered in the background. Audited as
+    "user.verification_email_sent"; the user, its etag and the change feed stay as they are.
+    Rate limited like other writes. Callers: the user itself, admin, service. Errors:
+    INVALID_ARGUMENT (malformed user_id), NOT_FOUND (unknown or soft-deleted user),
+    FAILED_PRECONDITION (reason EMAIL_ALREADY_VERIFIED: nothing to verify, no mail is sent).
+    """
+    VerifyEmail: _aio.UnaryUnaryMultiCallable[_user_service_pb2.VerifyEmailRequest, _user_service_pb2.VerifyEmailResponse]  # type: ignore[assignment]
+    """Redeems an e-mail verification code: sets email_verified (new etag, audited as
+    "user.email_verified" by "anonymous", change-feed event USER_EVENT_TYPE_UPDATED naming
+    "email_verified"). Needs no token (the code is the proof; the mail's link carries it).
+    The code works once: of two concurrent calls with it, at most one succeeds. A wrong,
+    expired, used or superseded code, a code of another user or for an address the user no
+    longer has, an unknown or soft-deleted user: all give the same INVALID_ARGUMENT (reason
+    INVALID_CODE, field violation "code"), so the answer tells nothing about which, nor
+    whether the user exists. Wrong codes count: after USERSVC_ONE_TIME_CODE_MAX_ATTEMPTS
+    (default 5) the user's outstanding code stops working and a new one must be sent.
+    Rate limited per peer (as a write) and per user and peer together (as Login per
+    account): RESOURCE_EXHAUSTED with RetryInfo. Errors: INVALID_ARGUMENT (malformed user_id;
+    empty or over-long code; INVALID_CODE as above), RESOURCE_EXHAUSTED.
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Owns user accounts. Every method needs `authorization: Bearer <access token>` (see
-    AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
+    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -470,6 +524,45 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         over-long strings in any entry), PERMISSION_DENIED (caller not admin),
         RESOURCE_EXHAUSTED (too many passwords queued for hashing, with RetryInfo; or a request
         over the 1 MiB message limit).
+        """
+
+    @_abc_1.abstractmethod
+    def SendVerificationEmail(
+        self,
+        request: _user_service_pb2.SendVerificationEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.SendVerificationEmailResponse, _abc.Awaitable[_user_service_pb2.SendVerificationEmailResponse]]:
+        """Sends the user a mail with a fresh e-mail verification code, to the address it has now.
+        The code is 32 random bytes (43 base64url characters), valid for
+        USERSVC_EMAIL_VERIFICATION_CODE_TTL_SECONDS (default 24 hours), usable once; a new code
+        makes every earlier unused one invalid, and so does any change of the e-mail. Only a
+        SHA-256 hash of the code is stored; the code itself travels only in the mail (never in a
+        response, log line, audit event or change-feed event). The mail is queued in the same
+        transaction (outbox) and delivered in the background. Audited as
+        "user.verification_email_sent"; the user, its etag and the change feed stay as they are.
+        Rate limited like other writes. Callers: the user itself, admin, service. Errors:
+        INVALID_ARGUMENT (malformed user_id), NOT_FOUND (unknown or soft-deleted user),
+        FAILED_PRECONDITION (reason EMAIL_ALREADY_VERIFIED: nothing to verify, no mail is sent).
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyEmail(
+        self,
+        request: _user_service_pb2.VerifyEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.VerifyEmailResponse, _abc.Awaitable[_user_service_pb2.VerifyEmailResponse]]:
+        """Redeems an e-mail verification code: sets email_verified (new etag, audited as
+        "user.email_verified" by "anonymous", change-feed event USER_EVENT_TYPE_UPDATED naming
+        "email_verified"). Needs no token (the code is the proof; the mail's link carries it).
+        The code works once: of two concurrent calls with it, at most one succeeds. A wrong,
+        expired, used or superseded code, a code of another user or for an address the user no
+        longer has, an unknown or soft-deleted user: all give the same INVALID_ARGUMENT (reason
+        INVALID_CODE, field violation "code"), so the answer tells nothing about which, nor
+        whether the user exists. Wrong codes count: after USERSVC_ONE_TIME_CODE_MAX_ATTEMPTS
+        (default 5) the user's outstanding code stops working and a new one must be sent.
+        Rate limited per peer (as a write) and per user and peer together (as Login per
+        account): RESOURCE_EXHAUSTED with RetryInfo. Errors: INVALID_ARGUMENT (malformed user_id;
+        empty or over-long code; INVALID_CODE as above), RESOURCE_EXHAUSTED.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

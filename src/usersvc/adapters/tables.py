@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -95,6 +97,8 @@ users = Table(
     # admins. NULL (rows older than the columns) reads as {}.
     Column("labels", JsonList, nullable=True),
     Column("admin_metadata", JsonList, nullable=True),
+    # Migration 0012: set by VerifyEmail, reset by every change of the e-mail.
+    Column("email_verified", Boolean(), nullable=False, server_default=false()),
     # The list order (newest first, id as tiebreaker) served by one index scan; also the
     # create_time bounds of ListUsers.filter.
     Index("ix_users_create_time_id", "create_time", "id"),
@@ -243,4 +247,26 @@ user_events = Table(
     Column("create_time", UTCDateTime(), nullable=False),
     Index("ix_user_events_create_time", "create_time"),
     sqlite_autoincrement=True,
+)
+
+# One-time codes mailed to users (e-mail verification; password recovery): only the SHA-256 of
+# each code is stored. A code is usable while used_time is NULL and expire_time lies ahead;
+# redeeming sets used_time in one conditional UPDATE, so a code works at most once even when
+# two calls race. A new code of the same purpose sets used_time of the older unused ones, and
+# failed_attempts burns the outstanding code after a few wrong tries. Rows go with their user.
+one_time_codes = Table(
+    "one_time_codes",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("user_id", Uuid(), ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    # CodePurpose
+    Column("purpose", String(32), nullable=False),
+    Column("code_hash", String(64), nullable=False, unique=True),
+    # The address the code was mailed to.
+    Column("email", String(254), nullable=False),
+    Column("failed_attempts", Integer(), nullable=False, server_default="0"),
+    Column("create_time", UTCDateTime(), nullable=False),
+    Column("expire_time", UTCDateTime(), nullable=False),
+    Column("used_time", UTCDateTime(), nullable=True),
+    Index("ix_one_time_codes_user_id_purpose", "user_id", "purpose"),
 )

@@ -14,6 +14,7 @@ from usersvc.adapters.audit_repository import AuditRepository
 from usersvc.adapters.db import SQLITE_WRITE, is_sqlite
 from usersvc.adapters.db_errors import raise_translated
 from usersvc.adapters.idempotency_repository import IdempotencyRepository
+from usersvc.adapters.one_time_code_repository import OneTimeCodeRepository
 from usersvc.adapters.outbox_repository import OutboxRepository
 from usersvc.adapters.refresh_token_repository import RefreshTokenRepository
 from usersvc.adapters.user_event_repository import UserEventRepository
@@ -37,6 +38,7 @@ class SqlUnitOfWork:
     audit: AuditRepository
     idempotency: IdempotencyRepository
     user_events: UserEventRepository
+    one_time_codes: OneTimeCodeRepository
 
     def __init__(
         self,
@@ -75,6 +77,7 @@ class SqlUnitOfWork:
         self.audit = AuditRepository(conn)
         self.idempotency = IdempotencyRepository(conn)
         self.user_events = UserEventRepository(conn, postgres=not is_sqlite(self._engine))
+        self.one_time_codes = OneTimeCodeRepository(conn)
         return self
 
     async def commit(self) -> None:

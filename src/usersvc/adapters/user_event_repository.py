@@ -107,6 +107,7 @@ def snapshot_of(user: UserView) -> dict[str, Any]:
         "delete_time": user.delete_time.isoformat() if user.delete_time is not None else None,
         "purge_time": user.purge_time.isoformat() if user.purge_time is not None else None,
         "labels": dict(user.labels),
+        "email_verified": user.email_verified,
     }
 
 
@@ -128,6 +129,8 @@ def _user_of(snapshot: dict[str, Any]) -> UserView:
         purge_time=_time_or_none(snapshot.get("purge_time")),
         # Absent from events written before labels existed.
         labels=snapshot.get("labels") or {},
+        # Absent from events older than the field: unverified, as every user was then.
+        email_verified=bool(snapshot.get("email_verified", False)),
     )
 
 

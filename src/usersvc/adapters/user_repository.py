@@ -104,6 +104,8 @@ WRITABLE_COLUMNS = frozenset(
         # UpdateUser (admins); labels also rewrite the user's user_labels rows.
         "labels",
         "admin_metadata",
+        # VerifyEmail; reset by a change of the e-mail
+        "email_verified",
     }
 )
 _INSERT_LABELS = insert(user_labels)
@@ -234,6 +236,7 @@ def _to_user(row: Row[Any]) -> User:
         ),
         labels=m["labels"] or {},
         admin_metadata=m["admin_metadata"] or {},
+        email_verified=bool(m["email_verified"]),
     )
 
 
@@ -260,6 +263,7 @@ def _row_of(user: User, skeleton: str) -> dict[str, Any]:
         "deleted_from_state": user.deleted_from_state.value if user.deleted_from_state else None,
         "labels": dict(user.labels),
         "admin_metadata": dict(user.admin_metadata),
+        "email_verified": user.email_verified,
     }
 
 

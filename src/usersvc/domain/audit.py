@@ -17,6 +17,8 @@ USER_ENABLED = "user.enabled"
 USER_UNLOCKED = "user.unlocked"
 USER_UNDELETED = "user.undeleted"
 USER_PURGED = "user.purged"
+USER_VERIFICATION_EMAIL_SENT = "user.verification_email_sent"
+USER_EMAIL_VERIFIED = "user.email_verified"
 LOGIN_SUCCEEDED = "auth.login_succeeded"
 LOGIN_FAILED = "auth.login_failed"
 
@@ -34,6 +36,9 @@ REDACTED_FIELDS = frozenset(
         "access_token",
         "refresh_token",
         "token_hash",
+        # One-time codes are never put in a record at all; their stored hashes neither. ("code"
+        # itself is not listed: log lines use it for the status code of a call.)
+        "code_hash",
     }
 )
 REDACTED = "[REDACTED]"

@@ -39,6 +39,19 @@ class ValidationFailed(DomainError):
         self.violations = violations
 
 
+class InvalidCode(ValidationFailed):
+    """A one-time code that does not work, for whatever reason: wrong, expired, used,
+    superseded, someone else's, or for a user that does not exist. One answer for all, so
+    that it tells nothing about which."""
+
+    reason = "INVALID_CODE"
+
+    def __init__(self) -> None:
+        super().__init__(
+            [FieldViolation("code", "the code is wrong, expired or already used", "INVALID_CODE")]
+        )
+
+
 class NotFound(DomainError):
     reason = "NOT_FOUND"
 

@@ -9,6 +9,9 @@ from typing import Any
 
 # Outbox topic announcing a new user (the welcome e-mail); not the audit action of that name.
 TOPIC_USER_CREATED = "user.created"
+# The mail with an e-mail verification code. Its payload holds the code: the outbox row is the
+# one place the code exists outside the mail.
+TOPIC_EMAIL_VERIFICATION = "user.email_verification"
 
 
 @dataclass(frozen=True, slots=True)

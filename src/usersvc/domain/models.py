@@ -50,6 +50,8 @@ class User:
     labels: Mapping[str, str] = field(default_factory=dict)
     # A bounded JSON object that only admins read and write.
     admin_metadata: Mapping[str, Any] = field(default_factory=dict)
+    # Set by VerifyEmail; every change of the e-mail resets it.
+    email_verified: bool = False
 
     @property
     def etag(self) -> str:
@@ -74,6 +76,7 @@ class User:
             purge_time=self.purge_time,
             labels=self.labels,
             admin_metadata=self.admin_metadata,
+            email_verified=self.email_verified,
         )
 
 
@@ -100,6 +103,7 @@ class UserView:
     purge_time: datetime | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     admin_metadata: Mapping[str, Any] = field(default_factory=dict)
+    email_verified: bool = False
 
     @property
     def etag(self) -> str:

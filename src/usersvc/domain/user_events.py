@@ -49,6 +49,7 @@ PUBLIC_FIELDS = frozenset(
         "locked_until",
         "labels",
         "admin_metadata",
+        "email_verified",
     }
 )
 

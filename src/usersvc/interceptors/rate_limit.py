@@ -1,8 +1,9 @@
 """Rate limits per caller and per method class, in this process (each replica counts alone).
 
 The caller is the token's subject when there is one, else the peer's address. Every call that
-verifies a password (Login; ChangePassword with current_password) is also limited per account
-and peer together, so that guessing one account's password is slow from any one source.
+verifies a secret of one account (Login; ChangePassword with current_password; the one-time
+codes of VerifyEmail) is also limited per account and peer together, so that guessing one
+account's secret is slow from any one source.
 Excess calls answer RESOURCE_EXHAUSTED with RetryInfo saying when the window frees up.
 Counting uses the `limits` library's sliding-window counters in memory, in a storage that
 never starts a thread (see SweptMemoryStorage).
@@ -46,6 +47,15 @@ METHOD_CLASSES: Mapping[str, str] = {
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 LOGIN_METHOD = "/userservice.v1.AuthService/Login"
 CHANGE_PASSWORD_METHOD = "/userservice.v1.UserService/ChangePassword"
+VERIFY_EMAIL_METHOD = "/userservice.v1.UserService/VerifyEmail"
+# Methods that check a secret of one account, and the request field naming the account: each
+# is also limited per account and peer together (the login_per_email limit). ChangePassword
+# only when it carries a current_password.
+ACCOUNT_FIELDS: Mapping[str, str] = {
+    LOGIN_METHOD: "email",
+    CHANGE_PASSWORD_METHOD: "id",
+    VERIFY_EMAIL_METHOD: "user_id",
+}
 MAX_KEY_CHARS = 320
 SWEEP_SECONDS = 1.0
 
@@ -151,8 +161,9 @@ class RateLimitInterceptor(UnaryWrappingInterceptor):
     def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         kind = method_class(method)
         items = self._items[kind] if kind is not None else []
-        account_field = {LOGIN_METHOD: "email", CHANGE_PASSWORD_METHOD: "id"}.get(method)
+        account_field = ACCOUNT_FIELDS.get(method)
         email_items = self._items["email"] if account_field else []
+        checks_password_only = method == CHANGE_PASSWORD_METHOD
         if not items and not email_items:
             return behavior
         take = self._take
@@ -160,7 +171,7 @@ class RateLimitInterceptor(UnaryWrappingInterceptor):
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             caller, peer = _caller(context)
             take(method, kind or WRITE, items, kind or WRITE, caller)
-            if email_items and (account_field == "email" or request.current_password):
+            if email_items and (not checks_password_only or request.current_password):
                 account = str(getattr(request, account_field or "email", ""))
                 key = account[:MAX_KEY_CHARS].strip().lower()
                 take(method, "account", email_items, "account", key, peer)

@@ -1,4 +1,5 @@
-"""OutboxDispatcher: delivers welcome e-mails announced in the outbox, with retries.
+"""OutboxDispatcher: delivers the e-mails announced in the outbox (welcome, e-mail
+verification codes), with retries.
 
 One round: claim due rows under a lease (short transaction), send each outside any
 transaction, settle each row (short transaction). Several dispatchers (replicas) may run at
@@ -22,6 +23,7 @@ from usersvc.domain.errors import StorageUnavailable
 from usersvc.domain.events import TOPIC_USER_CREATED
 from usersvc.domain.records import ClaimedOutboxMessage
 from usersvc.metrics import Metrics
+from usersvc.notifications.code_emails import CODE_MAILS, build_code_email
 from usersvc.notifications.smtp import DeliveryFailed
 from usersvc.notifications.welcome_email import build_welcome_email
 from usersvc.services.clock import utc_now
@@ -55,9 +57,9 @@ def backoff_delay(attempt: int, *, base: float, maximum: float, rng: random.Rand
 
 
 class OutboxDispatcher:
-    """Claims due user.created records, sends the welcome e-mail, records the outcome."""
+    """Claims due records, sends each one's e-mail, records the outcome."""
 
-    topics = (TOPIC_USER_CREATED,)
+    topics = (TOPIC_USER_CREATED, *CODE_MAILS)
 
     def __init__(
         self,
@@ -169,7 +171,13 @@ class OutboxDispatcher:
             if message.user_email is None or message.user_name is None:
                 await self._skip(message, "user deleted before delivery")
                 return
-            if message.user_email.lower().endswith(UNDELIVERABLE_DOMAIN_SUFFIX):
+            code_mail = message.topic in CODE_MAILS
+            recipient = str(message.payload["email"]) if code_mail else message.user_email
+            if code_mail and recipient != message.user_email:
+                # A code for an address the user has since changed works no more.
+                await self._skip(message, "the user's e-mail changed before delivery")
+                return
+            if recipient.lower().endswith(UNDELIVERABLE_DOMAIN_SUFFIX):
                 await self._skip(message, "address under .invalid cannot receive mail")
                 return
             if self._clock() + timedelta(seconds=self._send_timeout) > message.claimed_until:
@@ -180,13 +188,24 @@ class OutboxDispatcher:
                     await tx.commit()
                 return
             try:
-                email = build_welcome_email(
-                    outbox_id=message.id,
-                    sender=self._sender_address,
-                    recipient=message.user_email,
-                    name=message.user_name,
-                    date=message.create_time,
-                )
+                if code_mail:
+                    email = build_code_email(
+                        topic=message.topic,
+                        outbox_id=message.id,
+                        sender=self._sender_address,
+                        recipient=recipient,
+                        name=message.user_name,
+                        payload=message.payload,
+                        date=message.create_time,
+                    )
+                else:
+                    email = build_welcome_email(
+                        outbox_id=message.id,
+                        sender=self._sender_address,
+                        recipient=recipient,
+                        name=message.user_name,
+                        date=message.create_time,
+                    )
                 async with asyncio.timeout(self._send_timeout):
                     await self._sender.send(email)
             except DeliveryFailed as err:
@@ -204,7 +223,7 @@ class OutboxDispatcher:
                 )
                 await self._failed(message, f"{type(err).__name__}: {err}")
                 return
-            await self._delivered(message, message.user_email)
+            await self._delivered(message, recipient)
 
     async def _delivered(self, message: ClaimedOutboxMessage, recipient: str) -> None:
         async with self._uow(write=True) as tx:

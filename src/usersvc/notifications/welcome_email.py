@@ -24,7 +24,7 @@ def message_id_for(outbox_id: uuid.UUID) -> str:
 
 
 @cache
-def _template(file_name: str) -> Template:
+def template(file_name: str) -> Template:
     # Read once per process; shipped as package data (see pyproject package-data).
     text = (resources.files(__package__) / "templates" / file_name).read_text(encoding="utf-8")
     return Template(text)
@@ -32,8 +32,8 @@ def _template(file_name: str) -> Template:
 
 def render_welcome(name: str) -> tuple[str, str]:
     """(plain text, HTML) bodies greeting `name`; the HTML gets the name escaped."""
-    text = _template("welcome.txt").substitute(name=name)
-    markup = _template("welcome.html").substitute(name=html.escape(name, quote=True))
+    text = template("welcome.txt").substitute(name=name)
+    markup = template("welcome.html").substitute(name=html.escape(name, quote=True))
     return text, markup
 
 

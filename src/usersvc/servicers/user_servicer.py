@@ -13,9 +13,11 @@ from usersvc.interceptors.errors import entry_status
 from usersvc.servicers.mapping import (
     audit_event_to_proto,
     struct_to_dict,
+    timestamp,
     user_event_to_proto,
     user_to_proto,
 )
+from usersvc.services.account_codes import AccountCodeService
 from usersvc.services.audit import AuditService
 from usersvc.services.user_events import UserEventFeed
 from usersvc.services.user_import import NewUserEntry
@@ -28,10 +30,17 @@ def _request_context() -> RequestContext:
 
 
 class UserServicer(pb_grpc.UserServiceServicer):
-    def __init__(self, users: UserService, audit: AuditService, feed: UserEventFeed) -> None:
+    def __init__(
+        self,
+        users: UserService,
+        audit: AuditService,
+        feed: UserEventFeed,
+        codes: AccountCodeService,
+    ) -> None:
         self._users = users
         self._audit = audit
         self._feed = feed
+        self._codes = codes
 
     async def CreateUser(
         self, request: pb.CreateUserRequest, context: Context
@@ -198,3 +207,20 @@ class UserServicer(pb_grpc.UserServiceServicer):
             if item.event is not None:
                 response.event.CopyFrom(user_event_to_proto(item.event.change))
             yield response
+
+    async def SendVerificationEmail(
+        self, request: pb.SendVerificationEmailRequest, context: Context
+    ) -> pb.SendVerificationEmailResponse:
+        expires = await self._codes.send_verification_email(
+            ctx=_request_context(), user_id=request.user_id
+        )
+        return pb.SendVerificationEmailResponse(expire_time=timestamp(expires))
+
+    async def VerifyEmail(
+        self, request: pb.VerifyEmailRequest, context: Context
+    ) -> pb.VerifyEmailResponse:
+        # Public: no caller to name, the code is the proof.
+        await self._codes.verify_email(
+            request_id=request_id_var.get(), user_id=request.user_id, code=request.code
+        )
+        return pb.VerifyEmailResponse()

@@ -15,6 +15,7 @@ from typing import Any, Protocol, Self
 from usersvc.domain.audit import AuditEvent
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.one_time_codes import CodePurpose, OneTimeCode
 from usersvc.domain.records import ClaimedOutboxMessage, IdempotencyRecord, RefreshTokenRecord
 from usersvc.domain.user_events import UserChange, UserEventRecord
 from usersvc.domain.user_filter import UserFilter
@@ -136,6 +137,34 @@ class RefreshTokenStore(Protocol):
     async def revoke_family(self, family_id: uuid.UUID) -> None: ...
 
     async def revoke_user(self, user_id: uuid.UUID) -> None: ...
+
+
+class OneTimeCodeStore(Protocol):
+    """Mailed one-time codes, stored by hash; each redeemable once, until it expires."""
+
+    async def add(self, code: OneTimeCode) -> None: ...
+
+    async def supersede(self, user_id: uuid.UUID, purpose: CodePurpose, *, now: datetime) -> int:
+        """End every unused code of this user and purpose (a new one replaces them); how many."""
+
+    async def redeem(
+        self,
+        user_id: uuid.UUID,
+        purpose: CodePurpose,
+        code_hash: str,
+        *,
+        now: datetime,
+        max_attempts: int,
+    ) -> OneTimeCode | None:
+        """Mark the matching code used, if it is unused, unexpired and below max_attempts
+        failures, in one atomic statement: of concurrent redeems at most one gets it. The
+        code as it was before; None when no code matched."""
+
+    async def record_failure(
+        self, user_id: uuid.UUID, purpose: CodePurpose, *, now: datetime, max_attempts: int
+    ) -> None:
+        """Count a wrong attempt on each unused code of this user and purpose; a code that
+        reaches max_attempts is used up."""
 
 
 class AuditLog(Protocol):
@@ -297,6 +326,9 @@ class UnitOfWork(Protocol):
 
     @property
     def user_events(self) -> UserEventLog: ...
+
+    @property
+    def one_time_codes(self) -> OneTimeCodeStore: ...
 
     async def __aenter__(self) -> Self: ...
 

@@ -37,6 +37,7 @@ from usersvc.domain.models import (
     is_etag_like,
     version_of_etag,
 )
+from usersvc.domain.one_time_codes import CodePurpose
 from usersvc.domain.update_mask import admin_only, merged_labels, parse_update_mask
 from usersvc.domain.user_events import change_of
 from usersvc.domain.user_filter import FilterSyntaxError, UserFilter, parse_filter
@@ -925,6 +926,12 @@ class UserService:
             written = {**wanted, "update_time": now}
             if "password_hash" in wanted:
                 written["password_change_time"] = now
+            if "email" in changes:
+                # A new address is unproven; codes mailed to the old one stop working.
+                await uow.one_time_codes.supersede(uid, CodePurpose.VERIFY_EMAIL, now=now)
+                if current.email_verified:
+                    written["email_verified"] = False
+                    changes["email_verified"] = (True, False)
             # The row is locked (SQLite: the write lock is held), so the version still matches;
             # the condition stays in the statement as a guard all the same.
             updated = await uow.users.update(

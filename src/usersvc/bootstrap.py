@@ -213,9 +213,13 @@ def build_components(
     audit = AuditService(uow=uow, page_tokens=page_tokens)
     codes = AccountCodeService(
         uow=uow,
+        hasher=hasher,
         clock=clock,
         verification_ttl=timedelta(seconds=settings.email_verification_code_ttl_seconds),
+        recovery_ttl=timedelta(seconds=settings.recovery_code_ttl_seconds),
         max_attempts=settings.one_time_code_max_attempts,
+        check_new_password=users.check_new_password,
+        on_tokens_revoked=token_states.invalidate,
     )
     postgres = make_url(settings.effective_database_url).get_backend_name() == "postgresql"
     source: UserEventSource

@@ -173,9 +173,11 @@ class Settings(BaseSettings):
     watch_checkpoint_seconds: float = Field(default=30.0, gt=0)
     # A stream whose message gRPC could send only after this long ends (RESOURCE_EXHAUSTED).
     watch_slow_consumer_seconds: float = Field(default=30.0, gt=0)
-    # Mailed one-time codes: how long an e-mail verification code works, and how many wrong
+    # Mailed one-time codes: how long an e-mail verification code and a password recovery code
+    # (CreateRecoveryCode) work, and how many wrong
     # codes burn a user's outstanding one (it must then be sent again).
     email_verification_code_ttl_seconds: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600)
+    recovery_code_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     one_time_code_max_attempts: int = Field(default=5, ge=1, le=100)
     # Days a soft-deleted user can be undeleted before the purge job removes it for good.
     deleted_user_retention_days: int = Field(default=30, ge=1, le=3650)

@@ -73,6 +73,8 @@ MATRIX: dict[str, dict[str, grpc.StatusCode]] = {
     "SendVerificationEmail": row(UNAUTH, OK, DENIED, OK, OK),
     # Public: the code decides, and a made-up one is refused alike for everyone.
     "VerifyEmail": row(INVALID, INVALID, INVALID, INVALID, INVALID),
+    "CreateRecoveryCode": row(UNAUTH, DENIED, DENIED, DENIED, OK),
+    "RecoverPassword": row(INVALID, INVALID, INVALID, INVALID, INVALID),
     "Login": ALL_OK,
     "RefreshToken": ALL_OK,
     "Logout": ALL_OK,
@@ -153,6 +155,10 @@ def _request(
         "WatchUserEvents": lambda: pb.WatchUserEventsRequest(),
         "SendVerificationEmail": lambda: pb.SendVerificationEmailRequest(user_id=target.id),
         "VerifyEmail": lambda: pb.VerifyEmailRequest(user_id=target.id, code="made-up-code"),
+        "CreateRecoveryCode": lambda: pb.CreateRecoveryCodeRequest(user_id=target.id),
+        "RecoverPassword": lambda: pb.RecoverPasswordRequest(
+            user_id=target.id, code="made-up-code", new_password=OTHER_PASSWORD
+        ),
     }
     if rpc in user_requests:
         return "user", user_requests[rpc]()
@@ -307,6 +313,8 @@ def test_every_rpc_declares_the_policy_of_the_contract() -> None:
         False, admin_service, ("user_id",)
     )
     assert policy("UserService/VerifyEmail").public
+    assert policy("UserService/CreateRecoveryCode") == MethodPolicy(False, admin, ())
+    assert policy("UserService/RecoverPassword").public
     for name in ("Login", "RefreshToken", "Logout", "GetJwks"):
         assert policy(f"AuthService/{name}").public
 

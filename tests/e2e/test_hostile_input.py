@@ -239,3 +239,34 @@ def test_a_malformed_send_verification_request_is_invalid(users: UserServiceStub
     details = details_of(_refused(lambda: users.SendVerificationEmail(request)))
     assert details.code == INVALID
     assert set(details.violations) == {"user_id"}
+
+
+@pytest.mark.parametrize(
+    ("user_id", "code", "new_password", "violations"),
+    [
+        ("", "", "", {"user_id", "code", "new_password"}),
+        ("not-a-uuid", "c" * 43, "a fine new password", {"user_id"}),
+        (None, "c" * 65, "a fine new password", {"code"}),
+        (None, "c" * 43, "short", {"new_password"}),
+    ],
+    ids=["all-empty", "bad-id", "65-char-code", "short-password"],
+)
+def test_a_malformed_recovery_request_names_its_bad_fields(
+    channel: grpc.Channel,
+    user_id: str | None,
+    code: str,
+    new_password: str,
+    violations: set[str],
+) -> None:
+    uid = user_id if user_id is not None else str(uuid.uuid4())
+    request = pb.RecoverPasswordRequest(user_id=uid, code=code, new_password=new_password)
+    details = details_of(_refused(lambda: UserServiceStub(channel).RecoverPassword(request)))
+    assert details.code == INVALID
+    assert set(details.violations) == violations
+
+
+def test_a_malformed_recovery_code_request_is_invalid(users: UserServiceStub) -> None:
+    request = pb.CreateRecoveryCodeRequest(user_id="not-a-uuid")
+    details = details_of(_refused(lambda: users.CreateRecoveryCode(request)))
+    assert details.code == INVALID
+    assert set(details.violations) == {"user_id"}

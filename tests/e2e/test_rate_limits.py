@@ -165,3 +165,25 @@ def test_change_password_guesses_share_the_per_account_limit(limited: ServerThre
         codes = [guess(n) for n in range(4)]
     assert codes[:3] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
     assert codes[3] == EXHAUSTED
+
+
+def test_one_time_code_guesses_share_the_per_account_limit(limited: ServerThread) -> None:
+    with grpc.insecure_channel(limited.address) as channel:
+        users = UserServiceStub(channel)  # no token: both methods are public
+        target = str(uuid.uuid4())
+        verify = pb.VerifyEmailRequest(user_id=target, code="guessed-code")
+        recover = pb.RecoverPasswordRequest(
+            user_id=target, code="guessed-code", new_password="new secret 77 x"
+        )
+        codes = [
+            _code(lambda: users.VerifyEmail(verify)),
+            _code(lambda: users.RecoverPassword(recover)),
+            _code(lambda: users.VerifyEmail(verify)),
+            _code(lambda: users.RecoverPassword(recover)),
+        ]
+        # Another account from the same peer has its own budget.
+        other = pb.VerifyEmailRequest(user_id=str(uuid.uuid4()), code="guessed-code")
+        codes.append(_code(lambda: users.VerifyEmail(other)))
+    assert codes[:3] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert codes[3] == EXHAUSTED
+    assert codes[4] == grpc.StatusCode.INVALID_ARGUMENT

@@ -36,8 +36,10 @@ from tests.support import (
     throwaway_sqlite,
     with_bearer,
 )
+from userservice.v1 import auth_service_pb2 as auth_pb
 from userservice.v1 import user_pb2
 from userservice.v1 import user_service_pb2 as pb
+from userservice.v1.auth_service_pb2_grpc import AuthServiceStub
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
 from usersvc.adapters.tables import outbox
 from usersvc.bootstrap import DISPATCHER_OFF_MESSAGE
@@ -47,6 +49,7 @@ from usersvc.notifications.welcome_email import WELCOME_SUBJECT
 SENDER = "usersvc <welcome@example.com>"
 PASSWORD = "correct horse battery staple"
 VERIFY_SUBJECT = CODE_MAILS["user.email_verification"].subject
+RECOVERY_SUBJECT = CODE_MAILS["user.password_recovery"].subject
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +295,81 @@ def test_email_verification_by_mailed_code_leaves_the_code_nowhere_else(
     assert Detector.for_suite(also=[code]).findings(scanned) == []
     # The scan can fail: the code in a line is found.
     assert Detector.for_suite(also=[code]).findings(scanned + code)
+
+
+def test_password_recovery_by_mailed_code_ends_old_sessions_and_leaves_no_secret_behind(
+    mailing_server: ServerThread,
+    mailing_users: UserServiceStub,
+    smtp: SmtpServer,
+    logs: CapturedLogs,
+) -> None:
+    user = create(mailing_users)
+    new_password = f"recovered {uuid.uuid4().hex[:8]}"
+    remember(new_password)
+    with grpc.insecure_channel(mailing_server.address) as channel:
+        old = login(channel, user.email, PASSWORD)
+        created = mailing_users.CreateRecoveryCode(
+            pb.CreateRecoveryCodeRequest(user_id=user.id), timeout=10
+        )
+        # The answer is the expiry, nothing else: the code goes by mail only.
+        assert [f.name for f, _ in created.ListFields()] == ["expire_time"]
+        assert time.time() + 3500 < created.expire_time.seconds < time.time() + 3700
+        [mail] = wait_until(
+            lambda: [
+                m for m in mail_to(smtp, user.email) if m.message["Subject"] == RECOVERY_SUBJECT
+            ]
+        )
+        code = mailed_code(mail)
+        remember(code)
+        anonymous = UserServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as wrong:
+            anonymous.RecoverPassword(
+                pb.RecoverPasswordRequest(
+                    user_id=user.id, code=code[::-1], new_password=new_password
+                ),
+                timeout=10,
+            )
+        assert details_of(wrong.value).reason == "INVALID_CODE"
+        anonymous.RecoverPassword(
+            pb.RecoverPasswordRequest(user_id=user.id, code=code, new_password=new_password),
+            timeout=10,
+        )
+        with pytest.raises(grpc.RpcError) as reused:
+            anonymous.RecoverPassword(
+                pb.RecoverPasswordRequest(
+                    user_id=user.id, code=code, new_password="another new password"
+                ),
+                timeout=10,
+            )
+        assert details_of(reused.value).reason == "INVALID_CODE"
+        # The old login is over: its refresh token and (after the token cache) access token.
+        refresh = AuthServiceStub(channel).RefreshToken
+        with pytest.raises(grpc.RpcError) as refused:
+            refresh(auth_pb.RefreshTokenRequest(refresh_token=old.refresh_token), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        own = UserServiceStub(with_bearer(channel, old.access_token))
+        wait_until(lambda: _unauthenticated(lambda: own.GetUser(pb.GetUserRequest(id=user.id))))
+        with pytest.raises(grpc.RpcError):
+            login(channel, user.email, PASSWORD)
+        assert login(channel, user.email, new_password).access_token
+
+    events = mailing_users.ListAuditEvents(
+        pb.ListAuditEventsRequest(user_id=user.id), timeout=10
+    ).events
+    actions = [e.action for e in events]
+    assert "user.password_recovered" in actions and "user.recovery_code_created" in actions
+    assert logs.wait_for(lambda line: line.get("method", "").endswith("/RecoverPassword"))
+    scanned = logs.text + str(events) + str(created)
+    assert code not in scanned and new_password not in scanned
+    assert Detector.for_suite(also=[code, new_password]).findings(scanned) == []
+
+
+def _unauthenticated(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
 
 
 def test_without_smtp_host_the_server_serves_and_says_once_that_mail_is_off(

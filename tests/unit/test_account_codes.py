@@ -1,14 +1,16 @@
-"""E-mail verification codes on in-memory fakes: the rules, and what each step writes."""
+"""Mailed one-time codes (e-mail verification, password recovery) on in-memory fakes: the
+rules, and what each step writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import timedelta
 
 import pytest
 
 from tests.unit.conftest import START
-from tests.unit.fakes import FakeClock, FakeUnitOfWorkFactory
+from tests.unit.fakes import FakeClock, FakePasswordHasher, FakeUnitOfWorkFactory
 from usersvc.domain import audit, user_events
 from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import (
@@ -17,19 +19,37 @@ from usersvc.domain.errors import (
     UserNotFound,
     ValidationFailed,
 )
-from usersvc.domain.events import TOPIC_EMAIL_VERIFICATION
+from usersvc.domain.events import TOPIC_EMAIL_VERIFICATION, TOPIC_PASSWORD_RECOVERY
 from usersvc.domain.models import UserView
 from usersvc.services.account_codes import AccountCodeService
+from usersvc.services.ports import PasswordHasher
 from usersvc.services.users import UserService
 
 ADMIN = RequestContext(Principal(user_id=uuid.uuid4(), roles=frozenset({"admin"})), "req-1")
 PASSWORD = "correct horse battery staple"
 TTL = timedelta(hours=24)
+RECOVERY_TTL = timedelta(hours=1)
+NEW_PASSWORD = "a brand new passphrase"
+
+
+REVOKED: list[uuid.UUID] = []
 
 
 @pytest.fixture
-def codes(uow: FakeUnitOfWorkFactory, clock: FakeClock) -> AccountCodeService:
-    return AccountCodeService(uow=uow, clock=clock, verification_ttl=TTL, max_attempts=3)
+def codes(
+    uow: FakeUnitOfWorkFactory, clock: FakeClock, hasher: PasswordHasher, service: UserService
+) -> AccountCodeService:
+    REVOKED.clear()
+    return AccountCodeService(
+        uow=uow,
+        hasher=hasher,
+        clock=clock,
+        verification_ttl=TTL,
+        recovery_ttl=RECOVERY_TTL,
+        max_attempts=3,
+        check_new_password=service.check_new_password,
+        on_tokens_revoked=REVOKED.append,
+    )
 
 
 async def _user(service: UserService) -> UserView:
@@ -38,11 +58,11 @@ async def _user(service: UserService) -> UserView:
     )
 
 
-def _mailed_code(uow: FakeUnitOfWorkFactory, user: UserView) -> str:
-    """The code of the newest verification mail to `user` (the only place it exists)."""
-    [*_, message] = [
-        m for m in uow.outbox if m.topic == TOPIC_EMAIL_VERIFICATION and m.aggregate_id == user.id
-    ]
+def _mailed_code(
+    uow: FakeUnitOfWorkFactory, user: UserView, topic: str = TOPIC_EMAIL_VERIFICATION
+) -> str:
+    """The code of the newest mail of `topic` to `user` (the only place it exists)."""
+    [*_, message] = [m for m in uow.outbox if m.topic == topic and m.aggregate_id == user.id]
     code = message.payload["code"]
     assert isinstance(code, str)
     return code
@@ -166,3 +186,90 @@ async def test_bad_input_and_unknown_users(codes: AccountCodeService) -> None:
     assert [(v.field, v.reason) for v in long.value.violations] == [("code", "TOO_LONG")]
     with pytest.raises(UserNotFound):
         await codes.send_verification_email(ctx=ADMIN, user_id=str(uuid.uuid4()))
+
+
+async def test_a_recovery_code_sets_a_new_password_once_and_ends_every_session(
+    service: UserService,
+    codes: AccountCodeService,
+    uow: FakeUnitOfWorkFactory,
+    clock: FakeClock,
+) -> None:
+    user = await _user(service)
+    # A lock and failures from someone guessing: recovery clears them.
+    stored = uow.db.users[user.id]
+    uow.db.users[user.id] = dataclasses.replace(
+        stored, failed_login_count=10, locked_until=START + timedelta(minutes=15)
+    )
+    expires = await codes.create_recovery_code(ctx=ADMIN, user_id=str(user.id))
+    assert expires == START + RECOVERY_TTL
+    code = _mailed_code(uow, user, TOPIC_PASSWORD_RECOVERY)
+    assert uow.audit[-1].action == audit.USER_RECOVERY_CODE_CREATED
+    assert uow.audit[-1].actor == str(ADMIN.actor.user_id)
+    clock.advance(timedelta(minutes=5))
+
+    await codes.recover_password(
+        request_id="req-r", user_id=str(user.id), code=code, new_password=NEW_PASSWORD
+    )
+
+    after = uow.store[user.id]
+    assert after.password_hash == FakePasswordHasher.hash_of(NEW_PASSWORD)
+    assert after.token_version == stored.token_version + 1
+    assert (after.failed_login_count, after.locked_until) == (0, None)
+    assert after.password_change_time == clock.now
+    assert uow.db.refresh_tokens_revoked[-1] == user.id
+    assert [user.id] == REVOKED
+    [event] = [e for e in uow.audit if e.action == audit.USER_PASSWORD_RECOVERED]
+    assert event.actor == audit.ANONYMOUS_ACTOR and event.request_id == "req-r"
+    assert event.changes["password"] == {"old": "[REDACTED]", "new": "[REDACTED]"}
+    assert event.changes["failed_login_count"] == {"old": 10, "new": 0}
+    assert uow.user_events[-1].type == user_events.PASSWORD_CHANGED
+    assert uow.user_events[-1].changed_fields == ("failed_login_count", "locked_until", "password")
+    assert code not in repr(uow.audit) + repr(uow.user_events)
+    assert NEW_PASSWORD not in repr(uow.audit) + repr(uow.user_events)
+    with pytest.raises(InvalidCode):
+        await codes.recover_password(
+            request_id="-", user_id=str(user.id), code=code, new_password="yet another one!"
+        )
+
+
+async def test_a_bad_new_password_leaves_the_code_usable(
+    service: UserService, codes: AccountCodeService, uow: FakeUnitOfWorkFactory
+) -> None:
+    user = await _user(service)
+    await codes.create_recovery_code(ctx=ADMIN, user_id=str(user.id))
+    code = _mailed_code(uow, user, TOPIC_PASSWORD_RECOVERY)
+    with pytest.raises(ValidationFailed) as bad:
+        await codes.recover_password(
+            request_id="-", user_id=str(user.id), code=code, new_password="short"
+        )
+    assert [v.field for v in bad.value.violations] == ["new_password"]
+    await codes.recover_password(
+        request_id="-", user_id=str(user.id), code=code, new_password=NEW_PASSWORD
+    )
+
+
+async def test_disabled_or_deleted_users_cannot_recover(
+    service: UserService, codes: AccountCodeService, uow: FakeUnitOfWorkFactory
+) -> None:
+    user = await _user(service)
+    await codes.create_recovery_code(ctx=ADMIN, user_id=str(user.id))
+    code = _mailed_code(uow, user, TOPIC_PASSWORD_RECOVERY)
+    await service.disable_user(ctx=ADMIN, user_id=str(user.id), etag="")
+    with pytest.raises(FailedPrecondition) as refused:
+        await codes.create_recovery_code(ctx=ADMIN, user_id=str(user.id))
+    assert refused.value.reason == "USER_DISABLED"
+    with pytest.raises(InvalidCode):
+        await codes.recover_password(
+            request_id="-", user_id=str(user.id), code=code, new_password=NEW_PASSWORD
+        )
+    other = await _user(service)
+    await codes.create_recovery_code(ctx=ADMIN, user_id=str(other.id))
+    code = _mailed_code(uow, other, TOPIC_PASSWORD_RECOVERY)
+    await service.delete_user(ctx=ADMIN, user_id=str(other.id))
+    with pytest.raises(UserNotFound):
+        await codes.create_recovery_code(ctx=ADMIN, user_id=str(other.id))
+    with pytest.raises(InvalidCode):
+        await codes.recover_password(
+            request_id="-", user_id=str(other.id), code=code, new_password=NEW_PASSWORD
+        )
+    assert uow.store[other.id].password_hash == FakePasswordHasher.hash_of(PASSWORD)

@@ -35,7 +35,9 @@ class _UserEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserEve
     USER_EVENT_TYPE_CREATED: _UserEventType.ValueType  # 1
     """The user was created."""
     USER_EVENT_TYPE_UPDATED: _UserEventType.ValueType  # 2
-    """E-mail or name changed, or (changed_fields "state") the user was undeleted."""
+    """E-mail or name changed, the e-mail was verified (changed_fields "email_verified"), or
+    (changed_fields "state") the user was undeleted.
+    """
     USER_EVENT_TYPE_DELETED: _UserEventType.ValueType  # 3
     """The user was soft-deleted (DeleteUser). Its later purge sends no event."""
     USER_EVENT_TYPE_DISABLED: _UserEventType.ValueType  # 4
@@ -45,7 +47,9 @@ class _UserEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserEve
     USER_EVENT_TYPE_ROLES_CHANGED: _UserEventType.ValueType  # 6
     """The user's roles changed (possibly with other fields in the same call)."""
     USER_EVENT_TYPE_PASSWORD_CHANGED: _UserEventType.ValueType  # 7
-    """The user's password changed (its value is never sent)."""
+    """The user's password changed, by ChangePassword or RecoverPassword (its value is never
+    sent).
+    """
     USER_EVENT_TYPE_UNLOCKED: _UserEventType.ValueType  # 8
     """The user's login lock and failed-login counter were cleared (UnlockUser)."""
 
@@ -57,7 +61,9 @@ USER_EVENT_TYPE_UNSPECIFIED: UserEventType.ValueType  # 0
 USER_EVENT_TYPE_CREATED: UserEventType.ValueType  # 1
 """The user was created."""
 USER_EVENT_TYPE_UPDATED: UserEventType.ValueType  # 2
-"""E-mail or name changed, or (changed_fields "state") the user was undeleted."""
+"""E-mail or name changed, the e-mail was verified (changed_fields "email_verified"), or
+(changed_fields "state") the user was undeleted.
+"""
 USER_EVENT_TYPE_DELETED: UserEventType.ValueType  # 3
 """The user was soft-deleted (DeleteUser). Its later purge sends no event."""
 USER_EVENT_TYPE_DISABLED: UserEventType.ValueType  # 4
@@ -67,7 +73,9 @@ USER_EVENT_TYPE_ENABLED: UserEventType.ValueType  # 5
 USER_EVENT_TYPE_ROLES_CHANGED: UserEventType.ValueType  # 6
 """The user's roles changed (possibly with other fields in the same call)."""
 USER_EVENT_TYPE_PASSWORD_CHANGED: UserEventType.ValueType  # 7
-"""The user's password changed (its value is never sent)."""
+"""The user's password changed, by ChangePassword or RecoverPassword (its value is never
+sent).
+"""
 USER_EVENT_TYPE_UNLOCKED: UserEventType.ValueType  # 8
 """The user's login lock and failed-login counter were cleared (UnlockUser)."""
 Global___UserEventType: _TypeAlias = UserEventType  # noqa: Y015
@@ -924,9 +932,11 @@ class UserEvent(_message.Message):
     @_builtins.property
     def changed_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the fields that changed, sorted: "email", "name", "roles", "state",
-        "password" (the fact only), "failed_login_count" and "locked_until" (unlock), "labels",
-        "admin_metadata" (the fact only: its value is never in an event); every public field on
-        USER_EVENT_TYPE_CREATED (labels and admin_metadata when the user was created with them); "state" on USER_EVENT_TYPE_DELETED (a soft
+        "password" (the fact only), "failed_login_count" and "locked_until" (unlock, and a
+        RecoverPassword that cleared them), "labels", "admin_metadata" (the fact only: its value
+        is never in an event), "email_verified" (VerifyEmail, and a change of the e-mail that
+        reset it); every public field on USER_EVENT_TYPE_CREATED (labels and admin_metadata when
+        the user was created with them); "state" on USER_EVENT_TYPE_DELETED (a soft
         delete) and on the USER_EVENT_TYPE_UPDATED of an UndeleteUser.
         """
 
@@ -1246,3 +1256,102 @@ class VerifyEmailResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyEmailResponse: _TypeAlias = VerifyEmailResponse  # noqa: Y015
+
+@_typing.final
+class CreateRecoveryCodeRequest(_message.Message):
+    """Request of CreateRecoveryCode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Id of the user, a UUID string. Malformed: INVALID_ARGUMENT; unknown: NOT_FOUND."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRecoveryCodeRequest: _TypeAlias = CreateRecoveryCodeRequest  # noqa: Y015
+
+@_typing.final
+class CreateRecoveryCodeResponse(_message.Message):
+    """Response of CreateRecoveryCode. Never carries the code: it goes by mail only."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the mailed code expires (UTC)."""
+
+    def __init__(
+        self,
+        *,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRecoveryCodeResponse: _TypeAlias = CreateRecoveryCodeResponse  # noqa: Y015
+
+@_typing.final
+class RecoverPasswordRequest(_message.Message):
+    """Request of RecoverPassword."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    NEW_PASSWORD_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Id of the user, a UUID string, as the recovery mail gives it. Malformed:
+    INVALID_ARGUMENT (field "user_id"); an unknown user gives INVALID_CODE like a wrong code.
+    """
+    code: _builtins.str
+    """The code from the recovery mail, 43 characters; at most 64. Empty or longer:
+    INVALID_ARGUMENT (field "code"). Never logged, audited or returned.
+    """
+    new_password: _builtins.str
+    """The new password, with CreateUserRequest.password's rules. Bad value: INVALID_ARGUMENT
+    (field "new_password"). Never logged or returned.
+    """
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        new_password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "new_password", b"new_password", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverPasswordRequest: _TypeAlias = RecoverPasswordRequest  # noqa: Y015
+
+@_typing.final
+class RecoverPasswordResponse(_message.Message):
+    """Response of RecoverPassword. Empty: log in with the new password."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecoverPasswordResponse: _TypeAlias = RecoverPasswordResponse  # noqa: Y015

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class UserServiceStub:
-    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
-    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a mailed one-time code instead
+    (VerifyEmail, RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -120,11 +120,21 @@ class UserServiceStub:
                 request_serializer=userservice_dot_v1_dot_user__service__pb2.VerifyEmailRequest.SerializeToString,
                 response_deserializer=userservice_dot_v1_dot_user__service__pb2.VerifyEmailResponse.FromString,
                 _registered_method=True)
+        self.CreateRecoveryCode = channel.unary_unary(
+                '/userservice.v1.UserService/CreateRecoveryCode',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.CreateRecoveryCodeRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.CreateRecoveryCodeResponse.FromString,
+                _registered_method=True)
+        self.RecoverPassword = channel.unary_unary(
+                '/userservice.v1.UserService/RecoverPassword',
+                request_serializer=userservice_dot_v1_dot_user__service__pb2.RecoverPasswordRequest.SerializeToString,
+                response_deserializer=userservice_dot_v1_dot_user__service__pb2.RecoverPasswordResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
-    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
-    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a mailed one-time code instead
+    (VerifyEmail, RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -331,6 +341,40 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRecoveryCode(self, request, context):
+        """Mails the user a password recovery code, for when it cannot log in (a forgotten password)
+        and an admin has checked who is asking. The code (32 random bytes, 43 base64url
+        characters) goes ONLY by mail, through the outbox, to the user's current address; the
+        response never holds it, only its expiry (USERSVC_RECOVERY_CODE_TTL_SECONDS, default one
+        hour). Only a SHA-256 hash is stored; a new code ends every earlier unused one. Audited as
+        "user.recovery_code_created" (never with the code). Callers: admin. Errors:
+        INVALID_ARGUMENT (malformed user_id), NOT_FOUND (unknown or soft-deleted user),
+        FAILED_PRECONDITION (reason USER_DISABLED: a disabled user cannot recover; enable it
+        first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecoverPassword(self, request, context):
+        """Sets a new password with a code from CreateRecoveryCode's mail. Needs no token. The new
+        password follows CreateUserRequest.password's rules (checked first: a bad one leaves the
+        code unused) and is stored as an Argon2id hash. On success, in one transaction: the code
+        is used up (of two concurrent calls with it at most one succeeds), the password set,
+        every token of the user revoked (access tokens within the token cache's few seconds,
+        refresh tokens at once), the login lock and failed-login counter cleared, an audit event
+        "user.password_recovered" by "anonymous" written (never with the code or the password)
+        and a change-feed event USER_EVENT_TYPE_PASSWORD_CHANGED. A wrong, expired, used or
+        superseded code, an unknown, disabled or soft-deleted user: all the same
+        INVALID_ARGUMENT (reason INVALID_CODE, field violation "code"). Wrong codes count as for
+        VerifyEmail and the same rate limits apply. Errors: INVALID_ARGUMENT (malformed user_id,
+        empty or over-long code, bad or too common new_password, INVALID_CODE),
+        RESOURCE_EXHAUSTED (rate limits; too many passwords queued for hashing), with RetryInfo.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -414,6 +458,16 @@ def add_UserServiceServicer_to_server(servicer, server):
                     request_deserializer=userservice_dot_v1_dot_user__service__pb2.VerifyEmailRequest.FromString,
                     response_serializer=userservice_dot_v1_dot_user__service__pb2.VerifyEmailResponse.SerializeToString,
             ),
+            'CreateRecoveryCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRecoveryCode,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.CreateRecoveryCodeRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.CreateRecoveryCodeResponse.SerializeToString,
+            ),
+            'RecoverPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecoverPassword,
+                    request_deserializer=userservice_dot_v1_dot_user__service__pb2.RecoverPasswordRequest.FromString,
+                    response_serializer=userservice_dot_v1_dot_user__service__pb2.RecoverPasswordResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'userservice.v1.UserService', rpc_method_handlers)
@@ -423,8 +477,8 @@ def add_UserServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class UserService:
-    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
-    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a mailed one-time code instead
+    (VerifyEmail, RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -853,6 +907,60 @@ class UserService:
             '/userservice.v1.UserService/VerifyEmail',
             userservice_dot_v1_dot_user__service__pb2.VerifyEmailRequest.SerializeToString,
             userservice_dot_v1_dot_user__service__pb2.VerifyEmailResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRecoveryCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/CreateRecoveryCode',
+            userservice_dot_v1_dot_user__service__pb2.CreateRecoveryCodeRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.CreateRecoveryCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecoverPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userservice.v1.UserService/RecoverPassword',
+            userservice_dot_v1_dot_user__service__pb2.RecoverPasswordRequest.SerializeToString,
+            userservice_dot_v1_dot_user__service__pb2.RecoverPasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

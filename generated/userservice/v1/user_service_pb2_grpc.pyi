@@ -27,8 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class UserServiceStub:
-    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
-    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a mailed one-time code instead
+    (VerifyEmail, RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -175,11 +175,37 @@ class UserServiceStub:
     account): RESOURCE_EXHAUSTED with RetryInfo. Errors: INVALID_ARGUMENT (malformed user_id;
     empty or over-long code; INVALID_CODE as above), RESOURCE_EXHAUSTED.
     """
+    CreateRecoveryCode: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateRecoveryCodeRequest, _user_service_pb2.CreateRecoveryCodeResponse]
+    """Mails the user a password recovery code, for when it cannot log in (a forgotten password)
+    and an admin has checked who is asking. The code (32 random bytes, 43 base64url
+    characters) goes ONLY by mail, through the outbox, to the user's current address; the
+    response never holds it, only its expiry (USERSVC_RECOVERY_CODE_TTL_SECONDS, default one
+    hour). Only a SHA-256 hash is stored; a new code ends every earlier unused one. Audited as
+    "user.recovery_code_created" (never with the code). Callers: admin. Errors:
+    INVALID_ARGUMENT (malformed user_id), NOT_FOUND (unknown or soft-deleted user),
+    FAILED_PRECONDITION (reason USER_DISABLED: a disabled user cannot recover; enable it
+    first).
+    """
+    RecoverPassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RecoverPasswordRequest, _user_service_pb2.RecoverPasswordResponse]
+    """Sets a new password with a code from CreateRecoveryCode's mail. Needs no token. The new
+    password follows CreateUserRequest.password's rules (checked first: a bad one leaves the
+    code unused) and is stored as an Argon2id hash. On success, in one transaction: the code
+    is used up (of two concurrent calls with it at most one succeeds), the password set,
+    every token of the user revoked (access tokens within the token cache's few seconds,
+    refresh tokens at once), the login lock and failed-login counter cleared, an audit event
+    "user.password_recovered" by "anonymous" written (never with the code or the password)
+    and a change-feed event USER_EVENT_TYPE_PASSWORD_CHANGED. A wrong, expired, used or
+    superseded code, an unknown, disabled or soft-deleted user: all the same
+    INVALID_ARGUMENT (reason INVALID_CODE, field violation "code"). Wrong codes count as for
+    VerifyEmail and the same rate limits apply. Errors: INVALID_ARGUMENT (malformed user_id,
+    empty or over-long code, bad or too common new_password, INVALID_CODE),
+    RESOURCE_EXHAUSTED (rate limits; too many passwords queued for hashing), with RetryInfo.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
-    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
-    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a mailed one-time code instead
+    (VerifyEmail, RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -323,10 +349,36 @@ class UserServiceAsyncStub(UserServiceStub):
     account): RESOURCE_EXHAUSTED with RetryInfo. Errors: INVALID_ARGUMENT (malformed user_id;
     empty or over-long code; INVALID_CODE as above), RESOURCE_EXHAUSTED.
     """
+    CreateRecoveryCode: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateRecoveryCodeRequest, _user_service_pb2.CreateRecoveryCodeResponse]  # type: ignore[assignment]
+    """Mails the user a password recovery code, for when it cannot log in (a forgotten password)
+    and an admin has checked who is asking. The code (32 random bytes, 43 base64url
+    characters) goes ONLY by mail, through the outbox, to the user's current address; the
+    response never holds it, only its expiry (USERSVC_RECOVERY_CODE_TTL_SECONDS, default one
+    hour). Only a SHA-256 hash is stored; a new code ends every earlier unused one. Audited as
+    "user.recovery_code_created" (never with the code). Callers: admin. Errors:
+    INVALID_ARGUMENT (malformed user_id), NOT_FOUND (unknown or soft-deleted user),
+    FAILED_PRECONDITION (reason USER_DISABLED: a disabled user cannot recover; enable it
+    first).
+    """
+    RecoverPassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RecoverPasswordRequest, _user_service_pb2.RecoverPasswordResponse]  # type: ignore[assignment]
+    """Sets a new password with a code from CreateRecoveryCode's mail. Needs no token. The new
+    password follows CreateUserRequest.password's rules (checked first: a bad one leaves the
+    code unused) and is stored as an Argon2id hash. On success, in one transaction: the code
+    is used up (of two concurrent calls with it at most one succeeds), the password set,
+    every token of the user revoked (access tokens within the token cache's few seconds,
+    refresh tokens at once), the login lock and failed-login counter cleared, an audit event
+    "user.password_recovered" by "anonymous" written (never with the code or the password)
+    and a change-feed event USER_EVENT_TYPE_PASSWORD_CHANGED. A wrong, expired, used or
+    superseded code, an unknown, disabled or soft-deleted user: all the same
+    INVALID_ARGUMENT (reason INVALID_CODE, field violation "code"). Wrong codes count as for
+    VerifyEmail and the same rate limits apply. Errors: INVALID_ARGUMENT (malformed user_id,
+    empty or over-long code, bad or too common new_password, INVALID_CODE),
+    RESOURCE_EXHAUSTED (rate limits; too many passwords queued for hashing), with RetryInfo.
+    """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Owns user accounts. Every method but the two that take a one-time code instead (VerifyEmail,
-    RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
+    """Owns user accounts. Every method but the two that take a mailed one-time code instead
+    (VerifyEmail, RecoverPassword) needs `authorization: Bearer <access token>` (see AuthService); a missing, malformed, expired or revoked token gives UNAUTHENTICATED, a caller
     without the right role gives PERMISSION_DENIED, decided before the target user is looked up.
     Every error carries google.rpc.ErrorInfo (domain "usersvc") and google.rpc.RequestInfo in the
     grpc-status-details-bin trailer; validation errors also carry google.rpc.BadRequest with one
@@ -563,6 +615,44 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         Rate limited per peer (as a write) and per user and peer together (as Login per
         account): RESOURCE_EXHAUSTED with RetryInfo. Errors: INVALID_ARGUMENT (malformed user_id;
         empty or over-long code; INVALID_CODE as above), RESOURCE_EXHAUSTED.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateRecoveryCode(
+        self,
+        request: _user_service_pb2.CreateRecoveryCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.CreateRecoveryCodeResponse, _abc.Awaitable[_user_service_pb2.CreateRecoveryCodeResponse]]:
+        """Mails the user a password recovery code, for when it cannot log in (a forgotten password)
+        and an admin has checked who is asking. The code (32 random bytes, 43 base64url
+        characters) goes ONLY by mail, through the outbox, to the user's current address; the
+        response never holds it, only its expiry (USERSVC_RECOVERY_CODE_TTL_SECONDS, default one
+        hour). Only a SHA-256 hash is stored; a new code ends every earlier unused one. Audited as
+        "user.recovery_code_created" (never with the code). Callers: admin. Errors:
+        INVALID_ARGUMENT (malformed user_id), NOT_FOUND (unknown or soft-deleted user),
+        FAILED_PRECONDITION (reason USER_DISABLED: a disabled user cannot recover; enable it
+        first).
+        """
+
+    @_abc_1.abstractmethod
+    def RecoverPassword(
+        self,
+        request: _user_service_pb2.RecoverPasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.RecoverPasswordResponse, _abc.Awaitable[_user_service_pb2.RecoverPasswordResponse]]:
+        """Sets a new password with a code from CreateRecoveryCode's mail. Needs no token. The new
+        password follows CreateUserRequest.password's rules (checked first: a bad one leaves the
+        code unused) and is stored as an Argon2id hash. On success, in one transaction: the code
+        is used up (of two concurrent calls with it at most one succeeds), the password set,
+        every token of the user revoked (access tokens within the token cache's few seconds,
+        refresh tokens at once), the login lock and failed-login counter cleared, an audit event
+        "user.password_recovered" by "anonymous" written (never with the code or the password)
+        and a change-feed event USER_EVENT_TYPE_PASSWORD_CHANGED. A wrong, expired, used or
+        superseded code, an unknown, disabled or soft-deleted user: all the same
+        INVALID_ARGUMENT (reason INVALID_CODE, field violation "code"). Wrong codes count as for
+        VerifyEmail and the same rate limits apply. Errors: INVALID_ARGUMENT (malformed user_id,
+        empty or over-long code, bad or too common new_password, INVALID_CODE),
+        RESOURCE_EXHAUSTED (rate limits; too many passwords queued for hashing), with RetryInfo.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -19,6 +19,8 @@ USER_UNDELETED = "user.undeleted"
 USER_PURGED = "user.purged"
 USER_VERIFICATION_EMAIL_SENT = "user.verification_email_sent"
 USER_EMAIL_VERIFIED = "user.email_verified"
+USER_RECOVERY_CODE_CREATED = "user.recovery_code_created"
+USER_PASSWORD_RECOVERED = "user.password_recovered"
 LOGIN_SUCCEEDED = "auth.login_succeeded"
 LOGIN_FAILED = "auth.login_failed"
 

@@ -12,6 +12,8 @@ TOPIC_USER_CREATED = "user.created"
 # The mail with an e-mail verification code. Its payload holds the code: the outbox row is the
 # one place the code exists outside the mail.
 TOPIC_EMAIL_VERIFICATION = "user.email_verification"
+# The mail with a password recovery code (CreateRecoveryCode); its payload holds the code too.
+TOPIC_PASSWORD_RECOVERY = "user.password_recovery"
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 
 The caller is the token's subject when there is one, else the peer's address. Every call that
 verifies a secret of one account (Login; ChangePassword with current_password; the one-time
-codes of VerifyEmail) is also limited per account and peer together, so that guessing one
-account's secret is slow from any one source.
+codes of VerifyEmail and RecoverPassword) is also limited per account and peer together, so
+that guessing one account's secret is slow from any one source.
 Excess calls answer RESOURCE_EXHAUSTED with RetryInfo saying when the window frees up.
 Counting uses the `limits` library's sliding-window counters in memory, in a storage that
 never starts a thread (see SweptMemoryStorage).
@@ -48,6 +48,7 @@ EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 LOGIN_METHOD = "/userservice.v1.AuthService/Login"
 CHANGE_PASSWORD_METHOD = "/userservice.v1.UserService/ChangePassword"
 VERIFY_EMAIL_METHOD = "/userservice.v1.UserService/VerifyEmail"
+RECOVER_PASSWORD_METHOD = "/userservice.v1.UserService/RecoverPassword"
 # Methods that check a secret of one account, and the request field naming the account: each
 # is also limited per account and peer together (the login_per_email limit). ChangePassword
 # only when it carries a current_password.
@@ -55,6 +56,7 @@ ACCOUNT_FIELDS: Mapping[str, str] = {
     LOGIN_METHOD: "email",
     CHANGE_PASSWORD_METHOD: "id",
     VERIFY_EMAIL_METHOD: "user_id",
+    RECOVER_PASSWORD_METHOD: "user_id",
 }
 MAX_KEY_CHARS = 320
 SWEEP_SECONDS = 1.0

@@ -1,4 +1,5 @@
-"""Mails that carry a one-time code (e-mail verification), rendered from shipped templates.
+"""Mails that carry a one-time code (e-mail verification, password recovery), rendered from
+shipped templates.
 
 The code is in the body only: never in a header (headers end up in mail logs), never logged.
 """
@@ -13,7 +14,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Any
 
-from usersvc.domain.events import TOPIC_EMAIL_VERIFICATION
+from usersvc.domain.events import TOPIC_EMAIL_VERIFICATION, TOPIC_PASSWORD_RECOVERY
 from usersvc.notifications.welcome_email import message_id_for, template
 
 
@@ -25,6 +26,7 @@ class CodeMail:
 
 CODE_MAILS = {
     TOPIC_EMAIL_VERIFICATION: CodeMail("Confirm your e-mail address", "verify_email"),
+    TOPIC_PASSWORD_RECOVERY: CodeMail("Your password recovery code", "recover_password"),
 }
 
 

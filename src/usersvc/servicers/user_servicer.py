@@ -224,3 +224,23 @@ class UserServicer(pb_grpc.UserServiceServicer):
             request_id=request_id_var.get(), user_id=request.user_id, code=request.code
         )
         return pb.VerifyEmailResponse()
+
+    async def CreateRecoveryCode(
+        self, request: pb.CreateRecoveryCodeRequest, context: Context
+    ) -> pb.CreateRecoveryCodeResponse:
+        expires = await self._codes.create_recovery_code(
+            ctx=_request_context(), user_id=request.user_id
+        )
+        return pb.CreateRecoveryCodeResponse(expire_time=timestamp(expires))
+
+    async def RecoverPassword(
+        self, request: pb.RecoverPasswordRequest, context: Context
+    ) -> pb.RecoverPasswordResponse:
+        # Public: no caller to name, the code is the proof.
+        await self._codes.recover_password(
+            request_id=request_id_var.get(),
+            user_id=request.user_id,
+            code=request.code,
+            new_password=request.new_password,
+        )
+        return pb.RecoverPasswordResponse()

@@ -1,4 +1,4 @@
-"""Use cases of mailed one-time codes: e-mail verification.
+"""Use cases of mailed one-time codes: e-mail verification and password recovery.
 
 A code is made here, mailed through the outbox in the transaction that stores its hash, and
 redeemed once. The code never leaves this module except in the outbox payload: not in a
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from usersvc.domain import audit
 from usersvc.domain.audit import AuditEvent, redact
@@ -21,8 +23,12 @@ from usersvc.domain.errors import (
     UserNotFound,
     ValidationFailed,
 )
-from usersvc.domain.events import TOPIC_EMAIL_VERIFICATION, OutboxMessage
-from usersvc.domain.models import UserState
+from usersvc.domain.events import (
+    TOPIC_EMAIL_VERIFICATION,
+    TOPIC_PASSWORD_RECOVERY,
+    OutboxMessage,
+)
+from usersvc.domain.models import User, UserState
 from usersvc.domain.one_time_codes import (
     CODE_MAX_CHARS,
     CodePurpose,
@@ -33,10 +39,16 @@ from usersvc.domain.one_time_codes import (
 from usersvc.domain.user_events import change_of
 from usersvc.domain.validation import parse_user_id
 from usersvc.services.clock import utc_now
-from usersvc.services.ports import Clock, UnitOfWork, UnitOfWorkFactory
+from usersvc.services.ports import Clock, PasswordHasher, UnitOfWork, UnitOfWorkFactory
 from usersvc.services.transactions import in_transaction
 
 log = logging.getLogger(__name__)
+
+# The mail of each purpose.
+_TOPIC = {
+    CodePurpose.VERIFY_EMAIL: TOPIC_EMAIL_VERIFICATION,
+    CodePurpose.RECOVER_PASSWORD: TOPIC_PASSWORD_RECOVERY,
+}
 
 
 def _require_user_id(raw: str, field: str) -> uuid.UUID:
@@ -57,21 +69,40 @@ def check_code(code: str) -> FieldViolation | None:
     return None
 
 
+def _no_password_rules(password: str, field: str) -> FieldViolation | None:
+    return None
+
+
+def _no_revocation_hook(user_id: uuid.UUID) -> None:
+    return None
+
+
 class AccountCodeService:
-    """Sends and redeems e-mail verification codes."""
+    """Sends and redeems mailed one-time codes: e-mail verification, password recovery."""
 
     def __init__(
         self,
         *,
         uow: UnitOfWorkFactory,
+        hasher: PasswordHasher,
         clock: Clock = utc_now,
         verification_ttl: timedelta = timedelta(hours=24),
+        recovery_ttl: timedelta = timedelta(hours=1),
         max_attempts: int = 5,
+        check_new_password: Callable[[str, str], FieldViolation | None] = _no_password_rules,
+        on_tokens_revoked: Callable[[uuid.UUID], None] = _no_revocation_hook,
     ) -> None:
         self._uow = uow
+        self._hasher = hasher
         self._clock = clock
-        self._verification_ttl = verification_ttl
+        self._ttl = {
+            CodePurpose.VERIFY_EMAIL: verification_ttl,
+            CodePurpose.RECOVER_PASSWORD: recovery_ttl,
+        }
         self._max_attempts = max_attempts
+        # The password rules of CreateUser and ChangePassword (length, common passwords).
+        self._check_new_password = check_new_password
+        self._on_tokens_revoked = on_tokens_revoked
 
     async def send_verification_email(self, *, ctx: RequestContext, user_id: str) -> datetime:
         """Mail a new verification code to the user's current address; returns its expiry.
@@ -79,7 +110,50 @@ class AccountCodeService:
         Earlier unused codes stop working. UserNotFound for an unknown or soft-deleted user;
         FailedPrecondition (EMAIL_ALREADY_VERIFIED) when there is nothing to verify.
         """
-        uid = _require_user_id(user_id, "user_id")
+
+        def check(user: User) -> None:
+            if user.email_verified:
+                raise FailedPrecondition(
+                    "the e-mail address is already verified", reason="EMAIL_ALREADY_VERIFIED"
+                )
+
+        return await self._send(
+            ctx,
+            _require_user_id(user_id, "user_id"),
+            CodePurpose.VERIFY_EMAIL,
+            check,
+            audit.USER_VERIFICATION_EMAIL_SENT,
+        )
+
+    async def create_recovery_code(self, *, ctx: RequestContext, user_id: str) -> datetime:
+        """Mail a password recovery code to the user's current address (admins); returns its
+        expiry, never the code. Earlier unused recovery codes stop working. UserNotFound for
+        an unknown or soft-deleted user; FailedPrecondition (USER_DISABLED) for a disabled
+        one, which could not use it."""
+
+        def check(user: User) -> None:
+            if user.state is not UserState.ACTIVE:
+                raise FailedPrecondition(
+                    "a disabled user cannot recover its password; enable it first",
+                    reason="USER_DISABLED",
+                )
+
+        return await self._send(
+            ctx,
+            _require_user_id(user_id, "user_id"),
+            CodePurpose.RECOVER_PASSWORD,
+            check,
+            audit.USER_RECOVERY_CODE_CREATED,
+        )
+
+    async def _send(
+        self,
+        ctx: RequestContext,
+        uid: uuid.UUID,
+        purpose: CodePurpose,
+        check: Callable[[User], None],
+        action: str,
+    ) -> datetime:
         code = new_code()
 
         async def send(uow: UnitOfWork) -> datetime:
@@ -87,17 +161,14 @@ class AccountCodeService:
             user = await uow.users.get(uid, for_update=True)
             if user is None or user.state is UserState.DELETED:
                 raise UserNotFound(str(uid))
-            if user.email_verified:
-                raise FailedPrecondition(
-                    "the e-mail address is already verified", reason="EMAIL_ALREADY_VERIFIED"
-                )
+            check(user)
             now = self._clock()
-            expires = now + self._verification_ttl
-            await uow.one_time_codes.supersede(uid, CodePurpose.VERIFY_EMAIL, now=now)
+            expires = now + self._ttl[purpose]
+            await uow.one_time_codes.supersede(uid, purpose, now=now)
             await uow.one_time_codes.add(
                 OneTimeCode(
                     user_id=uid,
-                    purpose=CodePurpose.VERIFY_EMAIL,
+                    purpose=purpose,
                     code_hash=hash_code(code),
                     email=user.email,
                     create_time=now,
@@ -106,8 +177,9 @@ class AccountCodeService:
             )
             await uow.outbox.add(
                 OutboxMessage(
-                    topic=TOPIC_EMAIL_VERIFICATION,
+                    topic=_TOPIC[purpose],
                     aggregate_id=uid,
+                    # The one place the code is written down, besides the mail itself.
                     payload={
                         "user_id": str(uid),
                         "email": user.email,
@@ -123,7 +195,7 @@ class AccountCodeService:
                     ctx.actor.audit_name,
                     ctx.request_id,
                     uid,
-                    audit.USER_VERIFICATION_EMAIL_SENT,
+                    action,
                     {"email": (None, user.email), "expire_time": (None, expires.isoformat())},
                     now,
                 )
@@ -142,62 +214,141 @@ class AccountCodeService:
         violations = [v for v in (id_violation, check_code(code)) if v is not None]
         if violations or uid is None:
             raise ValidationFailed(violations)
-        code_hash = hash_code(code)
 
-        async def verify(uow: UnitOfWork) -> bool:
+        async def apply(uow: UnitOfWork, user: User, now: datetime) -> bool:
+            if user.email_verified:
+                return False  # verified meanwhile by another code: nothing changes
+            updated = await uow.users.update(
+                user.id,
+                {"email_verified": True, "update_time": now},
+                expected_version=user.version,
+            )
+            if updated is None:
+                return False  # guard only: the row is locked
+            await uow.user_events.add(
+                change_of(
+                    audit.USER_EMAIL_VERIFIED, updated.view(), ["email_verified"], request_id, now
+                )
+            )
+            await uow.audit.add(
+                _event(
+                    audit.ANONYMOUS_ACTOR,
+                    request_id,
+                    user.id,
+                    audit.USER_EMAIL_VERIFIED,
+                    {"email_verified": (False, True), "email": (None, user.email)},
+                    now,
+                )
+            )
+            return False
+
+        await self._redeem(uid, CodePurpose.VERIFY_EMAIL, code, apply)
+
+    async def recover_password(
+        self, *, request_id: str, user_id: str, code: str, new_password: str
+    ) -> None:
+        """Set a new password with a recovery code: the code is used up, the password set,
+        the user's tokens revoked, the login lock cleared, audited (by "anonymous") and a
+        feed event written, in one transaction. InvalidCode for every kind of failure,
+        including an unknown, disabled or deleted user."""
+        uid, id_violation = parse_user_id(user_id, "user_id")
+        violations = [
+            v
+            for v in (
+                id_violation,
+                check_code(code),
+                self._check_new_password(new_password, "new_password"),
+            )
+            if v is not None
+        ]
+        if violations or uid is None:
+            raise ValidationFailed(violations)
+        # Hashed first, off the event loop: the same work whether or not the user exists or
+        # the code is right, and no hashing inside the transaction.
+        password_hash = await self._hasher.hash(new_password)
+
+        async def apply(uow: UnitOfWork, user: User, now: datetime) -> bool:
+            values: dict[str, Any] = {
+                "password_hash": password_hash,
+                "password_change_time": now,
+                "update_time": now,
+                "failed_login_count": 0,
+                "locked_until": None,
+            }
+            updated = await uow.users.update(
+                user.id, values, expected_version=user.version, revoke_tokens=True
+            )
+            if updated is None:
+                return False  # guard only: the row is locked
+            await uow.refresh_tokens.revoke_user(user.id)
+            changes: dict[str, tuple[Any, Any]] = {"password": ("[set]", "[changed]")}
+            if user.failed_login_count:
+                changes["failed_login_count"] = (user.failed_login_count, 0)
+            if user.locked_until is not None:
+                changes["locked_until"] = (user.locked_until.isoformat(), None)
+            await uow.user_events.add(
+                change_of(
+                    audit.USER_PASSWORD_RECOVERED, updated.view(), list(changes), request_id, now
+                )
+            )
+            await uow.audit.add(
+                _event(
+                    audit.ANONYMOUS_ACTOR,
+                    request_id,
+                    user.id,
+                    audit.USER_PASSWORD_RECOVERED,
+                    changes,
+                    now,
+                )
+            )
+            return True
+
+        await self._redeem(uid, CodePurpose.RECOVER_PASSWORD, code, apply)
+
+    async def _redeem(
+        self,
+        uid: uuid.UUID,
+        purpose: CodePurpose,
+        code: str,
+        apply: Callable[[UnitOfWork, User, datetime], Any],
+    ) -> None:
+        """Use up the code and `apply` its effect in one transaction, or raise InvalidCode.
+        `apply` says whether the user's tokens were revoked."""
+        code_hash = hash_code(code)
+        # Recovery is for active users only; verification for any user not deleted.
+        usable = (
+            {UserState.ACTIVE}
+            if purpose is CodePurpose.RECOVER_PASSWORD
+            else {UserState.ACTIVE, UserState.DISABLED}
+        )
+
+        async def redeem(uow: UnitOfWork) -> tuple[bool, bool]:
             now = self._clock()
             user = await uow.users.get(uid, for_update=True)
-            if user is None or user.state is UserState.DELETED:
-                return False
+            if user is None or user.state not in usable:
+                return False, False
             redeemed = await uow.one_time_codes.redeem(
-                uid,
-                CodePurpose.VERIFY_EMAIL,
-                code_hash,
-                now=now,
-                max_attempts=self._max_attempts,
+                uid, purpose, code_hash, now=now, max_attempts=self._max_attempts
             )
             if redeemed is None:
                 await uow.one_time_codes.record_failure(
-                    uid, CodePurpose.VERIFY_EMAIL, now=now, max_attempts=self._max_attempts
+                    uid, purpose, now=now, max_attempts=self._max_attempts
                 )
                 await uow.commit()
-                return False
+                return False, False
             if redeemed.email != user.email:
-                # Mailed to an address the user no longer has: used up, verifies nothing.
+                # Mailed to an address the user no longer has: used up, does nothing.
                 await uow.commit()
-                return False
-            if not user.email_verified:
-                updated = await uow.users.update(
-                    uid,
-                    {"email_verified": True, "update_time": now},
-                    expected_version=user.version,
-                )
-                if updated is None:
-                    return False  # guard only: the row is locked
-                await uow.user_events.add(
-                    change_of(
-                        audit.USER_EMAIL_VERIFIED,
-                        updated.view(),
-                        ["email_verified"],
-                        request_id,
-                        now,
-                    )
-                )
-                await uow.audit.add(
-                    _event(
-                        audit.ANONYMOUS_ACTOR,
-                        request_id,
-                        uid,
-                        audit.USER_EMAIL_VERIFIED,
-                        {"email_verified": (False, True), "email": (None, user.email)},
-                        now,
-                    )
-                )
+                return False, False
+            revoked = bool(await apply(uow, user, now))
             await uow.commit()
-            return True
+            return True, revoked
 
-        if not await in_transaction(self._uow, verify):
-            log.info("verification code refused", extra={"user_id": str(uid)})
+        done, revoked = await in_transaction(self._uow, redeem)
+        if revoked:
+            self._on_tokens_revoked(uid)
+        if not done:
+            log.info("one-time code refused", extra={"user_id": str(uid), "purpose": purpose})
             raise InvalidCode()
 
 
@@ -206,7 +357,7 @@ def _event(
     request_id: str,
     user_id: uuid.UUID,
     action: str,
-    changes: dict[str, tuple[object, object]],
+    changes: dict[str, tuple[Any, Any]],
     now: datetime,
 ) -> AuditEvent:
     return AuditEvent(

@@ -175,6 +175,10 @@ class UserService:
             check_new_password=self._check_new_password,
         )
 
+    def check_new_password(self, password: str, field: str) -> FieldViolation | None:
+        """The rules of every new password (length, not a common one), for `field`."""
+        return self._check_new_password(password, field)
+
     def _check_new_password(self, password: str, field: str) -> FieldViolation | None:
         violation = check_password(password, field)
         if violation is None and password.lower() in self._common_passwords:

@@ -1,4 +1,5 @@
-"""E-mail verification: users.email_verified and the one_time_codes table.
+"""Account lifecycle: users.email_verified, users.password_change_required, and the
+one_time_codes table (e-mail verification and password recovery codes).
 
 Revision ID: 0012
 Revises: 0011
@@ -20,6 +21,14 @@ def upgrade() -> None:
     with op.batch_alter_table("users") as batch:
         batch.add_column(
             sa.Column("email_verified", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
+        batch.add_column(
+            sa.Column(
+                "password_change_required",
+                sa.Boolean(),
+                nullable=False,
+                server_default=sa.false(),
+            )
         )
     op.create_table(
         "one_time_codes",
@@ -44,4 +53,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("one_time_codes")
     with op.batch_alter_table("users") as batch:
+        batch.drop_column("password_change_required")
         batch.drop_column("email_verified")

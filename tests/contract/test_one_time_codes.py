@@ -55,20 +55,22 @@ async def redeem(
     return found
 
 
-async def test_email_verified_reads_back_and_is_writable(
+async def test_email_verified_and_password_change_required_read_back_and_are_writable(
     stores: UnitOfWorkFactory, point_reads: UserPointReads
 ) -> None:
-    verified, plain = new_user(email_verified=True), new_user()
+    verified, plain = new_user(email_verified=True, password_change_required=True), new_user()
     await add(stores, verified, plain)
     assert (await stored(stores, verified.id)) == verified
     assert (await point_reads.get(verified.id)) == verified
     assert (await point_reads.get(plain.id)) == plain
     async with stores() as tx:
-        updated = await tx.users.update(plain.id, {"email_verified": True})
+        updated = await tx.users.update(
+            plain.id, {"email_verified": True, "password_change_required": True}
+        )
         await tx.commit()
-    assert updated is not None and updated.email_verified
+    assert updated is not None and updated.email_verified and updated.password_change_required
     again = await point_reads.get(plain.id)
-    assert again is not None and again.email_verified
+    assert again is not None and again.email_verified and again.password_change_required
 
 
 async def test_a_code_is_redeemed_once_and_only_by_its_user_purpose_and_time(

@@ -61,6 +61,7 @@ MATRIX: dict[str, dict[str, grpc.StatusCode]] = {
     "UpdateUser:name": row(UNAUTH, OK, DENIED, DENIED, OK),
     "UpdateUser:email": row(UNAUTH, OK, DENIED, DENIED, OK),
     "UpdateUser:roles": row(UNAUTH, DENIED, DENIED, DENIED, OK),
+    "UpdateUser:password_change_required": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     "DeleteUser": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     "UndeleteUser": row(UNAUTH, DENIED, DENIED, DENIED, OK),
     "ChangePassword": row(UNAUTH, OK, DENIED, DENIED, OK),
@@ -137,6 +138,9 @@ def _request(
                 "name": user_pb2.User(id=target.id, name=RENAMED),
                 "email": user_pb2.User(id=target.id, email=unique_email("matrix-renamed")),
                 "roles": user_pb2.User(id=target.id, roles=["service"]),
+                "password_change_required": user_pb2.User(
+                    id=target.id, password_change_required=True
+                ),
             }[variant],
             update_mask=field_mask_pb2.FieldMask(paths=[variant]),
         ),

@@ -212,6 +212,9 @@ CRAFTED: dict[str, Callable[[str], str]] = {
     "stale-ver": _claims(ver=0),
     "future-ver": _claims(ver=2),
     "ver-as-string": _claims(ver="1"),
+    # "pcr" restricts a token; anything but a boolean is not a value of it.
+    "pcr-as-string": _claims(pcr="false"),
+    "pcr-as-number": _claims(pcr=0),
     "sub-not-a-uuid": _claims(sub="admin"),
     "unknown-subject": lambda uid: sign_es256(access_claims(str(uuid.uuid4()), roles=["admin"])),
     "jku-header": _header(jku="https://evil.example/jwks.json"),

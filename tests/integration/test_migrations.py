@@ -109,6 +109,7 @@ def test_the_comparison_sees_a_server_default_the_tables_do_not_have(
         ("modify_default", "email_verified"),
         ("modify_default", "failed_attempts"),
         ("modify_default", "failed_login_count"),
+        ("modify_default", "password_change_required"),
         ("modify_default", "token_version"),
     ]
 

@@ -56,6 +56,7 @@ WRITABLE_COLUMNS = frozenset(
         "labels",
         "admin_metadata",
         "email_verified",
+        "password_change_required",
     }
 )
 

@@ -16,6 +16,7 @@ from usersvc.domain.auth import Principal, RequestContext
 from usersvc.domain.errors import (
     FailedPrecondition,
     InvalidCode,
+    PermissionDenied,
     UserNotFound,
     ValidationFailed,
 )
@@ -273,3 +274,92 @@ async def test_disabled_or_deleted_users_cannot_recover(
             request_id="-", user_id=str(other.id), code=code, new_password=NEW_PASSWORD
         )
     assert uow.store[other.id].password_hash == FakePasswordHasher.hash_of(PASSWORD)
+
+
+async def test_password_change_required_is_for_admins_and_cleared_by_the_users_own_change(
+    service: UserService, uow: FakeUnitOfWorkFactory, codes: AccountCodeService
+) -> None:
+    service_ctx = RequestContext(Principal(user_id=uuid.uuid4(), roles=frozenset({"service"})))
+    with pytest.raises(PermissionDenied):
+        await service.create_user(
+            ctx=service_ctx,
+            email="pcr-by-service@example.com",
+            name="Ada",
+            password=PASSWORD,
+            password_change_required=True,
+        )
+    user = await service.create_user(
+        ctx=ADMIN,
+        email="pcr@example.com",
+        name="Ada",
+        password=PASSWORD,
+        password_change_required=True,
+    )
+    assert user.password_change_required
+    assert uow.audit[-1].changes["password_change_required"] == {"old": None, "new": True}
+    own = RequestContext(Principal(user_id=user.id, roles=frozenset()))
+    with pytest.raises(PermissionDenied):
+        await service.update_user(
+            ctx=own,
+            user_id=str(user.id),
+            paths=["password_change_required"],
+            email="",
+            name="",
+            etag="",
+            password_change_required=False,
+        )
+    # An admin setting a password leaves the flag: a temporary password is what it is for.
+    await service.change_password(
+        ctx=ADMIN, user_id=str(user.id), current_password="", new_password=NEW_PASSWORD, etag=""
+    )
+    assert uow.views[user.id].password_change_required
+    changed = await service.change_password(
+        ctx=own,
+        user_id=str(user.id),
+        current_password=NEW_PASSWORD,
+        new_password="the users own choice",
+        etag="",
+    )
+    assert not changed.password_change_required
+    assert uow.user_events[-1].changed_fields == ("password", "password_change_required")
+
+    # Setting it again revokes the user's tokens; clearing it does not.
+    before = uow.store[user.id].token_version
+    await service.update_user(
+        ctx=ADMIN,
+        user_id=str(user.id),
+        paths=["password_change_required"],
+        email="",
+        name="",
+        etag="",
+        password_change_required=True,
+    )
+    assert uow.store[user.id].token_version == before + 1
+    await service.update_user(
+        ctx=ADMIN,
+        user_id=str(user.id),
+        paths=["password_change_required"],
+        email="",
+        name="",
+        etag="",
+        password_change_required=False,
+    )
+    assert uow.store[user.id].token_version == before + 1
+    assert not uow.views[user.id].password_change_required
+
+    # A recovery clears it too.
+    await service.update_user(
+        ctx=ADMIN,
+        user_id=str(user.id),
+        paths=["password_change_required"],
+        email="",
+        name="",
+        etag="",
+        password_change_required=True,
+    )
+    await codes.create_recovery_code(ctx=ADMIN, user_id=str(user.id))
+    code = _mailed_code(uow, user, TOPIC_PASSWORD_RECOVERY)
+    await codes.recover_password(
+        request_id="-", user_id=str(user.id), code=code, new_password="recovered at last"
+    )
+    assert not uow.views[user.id].password_change_required

@@ -29,7 +29,9 @@ class AuthServiceStub:
     """Issues and rotates tokens, and publishes the keys that verify them.
 
     Access tokens are JWTs signed with ES256 (header "kid" names the key in GetJwks); claims:
-    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access". Refresh tokens
+    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access", and pcr = true
+    while the user must change its password (User.password_change_required: such a token can
+    call ChangePassword only; absent otherwise). Refresh tokens
     are opaque random strings that work once each: RefreshToken returns a new pair, and
     presenting a used refresh token again revokes every token of its login.
     """
@@ -66,7 +68,9 @@ class AuthServiceServicer:
     """Issues and rotates tokens, and publishes the keys that verify them.
 
     Access tokens are JWTs signed with ES256 (header "kid" names the key in GetJwks); claims:
-    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access". Refresh tokens
+    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access", and pcr = true
+    while the user must change its password (User.password_change_required: such a token can
+    call ChangePassword only; absent otherwise). Refresh tokens
     are opaque random strings that work once each: RefreshToken returns a new pair, and
     presenting a used refresh token again revokes every token of its login.
     """
@@ -145,7 +149,9 @@ class AuthService:
     """Issues and rotates tokens, and publishes the keys that verify them.
 
     Access tokens are JWTs signed with ES256 (header "kid" names the key in GetJwks); claims:
-    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access". Refresh tokens
+    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access", and pcr = true
+    while the user must change its password (User.password_change_required: such a token can
+    call ChangePassword only; absent otherwise). Refresh tokens
     are opaque random strings that work once each: RefreshToken returns a new pair, and
     presenting a used refresh token again revokes every token of its login.
     """

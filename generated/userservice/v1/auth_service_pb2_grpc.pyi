@@ -30,7 +30,9 @@ class AuthServiceStub:
     """Issues and rotates tokens, and publishes the keys that verify them.
 
     Access tokens are JWTs signed with ES256 (header "kid" names the key in GetJwks); claims:
-    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access". Refresh tokens
+    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access", and pcr = true
+    while the user must change its password (User.password_change_required: such a token can
+    call ChangePassword only; absent otherwise). Refresh tokens
     are opaque random strings that work once each: RefreshToken returns a new pair, and
     presenting a used refresh token again revokes every token of its login.
     """
@@ -68,7 +70,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Issues and rotates tokens, and publishes the keys that verify them.
 
     Access tokens are JWTs signed with ES256 (header "kid" names the key in GetJwks); claims:
-    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access". Refresh tokens
+    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access", and pcr = true
+    while the user must change its password (User.password_change_required: such a token can
+    call ChangePassword only; absent otherwise). Refresh tokens
     are opaque random strings that work once each: RefreshToken returns a new pair, and
     presenting a used refresh token again revokes every token of its login.
     """
@@ -102,7 +106,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """Issues and rotates tokens, and publishes the keys that verify them.
 
     Access tokens are JWTs signed with ES256 (header "kid" names the key in GetJwks); claims:
-    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access". Refresh tokens
+    iss, aud, sub (user id), iat, exp, roles, ver (token version), typ = "access", and pcr = true
+    while the user must change its password (User.password_change_required: such a token can
+    call ChangePassword only; absent otherwise). Refresh tokens
     are opaque random strings that work once each: RefreshToken returns a new pair, and
     presenting a used refresh token again revokes every token of its login.
     """

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19userservice/v1/user.proto\x12\x0euserservice.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x05\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.userservice.v1.UserState\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\x12\x1a\n\x12\x66\x61iled_login_count\x18\t \x01(\x05\x12\x30\n\x0clocked_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_login_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14password_change_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06labels\x18\r \x03(\x0b\x32 .userservice.v1.User.LabelsEntry\x12/\n\x0e\x61\x64min_metadata\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x65mail_verified\x18\x0f \x01(\x08\x12/\n\x0b\x64\x65lete_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\npurge_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12,\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x1b.userservice.v1.FieldChange\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12)\n\told_value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value*o\n\tUserState\x12\x1a\n\x16USER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11USER_STATE_ACTIVE\x10\x01\x12\x17\n\x13USER_STATE_DISABLED\x10\x02\x12\x16\n\x12USER_STATE_DELETED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19userservice/v1/user.proto\x12\x0euserservice.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x05\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05roles\x18\x04 \x03(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.userservice.v1.UserState\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\x12\x1a\n\x12\x66\x61iled_login_count\x18\t \x01(\x05\x12\x30\n\x0clocked_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_login_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14password_change_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06labels\x18\r \x03(\x0b\x32 .userservice.v1.User.LabelsEntry\x12/\n\x0e\x61\x64min_metadata\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x65mail_verified\x18\x0f \x01(\x08\x12 \n\x18password_change_required\x18\x10 \x01(\x08\x12/\n\x0b\x64\x65lete_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\npurge_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12,\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x1b.userservice.v1.FieldChange\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x0b\x46ieldChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12)\n\told_value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12)\n\tnew_value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value*o\n\tUserState\x12\x1a\n\x16USER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11USER_STATE_ACTIVE\x10\x01\x12\x17\n\x13USER_STATE_DISABLED\x10\x02\x12\x16\n\x12USER_STATE_DELETED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USER_LABELSENTRY']._loaded_options = None
   _globals['_USER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_USERSTATE']._serialized_start=1089
-  _globals['_USERSTATE']._serialized_end=1200
+  _globals['_USERSTATE']._serialized_start=1123
+  _globals['_USERSTATE']._serialized_end=1234
   _globals['_USER']._serialized_start=109
-  _globals['_USER']._serialized_end=781
-  _globals['_USER_LABELSENTRY']._serialized_start=736
-  _globals['_USER_LABELSENTRY']._serialized_end=781
-  _globals['_AUDITEVENT']._serialized_start=784
-  _globals['_AUDITEVENT']._serialized_end=971
-  _globals['_FIELDCHANGE']._serialized_start=973
-  _globals['_FIELDCHANGE']._serialized_end=1087
+  _globals['_USER']._serialized_end=815
+  _globals['_USER_LABELSENTRY']._serialized_start=770
+  _globals['_USER_LABELSENTRY']._serialized_end=815
+  _globals['_AUDITEVENT']._serialized_start=818
+  _globals['_AUDITEVENT']._serialized_end=1005
+  _globals['_FIELDCHANGE']._serialized_start=1007
+  _globals['_FIELDCHANGE']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

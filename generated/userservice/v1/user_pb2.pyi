@@ -96,6 +96,7 @@ class User(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ADMIN_METADATA_FIELD_NUMBER: _builtins.int
     EMAIL_VERIFIED_FIELD_NUMBER: _builtins.int
+    PASSWORD_CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
     PURGE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
@@ -130,6 +131,16 @@ class User(_message.Message):
     """Whether the user proved it receives mail at `email`: set by VerifyEmail with a code from
     the mail SendVerificationEmail sent to that address. Output only. Every change of `email`
     resets it to false (a code sent to the old address no longer verifies).
+    """
+    password_change_required: _builtins.bool
+    """The user must change its password before doing anything else. Set by admins (CreateUser,
+    BatchCreateUsers, UpdateUser path "password_change_required"); cleared when the user
+    changes its own password (ChangePassword) or recovers it (RecoverPassword). While set,
+    Login still succeeds, but the access token carries the claim "pcr": true, and with such a
+    token every method except ChangePassword gives PERMISSION_DENIED with ErrorInfo reason
+    PASSWORD_CHANGE_REQUIRED (public methods, such as RefreshToken and Logout, need no token
+    and work as always). Setting it revokes the user's tokens, so that no session goes on
+    without the claim.
     """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -226,12 +237,13 @@ class User(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         admin_metadata: _struct_pb2.Struct | None = ...,
         email_verified: _builtins.bool = ...,
+        password_change_required: _builtins.bool = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
         purge_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "create_time", b"create_time", "delete_time", b"delete_time", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "create_time", b"create_time", "delete_time", b"delete_time", "email", b"email", "email_verified", b"email_verified", "etag", b"etag", "failed_login_count", b"failed_login_count", "id", b"id", "labels", b"labels", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "name", b"name", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "create_time", b"create_time", "delete_time", b"delete_time", "email", b"email", "email_verified", b"email_verified", "etag", b"etag", "failed_login_count", b"failed_login_count", "id", b"id", "labels", b"labels", "last_login_time", b"last_login_time", "locked_until", b"locked_until", "name", b"name", "password_change_required", b"password_change_required", "password_change_time", b"password_change_time", "purge_time", b"purge_time", "roles", b"roles", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -112,6 +112,7 @@ class CreateUserRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ADMIN_METADATA_FIELD_NUMBER: _builtins.int
+    PASSWORD_CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """E-mail address; trimmed, NFKC-normalised and lower-cased before it is stored or
     compared. Required, at most 254 characters, one "@" with a non-empty local part and a
@@ -129,6 +130,10 @@ class CreateUserRequest(_message.Message):
     same caller within 24 hours returns the first call's user and creates nothing; the same
     request_id with a different payload gives INVALID_ARGUMENT (reason REQUEST_ID_REUSED).
     Malformed: INVALID_ARGUMENT.
+    """
+    password_change_required: _builtins.bool
+    """Create the user with User.password_change_required set: its first login gets a token
+    that can only change the password. Admin only (set by a service: PERMISSION_DENIED).
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -151,10 +156,11 @@ class CreateUserRequest(_message.Message):
         request_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         admin_metadata: _struct_pb2.Struct | None = ...,
+        password_change_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "email", b"email", "labels", b"labels", "name", b"name", "password", b"password", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "email", b"email", "labels", b"labels", "name", b"name", "password", b"password", "password_change_required", b"password_change_required", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,9 +435,11 @@ class UpdateUserRequest(_message.Message):
         role one of "admin", "service"), "labels" (replaces the whole map), "labels.<key>" (sets
         that label to user.labels[key], or removes it when user.labels lacks the key; a bad key
         or value gives INVALID_ARGUMENT on `user.labels["<key>"]`, more than 64 labels after the
-        change INVALID_ARGUMENT on "user.labels"; not together with "labels") and
-        "admin_metadata" (replaces the whole object). An empty mask, an unknown path or an
-        output-only path (id, state, create_time, update_time, etag) gives INVALID_ARGUMENT.
+        change INVALID_ARGUMENT on "user.labels"; not together with "labels"), "admin_metadata"
+        (replaces the whole object) and "password_change_required" (setting it revokes the
+        user's tokens, see User.password_change_required). A change of "email" resets
+        email_verified. An empty mask, an unknown path or an output-only path (id, state,
+        create_time, update_time, etag, email_verified) gives INVALID_ARGUMENT.
         """
 
     def __init__(
@@ -935,8 +943,9 @@ class UserEvent(_message.Message):
         "password" (the fact only), "failed_login_count" and "locked_until" (unlock, and a
         RecoverPassword that cleared them), "labels", "admin_metadata" (the fact only: its value
         is never in an event), "email_verified" (VerifyEmail, and a change of the e-mail that
-        reset it); every public field on USER_EVENT_TYPE_CREATED (labels and admin_metadata when
-        the user was created with them); "state" on USER_EVENT_TYPE_DELETED (a soft
+        reset it), "password_change_required" (set or cleared); every public field on
+        USER_EVENT_TYPE_CREATED (labels and admin_metadata when the user was created with them);
+        "state" on USER_EVENT_TYPE_DELETED (a soft
         delete) and on the USER_EVENT_TYPE_UPDATED of an UndeleteUser.
         """
 
@@ -1040,6 +1049,7 @@ class BatchCreateUserEntry(_message.Message):
     ROLES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ADMIN_METADATA_FIELD_NUMBER: _builtins.int
+    PASSWORD_CHANGE_REQUIRED_FIELD_NUMBER: _builtins.int
     email: _builtins.str
     """E-mail address; rules of CreateUserRequest.email. Bad: INVALID_ARGUMENT; taken by a
     stored user or by an earlier entry of the batch: ALREADY_EXISTS.
@@ -1066,6 +1076,8 @@ class BatchCreateUserEntry(_message.Message):
     "users[i].password_hash" (the description names the format, never the hash). At most
     1,024 characters. Never returned, logged or audited.
     """
+    password_change_required: _builtins.bool
+    """Create the user with User.password_change_required set."""
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Roles to grant, each "admin" or "service"; only roles the caller holds itself
@@ -1094,10 +1106,11 @@ class BatchCreateUserEntry(_message.Message):
         roles: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         admin_metadata: _struct_pb2.Struct | None = ...,
+        password_change_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "credential", b"credential", "password", b"password", "password_hash", b"password_hash"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "credential", b"credential", "email", b"email", "labels", b"labels", "name", b"name", "password", b"password", "password_hash", b"password_hash", "roles", b"roles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_metadata", b"admin_metadata", "credential", b"credential", "email", b"email", "labels", b"labels", "name", b"name", "password", b"password", "password_change_required", b"password_change_required", "password_hash", b"password_hash", "roles", b"roles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_credential: _TypeAlias = _typing.Literal["password", "password_hash"]  # noqa: Y015
     _WhichOneofArgType_credential: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015

@@ -144,8 +144,8 @@ class UserServiceServicer:
     def CreateUser(self, request, context):
         """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
         at once, including a too common password and bad labels or admin_metadata),
-        ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata set by
-        a caller that is not admin).
+        ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata or
+        password_change_required set by a caller that is not admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,8 +185,8 @@ class UserServiceServicer:
 
     def UpdateUser(self, request, context):
         """Updates the fields named in update_mask. Callers: admin (any writable path); the user
-        itself ("name" and "email" only; "roles", "labels", "labels.<key>" and "admin_metadata"
-        give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+        itself ("name" and "email" only; "roles", "labels", "labels.<key>", "admin_metadata"
+        and "password_change_required" give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
         (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
         user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
         also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
@@ -226,7 +226,10 @@ class UserServiceServicer:
 
     def ChangePassword(self, request, context):
         """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
-        current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
+        current_password; admin, which need not. The user's own change clears
+        password_change_required (and is the one call a token with the "pcr" claim may make);
+        an admin's change leaves it as it is, so an admin can set a temporary password that the
+        user must replace. Errors: INVALID_ARGUMENT (bad or too common new
         password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
         checked like a Login password: a wrong one counts toward the same per-account lock as a
         failed Login (while locked, no current_password is accepted), and the same per-account

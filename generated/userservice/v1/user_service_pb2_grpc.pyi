@@ -42,8 +42,8 @@ class UserServiceStub:
     CreateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]
     """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
     at once, including a too common password and bad labels or admin_metadata),
-    ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata set by
-    a caller that is not admin).
+    ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata or
+    password_change_required set by a caller that is not admin).
     """
     GetUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]
     """Returns one user. Callers: admin, service, the user itself. A soft-deleted user is
@@ -67,8 +67,8 @@ class UserServiceStub:
     """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]
     """Updates the fields named in update_mask. Callers: admin (any writable path); the user
-    itself ("name" and "email" only; "roles", "labels", "labels.<key>" and "admin_metadata"
-    give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+    itself ("name" and "email" only; "roles", "labels", "labels.<key>", "admin_metadata"
+    and "password_change_required" give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
     (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
     user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
     also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
@@ -96,7 +96,10 @@ class UserServiceStub:
     """
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]
     """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
-    current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
+    current_password; admin, which need not. The user's own change clears
+    password_change_required (and is the one call a token with the "pcr" claim may make);
+    an admin's change leaves it as it is, so an admin can set a temporary password that the
+    user must replace. Errors: INVALID_ARGUMENT (bad or too common new
     password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
     checked like a Login password: a wrong one counts toward the same per-account lock as a
     failed Login (while locked, no current_password is accepted), and the same per-account
@@ -216,8 +219,8 @@ class UserServiceAsyncStub(UserServiceStub):
     CreateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateUserRequest, _user_service_pb2.CreateUserResponse]  # type: ignore[assignment]
     """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
     at once, including a too common password and bad labels or admin_metadata),
-    ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata set by
-    a caller that is not admin).
+    ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata or
+    password_change_required set by a caller that is not admin).
     """
     GetUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]  # type: ignore[assignment]
     """Returns one user. Callers: admin, service, the user itself. A soft-deleted user is
@@ -241,8 +244,8 @@ class UserServiceAsyncStub(UserServiceStub):
     """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_service_pb2.UpdateUserResponse]  # type: ignore[assignment]
     """Updates the fields named in update_mask. Callers: admin (any writable path); the user
-    itself ("name" and "email" only; "roles", "labels", "labels.<key>" and "admin_metadata"
-    give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+    itself ("name" and "email" only; "roles", "labels", "labels.<key>", "admin_metadata"
+    and "password_change_required" give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
     (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
     user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
     also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
@@ -270,7 +273,10 @@ class UserServiceAsyncStub(UserServiceStub):
     """
     ChangePassword: _aio.UnaryUnaryMultiCallable[_user_service_pb2.ChangePasswordRequest, _user_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
-    current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
+    current_password; admin, which need not. The user's own change clears
+    password_change_required (and is the one call a token with the "pcr" claim may make);
+    an admin's change leaves it as it is, so an admin can set a temporary password that the
+    user must replace. Errors: INVALID_ARGUMENT (bad or too common new
     password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
     checked like a Login password: a wrong one counts toward the same per-account lock as a
     failed Login (while locked, no current_password is accepted), and the same per-account
@@ -393,8 +399,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.CreateUserResponse, _abc.Awaitable[_user_service_pb2.CreateUserResponse]]:
         """Creates a user. Callers: admin, service. Errors: INVALID_ARGUMENT (every bad field listed
         at once, including a too common password and bad labels or admin_metadata),
-        ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata set by
-        a caller that is not admin).
+        ALREADY_EXISTS (the normalised e-mail is taken), PERMISSION_DENIED (admin_metadata or
+        password_change_required set by a caller that is not admin).
         """
 
     @_abc_1.abstractmethod
@@ -442,8 +448,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.UpdateUserResponse, _abc.Awaitable[_user_service_pb2.UpdateUserResponse]]:
         """Updates the fields named in update_mask. Callers: admin (any writable path); the user
-        itself ("name" and "email" only; "roles", "labels", "labels.<key>" and "admin_metadata"
-        give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
+        itself ("name" and "email" only; "roles", "labels", "labels.<key>", "admin_metadata"
+        and "password_change_required" give PERMISSION_DENIED). Errors: INVALID_ARGUMENT
         (empty mask, unknown or immutable path, bad value), NOT_FOUND (also for a soft-deleted
         user, as for ChangePassword, DisableUser and EnableUser), ALREADY_EXISTS (e-mail taken,
         also by a soft-deleted user), ABORTED (stale etag). A change of roles revokes the user's
@@ -489,7 +495,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.ChangePasswordResponse, _abc.Awaitable[_user_service_pb2.ChangePasswordResponse]]:
         """Changes a password and revokes the user's tokens. Callers: the user itself, which must send
-        current_password; admin, which need not. Errors: INVALID_ARGUMENT (bad or too common new
+        current_password; admin, which need not. The user's own change clears
+        password_change_required (and is the one call a token with the "pcr" claim may make);
+        an admin's change leaves it as it is, so an admin can set a temporary password that the
+        user must replace. Errors: INVALID_ARGUMENT (bad or too common new
         password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
         checked like a Login password: a wrong one counts toward the same per-account lock as a
         failed Login (while locked, no current_password is accepted), and the same per-account

@@ -97,6 +97,10 @@ class KeySet:
         )
 
 
+# Set (true) while the user must change its password (User.password_change_required).
+PASSWORD_CHANGE_REQUIRED_CLAIM = "pcr"
+
+
 class AccessTokenCodec:
     """Issues and verifies access tokens with pinned algorithm, issuer and audience."""
 
@@ -126,6 +130,7 @@ class AccessTokenCodec:
         version: int,
         now: float | None = None,
         ttl_seconds: int | None = None,
+        password_change_required: bool = False,
     ) -> tuple[str, float]:
         """A signed token and its expiry (epoch seconds)."""
         issued = int(now if now is not None else time.time())
@@ -141,6 +146,9 @@ class AccessTokenCodec:
             "ver": version,
             "typ": ACCESS,
         }
+        if password_change_required:
+            # Only when set: such a token may change the password and nothing else.
+            claims[PASSWORD_CHANGE_REQUIRED_CLAIM] = True
         token = jwt.encode(
             claims,
             self._keys.signing_key,
@@ -191,6 +199,8 @@ class AccessTokenCodec:
         # type() is, not isinstance: True would pass as version 1.
         if type(claims.get("ver")) is not int or not isinstance(claims.get("roles"), list):
             raise InvalidAccessToken("missing ver or roles")
+        if type(claims.get(PASSWORD_CHANGE_REQUIRED_CLAIM, False)) is not bool:
+            raise InvalidAccessToken("pcr is not a boolean")
         return claims
 
 

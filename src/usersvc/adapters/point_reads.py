@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 _COLUMNS = (
     "id, email, name, password_hash, roles, state, create_time, update_time, version,"
     " token_version, failed_login_count, locked_until, last_login_time, password_change_time,"
-    " delete_time, purge_time, deleted_from_state, labels, admin_metadata, email_verified"
+    " delete_time, purge_time, deleted_from_state, labels, admin_metadata, email_verified,"
+    " password_change_required"
 )
 _GET_PG = f"SELECT {_COLUMNS} FROM users WHERE id = $1"  # noqa: S608
 # The unfiltered list (deleted users left out) in list order: what list_statement in
@@ -104,6 +105,7 @@ def _user(row: Sequence[Any] | asyncpg.Record, *, roles: Any, times: tuple[Any, 
         admin_metadata=(json.loads(row[18]) if row[18] is not None else None) or {},
         # asyncpg gives a bool, sqlite3 the integer SQLite stores.
         email_verified=bool(row[19]),
+        password_change_required=bool(row[20]),
     )
 
 

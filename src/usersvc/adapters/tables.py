@@ -99,6 +99,8 @@ users = Table(
     Column("admin_metadata", JsonList, nullable=True),
     # Migration 0012: set by VerifyEmail, reset by every change of the e-mail.
     Column("email_verified", Boolean(), nullable=False, server_default=false()),
+    # Set by admins; cleared by the user's own ChangePassword or a RecoverPassword.
+    Column("password_change_required", Boolean(), nullable=False, server_default=false()),
     # The list order (newest first, id as tiebreaker) served by one index scan; also the
     # create_time bounds of ListUsers.filter.
     Index("ix_users_create_time_id", "create_time", "id"),

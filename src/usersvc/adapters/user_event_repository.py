@@ -108,6 +108,7 @@ def snapshot_of(user: UserView) -> dict[str, Any]:
         "purge_time": user.purge_time.isoformat() if user.purge_time is not None else None,
         "labels": dict(user.labels),
         "email_verified": user.email_verified,
+        "password_change_required": user.password_change_required,
     }
 
 
@@ -131,6 +132,7 @@ def _user_of(snapshot: dict[str, Any]) -> UserView:
         labels=snapshot.get("labels") or {},
         # Absent from events older than the field: unverified, as every user was then.
         email_verified=bool(snapshot.get("email_verified", False)),
+        password_change_required=bool(snapshot.get("password_change_required", False)),
     )
 
 

@@ -106,6 +106,7 @@ WRITABLE_COLUMNS = frozenset(
         "admin_metadata",
         # VerifyEmail; reset by a change of the e-mail
         "email_verified",
+        "password_change_required",
     }
 )
 _INSERT_LABELS = insert(user_labels)
@@ -237,6 +238,7 @@ def _to_user(row: Row[Any]) -> User:
         labels=m["labels"] or {},
         admin_metadata=m["admin_metadata"] or {},
         email_verified=bool(m["email_verified"]),
+        password_change_required=bool(m["password_change_required"]),
     )
 
 
@@ -264,6 +266,7 @@ def _row_of(user: User, skeleton: str) -> dict[str, Any]:
         "labels": dict(user.labels),
         "admin_metadata": dict(user.admin_metadata),
         "email_verified": user.email_verified,
+        "password_change_required": user.password_change_required,
     }
 
 

@@ -16,6 +16,8 @@ class Principal:
 
     user_id: uuid.UUID
     roles: frozenset[str]
+    # The token carries "pcr": it may change the password and nothing else.
+    password_change_required: bool = False
 
     @property
     def is_admin(self) -> bool:

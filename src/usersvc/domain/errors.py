@@ -154,6 +154,17 @@ class PermissionDenied(DomainError):
         super().__init__(message)
 
 
+class PasswordChangeRequired(PermissionDenied):
+    """The caller's token says its user must change the password before anything else."""
+
+    reason = "PASSWORD_CHANGE_REQUIRED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the password must be changed first: only ChangePassword is allowed with this token"
+        )
+
+
 class ResourceExhausted(DomainError):
     """Too many calls (rate limits); retry after `retry_after_seconds`."""
 

@@ -52,6 +52,8 @@ class User:
     admin_metadata: Mapping[str, Any] = field(default_factory=dict)
     # Set by VerifyEmail; every change of the e-mail resets it.
     email_verified: bool = False
+    # Set by admins: the user's tokens may then only change the password.
+    password_change_required: bool = False
 
     @property
     def etag(self) -> str:
@@ -77,6 +79,7 @@ class User:
             labels=self.labels,
             admin_metadata=self.admin_metadata,
             email_verified=self.email_verified,
+            password_change_required=self.password_change_required,
         )
 
 
@@ -104,6 +107,7 @@ class UserView:
     labels: Mapping[str, str] = field(default_factory=dict)
     admin_metadata: Mapping[str, Any] = field(default_factory=dict)
     email_verified: bool = False
+    password_change_required: bool = False
 
     @property
     def etag(self) -> str:

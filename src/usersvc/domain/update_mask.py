@@ -16,9 +16,13 @@ from usersvc.domain.labels import (
 from usersvc.domain.validation import check_email, check_name, check_roles
 
 # Paths of User an UpdateUser mask may name, and the ones it may never name.
-UPDATABLE_PATHS = frozenset({"name", "email", "roles", "labels", "admin_metadata"})
-ADMIN_ONLY_PATHS = frozenset({"roles", "labels", "admin_metadata"})
-OUTPUT_ONLY_PATHS = frozenset({"id", "state", "create_time", "update_time", "etag"})
+UPDATABLE_PATHS = frozenset(
+    {"name", "email", "roles", "labels", "admin_metadata", "password_change_required"}
+)
+ADMIN_ONLY_PATHS = frozenset({"roles", "labels", "admin_metadata", "password_change_required"})
+OUTPUT_ONLY_PATHS = frozenset(
+    {"id", "state", "create_time", "update_time", "etag", "email_verified"}
+)
 # `labels.<key>`: sets that one label to user.labels[key], or removes it when absent there.
 LABEL_PATH_PREFIX = "labels."
 
@@ -65,6 +69,7 @@ def parse_update_mask(
     roles: Sequence[str],
     labels: Mapping[str, str] | None = None,
     admin_metadata: Mapping[str, Any] | None = None,
+    password_change_required: bool = False,
 ) -> MaskedUpdate:
     """Check every path and the value it names; collect all violations at once."""
     violations: list[FieldViolation] = []
@@ -110,6 +115,8 @@ def parse_update_mask(
             values["admin_metadata"], violation = check_admin_metadata(
                 admin_metadata or {}, "user.admin_metadata"
             )
+        elif path == "password_change_required":
+            values["password_change_required"] = password_change_required
         if violation is not None:
             violations.append(violation)
     return MaskedUpdate(values=values, violations=violations, label_edits=edits)

@@ -51,6 +51,7 @@ PUBLIC_FIELDS = frozenset(
         "labels",
         "admin_metadata",
         "email_verified",
+        "password_change_required",
     }
 )
 

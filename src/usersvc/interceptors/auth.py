@@ -19,7 +19,7 @@ from google.protobuf.descriptor import FileDescriptor
 from userservice.v1 import options_pb2
 from usersvc.context import call_record_var, principal_var
 from usersvc.domain.auth import Principal
-from usersvc.domain.errors import PermissionDenied
+from usersvc.domain.errors import PasswordChangeRequired, PermissionDenied
 from usersvc.interceptors.base import (
     Context,
     StreamBehavior,
@@ -50,6 +50,11 @@ class MethodPolicy:
 
 
 PUBLIC = MethodPolicy(public=True, roles=frozenset(), self_field=())
+# The only methods a token with "pcr" (the user must change its password) may call; public
+# methods (RefreshToken, Logout, ...) need no token and are not affected.
+PASSWORD_CHANGE_METHODS = frozenset({"/userservice.v1.UserService/ChangePassword"})
+
+
 # An open stream checks its caller's token again this often: a revoked or expired token ends
 # it within this plus the token-state cache's lifetime (at most 5 s).
 STREAM_RECHECK_SECONDS = 0.5
@@ -106,14 +111,18 @@ class AuthInterceptor(UnaryWrappingInterceptor):
             if policy is None or stream is None or not inspect.isasyncgenfunction(stream):
                 # Default deny; and no other kind of streaming method of ours needs a caller.
                 return grpc.unary_unary_rpc_method_handler(_denied("method not allowed"))
-            return rebuild_stream(handler, self._guard_stream(policy, cast(StreamBehavior, stream)))
+            return rebuild_stream(
+                handler, self._guard_stream(method, policy, cast(StreamBehavior, stream))
+            )
         if policy is None:
             return rebuild(handler, _denied("method has no access policy"))
         # grpc.aio handlers are coroutine functions; the stubs type them as sync.
-        return rebuild(handler, self._guard(policy, cast(UnaryBehavior, handler.unary_unary)))
+        return rebuild(
+            handler, self._guard(method, policy, cast(UnaryBehavior, handler.unary_unary))
+        )
 
     async def _admit(
-        self, policy: MethodPolicy, request: Any, context: Context
+        self, method: str, policy: MethodPolicy, request: Any, context: Context
     ) -> tuple[Principal, str | None]:
         """The caller, if its token is good and the policy lets it call; and its header."""
         authorization = None
@@ -122,6 +131,8 @@ class AuthInterceptor(UnaryWrappingInterceptor):
                 authorization = value if isinstance(value, str) else None
                 break
         principal = await self._authenticator.authenticate(authorization)
+        if principal.password_change_required and method not in PASSWORD_CHANGE_METHODS:
+            raise PasswordChangeRequired()
         if not policy.roles & principal.roles and not (
             policy.self_field and _is_self(request, policy.self_field, principal.user_id)
         ):
@@ -131,11 +142,11 @@ class AuthInterceptor(UnaryWrappingInterceptor):
             record.principal = principal
         return principal, authorization
 
-    def _guard(self, policy: MethodPolicy, behavior: UnaryBehavior) -> UnaryBehavior:
+    def _guard(self, method: str, policy: MethodPolicy, behavior: UnaryBehavior) -> UnaryBehavior:
         admit = self._admit
 
         async def guarded(request: Any, context: Context) -> Any:
-            principal, _ = await admit(policy, request, context)
+            principal, _ = await admit(method, policy, request, context)
             token = principal_var.set(principal)
             try:
                 return await behavior(request, context)
@@ -144,7 +155,9 @@ class AuthInterceptor(UnaryWrappingInterceptor):
 
         return guarded
 
-    def _guard_stream(self, policy: MethodPolicy, behavior: StreamBehavior) -> StreamBehavior:
+    def _guard_stream(
+        self, method: str, policy: MethodPolicy, behavior: StreamBehavior
+    ) -> StreamBehavior:
         """Admitted before the first message like a unary call; then the token is checked
         again every STREAM_RECHECK_SECONDS while the stream is open, and the stream ends
         with UNAUTHENTICATED once it is revoked or expired: a stream never outlives its
@@ -158,7 +171,7 @@ class AuthInterceptor(UnaryWrappingInterceptor):
                 await authenticate(authorization)  # raises Unauthenticated when not
 
         async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
-            principal, authorization = await admit(policy, request, context)
+            principal, authorization = await admit(method, policy, request, context)
             principal_var.set(principal)
             responses = cast(AsyncGenerator[Any, None], behavior(request, context))
 

@@ -44,6 +44,7 @@ def user_to_proto(user: UserView) -> user_pb2.User:
         failed_login_count=user.failed_login_count,
         labels=user.labels,
         email_verified=user.email_verified,
+        password_change_required=user.password_change_required,
     )
     if user.admin_metadata:
         # Empty for every caller but an admin (services.users._shown).

@@ -53,6 +53,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
             request_id=request.request_id,
             labels=dict(request.labels),
             admin_metadata=struct_to_dict(request.admin_metadata),
+            password_change_required=request.password_change_required,
         )
         return pb.CreateUserResponse(user=user_to_proto(user))
 
@@ -72,6 +73,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
                     roles=list(e.roles),
                     labels=dict(e.labels),
                     admin_metadata=struct_to_dict(e.admin_metadata),
+                    password_change_required=e.password_change_required,
                 )
                 for e in request.users
             ],
@@ -135,6 +137,7 @@ class UserServicer(pb_grpc.UserServiceServicer):
             labels=dict(request.user.labels),
             admin_metadata=struct_to_dict(request.user.admin_metadata),
             etag=request.user.etag,
+            password_change_required=request.user.password_change_required,
         )
         return pb.UpdateUserResponse(user=user_to_proto(user))
 

@@ -274,6 +274,7 @@ class AccountCodeService:
                 "update_time": now,
                 "failed_login_count": 0,
                 "locked_until": None,
+                "password_change_required": False,
             }
             updated = await uow.users.update(
                 user.id, values, expected_version=user.version, revoke_tokens=True
@@ -286,6 +287,8 @@ class AccountCodeService:
                 changes["failed_login_count"] = (user.failed_login_count, 0)
             if user.locked_until is not None:
                 changes["locked_until"] = (user.locked_until.isoformat(), None)
+            if user.password_change_required:
+                changes["password_change_required"] = (True, False)
             await uow.user_events.add(
                 change_of(
                     audit.USER_PASSWORD_RECOVERED, updated.view(), list(changes), request_id, now

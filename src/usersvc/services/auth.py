@@ -108,7 +108,11 @@ class Authenticator:
         if current is None or current != claims["ver"]:
             log.info("refused token: revoked")
             raise Unauthenticated()
-        return Principal(user_id=user_id, roles=frozenset(str(r) for r in claims["roles"]))
+        return Principal(
+            user_id=user_id,
+            roles=frozenset(str(r) for r in claims["roles"]),
+            password_change_required=claims.get("pcr") is True,
+        )
 
 
 class AuthService:
@@ -320,7 +324,12 @@ class AuthService:
         extends a login beyond the refresh-token lifetime."""
         now = self._clock()
         access, access_exp = self._tokens.issue(
-            subject=user.id, roles=user.roles, version=user.token_version, now=now.timestamp()
+            subject=user.id,
+            roles=user.roles,
+            version=user.token_version,
+            now=now.timestamp(),
+            # Read from the user at every issue: a refresh after the flag was cleared drops it.
+            password_change_required=user.password_change_required,
         )
         refresh = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
         expires = family_expires if family_expires is not None else now + self._refresh_ttl

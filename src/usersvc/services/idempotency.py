@@ -43,12 +43,16 @@ class IdempotentCreates:
         *,
         labels: Mapping[str, str] | None = None,
         admin_metadata: Mapping[str, Any] | None = None,
+        password_change_required: bool = False,
     ) -> str:
         # Keyed, so the stored value reveals nothing about the password without the key.
         fields: list[Any] = [email, name, password, list(roles)]
         if labels or admin_metadata:
             # Only when set: keys remembered before these fields existed keep their fingerprint.
             fields.append([dict(labels or {}), dict(admin_metadata or {})])
+        if password_change_required:
+            # The same: the flag only when set.
+            fields.append(True)
         payload = json.dumps(fields, ensure_ascii=False, sort_keys=True)
         return hmac.new(self._fingerprint_key, payload.encode(), hashlib.sha256).hexdigest()
 
@@ -173,6 +177,7 @@ def _snapshot(user: UserView) -> dict[str, Any]:
         ),
         "labels": dict(user.labels),
         "admin_metadata": dict(user.admin_metadata),
+        "password_change_required": user.password_change_required,
     }
 
 
@@ -194,6 +199,7 @@ def _from_snapshot(data: dict[str, Any]) -> UserView:
         ),
         labels=data.get("labels") or {},
         admin_metadata=data.get("admin_metadata") or {},
+        password_change_required=bool(data.get("password_change_required", False)),
     )
 
 

@@ -386,8 +386,10 @@ class AccessTokenCodec(Protocol):
         version: int,
         now: float | None = None,
         ttl_seconds: int | None = None,
+        password_change_required: bool = False,
     ) -> tuple[str, float]:
-        """A signed token and its expiry (epoch seconds)."""
+        """A signed token and its expiry (epoch seconds); with `password_change_required`
+        the claim "pcr": true, which restricts the token to ChangePassword."""
 
     def verify(self, token: str) -> dict[str, Any]:
         """The claims of a valid token; InvalidAccessToken otherwise."""

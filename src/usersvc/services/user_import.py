@@ -58,6 +58,7 @@ class NewUserEntry:
     roles: Sequence[str] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     admin_metadata: Mapping[str, Any] = field(default_factory=dict)
+    password_change_required: bool = False
 
 
 @dataclass(slots=True)
@@ -73,6 +74,7 @@ class _Pending:
     hash_format: str
     labels: dict[str, str] = field(default_factory=dict)
     admin_metadata: dict[str, Any] = field(default_factory=dict)
+    password_change_required: bool = False
 
 
 class UserImport:
@@ -260,6 +262,7 @@ class UserImport:
                     hash_format=hash_format or "argon2id",
                     labels=labels,
                     admin_metadata=metadata,
+                    password_change_required=entry.password_change_required,
                 )
             )
         return pending
@@ -326,6 +329,7 @@ class UserImport:
                 password_change_time=now,
                 labels=entry.labels,
                 admin_metadata=entry.admin_metadata,
+                password_change_required=entry.password_change_required,
             )
             new_users.append(user)
             welcomes.append(
@@ -370,6 +374,9 @@ def _fingerprint_entry(entry: NewUserEntry) -> list[Any]:
     if entry.labels or entry.admin_metadata:
         # Only when set: batches remembered before these fields existed keep their fingerprint.
         fields.append([dict(entry.labels), dict(entry.admin_metadata)])
+    if entry.password_change_required:
+        # The same: the flag only when set.
+        fields.append(True)
     return fields
 
 
@@ -400,6 +407,8 @@ def _created_event(ctx: RequestContext, user: User, hash_format: str, now: datet
         changes["labels"] = (None, dict(user.labels))
     if user.admin_metadata:
         changes["admin_metadata"] = (None, dict(user.admin_metadata))
+    if user.password_change_required:
+        changes["password_change_required"] = (None, True)
     return AuditEvent(
         user_id=user.id,
         action=audit.USER_CREATED,

@@ -200,6 +200,7 @@ class UserService:
         request_id: str = "",
         labels: Mapping[str, str] | None = None,
         admin_metadata: Mapping[str, Any] | None = None,
+        password_change_required: bool = False,
     ) -> UserView:
         """Validate every field at once, hash the password, insert; EmailTaken on a duplicate.
 
@@ -228,10 +229,18 @@ class UserService:
             violations.extend([id_violation] if id_violation else [])
         if violations:
             raise ValidationFailed(violations)
+        if password_change_required and not ctx.actor.is_admin:
+            raise PermissionDenied("only admins may require a password change")
         caller = ctx.actor.audit_name
         key = request_id.lower()
         fingerprint = self._creates.fingerprint(
-            email, name, password, checked_roles, labels=checked_labels, admin_metadata=metadata
+            email,
+            name,
+            password,
+            checked_roles,
+            labels=checked_labels,
+            admin_metadata=metadata,
+            password_change_required=password_change_required,
         )
         if request_id:
             earlier = await self._creates.remembered(caller, key, fingerprint)
@@ -256,6 +265,7 @@ class UserService:
             password_change_time=now,
             labels=checked_labels,
             admin_metadata=metadata,
+            password_change_required=password_change_required,
         )
         welcome = OutboxMessage(
             topic=TOPIC_USER_CREATED,
@@ -509,15 +519,19 @@ class UserService:
         labels: Mapping[str, str] | None = None,
         admin_metadata: Mapping[str, Any] | None = None,
         etag: str,
+        password_change_required: bool = False,
     ) -> UserView:
         """Write the masked fields only; checks etag and bumps the version atomically.
 
-        Only admins may write `roles`, `labels` (also `labels.<key>`) and `admin_metadata`;
-        a change of roles revokes the user's tokens. `labels` replaces the whole map;
-        `labels.<key>` sets that label to labels[key], or removes it when labels lacks the key.
+        Only admins may write `roles`, `labels` (also `labels.<key>`), `admin_metadata` and
+        `password_change_required`; a change of roles, and setting password_change_required,
+        revoke the user's tokens. `labels` replaces the whole map; `labels.<key>` sets that
+        label to labels[key], or removes it when labels lacks the key.
         """
         if not ctx.actor.is_admin and admin_only(paths):
-            raise PermissionDenied("only admins may change roles, labels and admin_metadata")
+            raise PermissionDenied(
+                "only admins may change roles, labels, admin_metadata and password_change_required"
+            )
         violations: list[FieldViolation] = []
         uid, id_violation = parse_user_id(user_id, "user.id")
         if id_violation:
@@ -529,6 +543,7 @@ class UserService:
             roles=roles,
             labels=labels,
             admin_metadata=admin_metadata,
+            password_change_required=password_change_required,
         )
         violations.extend(update.violations)
         if violations or uid is None:
@@ -570,13 +585,12 @@ class UserService:
         if not actor.is_admin:
             await self._check_current_password(ctx, uid, current_password)
         password_hash = await self._hasher.hash(new_password)
-        changed = await self._write(
-            ctx,
-            uid,
-            {"password_hash": password_hash},
-            etag=etag,
-            action=audit.USER_PASSWORD_CHANGED,
-        )
+        values: dict[str, Any] = {"password_hash": password_hash}
+        if actor.is_self(uid):
+            # The change the flag asked for. An admin setting someone's password leaves the
+            # flag as it is: a temporary password is what the flag is for.
+            values["password_change_required"] = False
+        changed = await self._write(ctx, uid, values, etag=etag, action=audit.USER_PASSWORD_CHANGED)
         return _shown(ctx, changed)
 
     async def _check_current_password(
@@ -925,7 +939,13 @@ class UserService:
             if not changes and require_state is None:
                 # Nothing would change: no new version, no audit record (AIP-134 allows it).
                 return current, False
-            revoke = bool({"password_hash", "state"} & set(wanted)) or "roles" in changes
+            # Setting password_change_required too: every session must log in again and get
+            # the restricted token.
+            revoke = (
+                bool({"password_hash", "state"} & set(wanted))
+                or "roles" in changes
+                or changes.get("password_change_required") == (False, True)
+            )
             now = self._clock()
             written = {**wanted, "update_time": now}
             if "password_hash" in wanted:
@@ -1000,8 +1020,11 @@ class UserService:
 
 
 def created_extras(user: User) -> dict[str, tuple[Any, Any]]:
-    """The audit changes of a created user's labels and admin_metadata, when it has them."""
+    """The audit changes of a created user's labels, admin_metadata and
+    password_change_required, when it has them."""
     extras: dict[str, tuple[Any, Any]] = {}
+    if user.password_change_required:
+        extras["password_change_required"] = (None, True)
     if user.labels:
         extras["labels"] = (None, dict(user.labels))
     if user.admin_metadata:

@@ -142,9 +142,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from usersvc.workers import serve_workers
 
             return serve_workers(settings)
+        from usersvc import event_loop
         from usersvc.server import serve
 
-        asyncio.run(serve(settings))
+        event_loop.run(serve(settings), settings.event_loop)
     except OSError as err:  # the listen address cannot be bound
         raise _fail(f"{ENV_PREFIX}LISTEN_ADDRESS: {err}") from None
     return 0

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     database_url: str = ""
     data_dir: Path = DEFAULT_DATA_DIR
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # uvloop where installed (less CPU per call), else the standard asyncio loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # Seconds in-flight calls get to finish after SIGTERM/SIGINT.
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     # Seconds health reports NOT_SERVING before the listener closes, so that load balancers

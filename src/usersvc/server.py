@@ -22,6 +22,7 @@ from usersvc.adapters.schema_check import SchemaState, check_schema, describe_ur
 from usersvc.bootstrap import Components, build_components, build_dispatcher
 from usersvc.config import Settings
 from usersvc.context import request_id_var
+from usersvc.event_loop import running_kind
 from usersvc.health import NOT_SERVING, SERVING, HealthServicer, Readiness
 from usersvc.interceptors.access_log import AccessLogInterceptor
 from usersvc.interceptors.auth import AuthInterceptor, policies_from
@@ -340,6 +341,7 @@ async def serve(
             "tls": settings.tls_enabled,
             "mutual_tls": settings.tls_client_ca_file is not None,
             "tracing": tracer_provider is not None,
+            "event_loop": running_kind(),
         },
     )
     stop = asyncio.Event()

@@ -8,7 +8,6 @@ short lifetime, exactly as they reach other replicas.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -33,11 +32,14 @@ def _reserve(listen_address: str) -> tuple[socket.socket, str]:
 
 
 def _run_worker(settings: Settings) -> None:
+    from usersvc import event_loop
     from usersvc.server import serve
 
     code = 0
     try:
-        asyncio.run(serve(settings, reuse_port=True, metrics_endpoint=False))
+        event_loop.run(
+            serve(settings, reuse_port=True, metrics_endpoint=False), settings.event_loop
+        )
     except BaseException:
         log.exception("worker failed")
         code = 1

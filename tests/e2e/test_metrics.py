@@ -115,7 +115,10 @@ def test_one_scrape_counts_every_call_of_every_worker_by_code(
     serve_with_metrics: ServeProcess,
 ) -> None:
     server = serve_with_metrics
-    workers = {int(str(x["pid"])) for x in server.log_lines() if x["message"] == "serving"}
+    serving = [x for x in server.log_lines() if x["message"] == "serving"]
+    # Each worker runs on uvloop, the default where it is installed (a dependency here).
+    assert {x["event_loop"] for x in serving} == {"uvloop"}
+    workers = {int(str(x["pid"])) for x in serving}
     calls: Counter[tuple[str, str, str]] = Counter()
     served_by: set[int] = set()
     n = 0

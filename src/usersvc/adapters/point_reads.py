@@ -62,9 +62,19 @@ _AUTH_STATE_SQLITE = _AUTH_STATE_PG.replace("$1", "?")
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
+    # asyncpg hands timestamptz over in UTC already: as it is (the common case, per column
+    # of every row of a page).
+    if value is None or value.tzinfo is UTC:
+        return value
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    # Most users have no labels and no metadata: "{}" needs no parser.
+    if text is None or text == "{}":
+        return {}
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}
 
 
 def _sqlite_time(value: str | None) -> datetime | None:
@@ -101,8 +111,8 @@ def _user(row: Sequence[Any] | asyncpg.Record, *, roles: Any, times: tuple[Any, 
         purge_time=purge_time,
         deleted_from_state=UserState(row[16]) if row[16] is not None else None,
         # JSON text on both drivers (asyncpg hands jsonb over as text); NULL: none.
-        labels=(json.loads(row[17]) if row[17] is not None else None) or {},
-        admin_metadata=(json.loads(row[18]) if row[18] is not None else None) or {},
+        labels=_json_object(row[17]),
+        admin_metadata=_json_object(row[18]),
         # asyncpg gives a bool, sqlite3 the integer SQLite stores.
         email_verified=bool(row[19]),
         password_change_required=bool(row[20]),

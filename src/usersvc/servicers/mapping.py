@@ -31,35 +31,44 @@ def timestamp(value: datetime) -> Timestamp:
     return Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
+def _put(target: Timestamp, value: datetime) -> None:
+    """`timestamp(value)` written into a message's own Timestamp field: no second message
+    to build and copy (per user of every page, for each of up to seven times)."""
+    seconds, micros = divmod((value - _EPOCH) // _MICROSECOND, 1_000_000)
+    target.seconds = seconds
+    target.nanos = micros * 1000
+
+
 def user_to_proto(user: UserView) -> user_pb2.User:
     message = user_pb2.User(
         id=str(user.id),
         email=user.email,
         name=user.name,
-        roles=list(user.roles),
+        roles=user.roles,
         state=_STATE[user.state],
-        create_time=timestamp(user.create_time),
-        update_time=timestamp(user.update_time),
         etag=user.etag,
         failed_login_count=user.failed_login_count,
-        labels=user.labels,
         email_verified=user.email_verified,
         password_change_required=user.password_change_required,
     )
+    _put(message.create_time, user.create_time)
+    _put(message.update_time, user.update_time)
+    if user.labels:
+        message.labels.update(user.labels)
     if user.admin_metadata:
         # Empty for every caller but an admin (services.users._shown).
         message.admin_metadata.update(user.admin_metadata)
     # Unset stays unset (never logged in, not locked, unknown), not the epoch.
     if user.locked_until is not None:
-        message.locked_until.CopyFrom(timestamp(user.locked_until))
+        _put(message.locked_until, user.locked_until)
     if user.last_login_time is not None:
-        message.last_login_time.CopyFrom(timestamp(user.last_login_time))
+        _put(message.last_login_time, user.last_login_time)
     if user.password_change_time is not None:
-        message.password_change_time.CopyFrom(timestamp(user.password_change_time))
+        _put(message.password_change_time, user.password_change_time)
     if user.delete_time is not None:
-        message.delete_time.CopyFrom(timestamp(user.delete_time))
+        _put(message.delete_time, user.delete_time)
     if user.purge_time is not None:
-        message.purge_time.CopyFrom(timestamp(user.purge_time))
+        _put(message.purge_time, user.purge_time)
     return message
 
 

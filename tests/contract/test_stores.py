@@ -11,7 +11,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from tests.unit.fakes import FakeUnitOfWorkFactory
+from usersvc.adapters.tables import outbox
+from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
 from usersvc.domain.audit import AuditEvent
 from usersvc.domain.errors import AlreadyExists, DuplicateRequest, EmailTaken
 from usersvc.domain.events import OutboxMessage
@@ -535,6 +539,62 @@ async def test_outbox_claims_are_leased_fenced_and_settled(stores: UnitOfWorkFac
         )
         await tx.commit()
     assert await claim(later + timedelta(days=1), later + timedelta(days=2)) == []
+
+
+async def _stored_payload(stores: UnitOfWorkFactory, message_id: uuid.UUID) -> dict[str, Any]:
+    """What the outbox table holds now as a row's payload."""
+    if isinstance(stores, FakeUnitOfWorkFactory):
+        return stores.db.outbox_rows[message_id].message.payload
+    assert isinstance(stores, SqlUnitOfWorkFactory)
+    async with stores.engine.connect() as conn:
+        payload = (
+            await conn.execute(select(outbox.c.payload).where(outbox.c.id == message_id))
+        ).scalar_one()
+    assert isinstance(payload, dict)
+    return payload
+
+
+@pytest.mark.parametrize("settle", ["delivered", "failed", "skipped"])
+async def test_a_settled_outbox_row_keeps_no_code(stores: UnitOfWorkFactory, settle: str) -> None:
+    """A mailed code lives in its outbox row only until the row is settled."""
+    user = new_user()
+    await add(stores, user)
+    topic = f"contract.{uuid.uuid4().hex[:12]}"
+    message = OutboxMessage(
+        topic=topic,
+        aggregate_id=user.id,
+        payload={"email": user.email, "code": "secret-code-value", "n": 1},
+        request_id="req",
+        create_time=NOW,
+    )
+    async with stores() as tx:
+        await tx.outbox.add(message)
+        await tx.commit()
+    assert (await _stored_payload(stores, message.id))["code"] == "secret-code-value"
+    lease = NOW + timedelta(minutes=1)
+    async with stores() as tx:
+        [claimed] = await tx.outbox.claim_due(topics=[topic], now=NOW, lease_until=lease, limit=1)
+        # A retry keeps the code: the mail has yet to go out.
+        assert await tx.outbox.schedule_retry(
+            message.id, claimed_until=lease, attempts=1, next_attempt_time=NOW, error="x", now=NOW
+        )
+        await tx.commit()
+    assert (await _stored_payload(stores, message.id))["code"] == "secret-code-value"
+    async with stores() as tx:
+        [claimed] = await tx.outbox.claim_due(topics=[topic], now=NOW, lease_until=lease, limit=1)
+        assert claimed.payload["code"] == "secret-code-value"
+        if settle == "delivered":
+            assert await tx.outbox.mark_delivered(message.id, now=NOW)
+        elif settle == "failed":
+            assert await tx.outbox.mark_failed(
+                message.id, claimed_until=lease, attempts=2, error="gave up", now=NOW
+            )
+        else:
+            assert await tx.outbox.mark_skipped(
+                message.id, claimed_until=lease, reason="gone", now=NOW
+            )
+        await tx.commit()
+    assert await _stored_payload(stores, message.id) == {"email": user.email, "n": 1}
 
 
 async def test_get_many_returns_the_existing_users_of_a_set_of_ids(

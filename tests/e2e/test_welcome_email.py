@@ -241,6 +241,7 @@ def test_email_verification_by_mailed_code_leaves_the_code_nowhere_else(
     mailing_users: UserServiceStub,
     smtp: SmtpServer,
     logs: CapturedLogs,
+    db: Engine,
 ) -> None:
     user = create(mailing_users)
     sent = mailing_users.SendVerificationEmail(
@@ -295,6 +296,19 @@ def test_email_verification_by_mailed_code_leaves_the_code_nowhere_else(
     assert Detector.for_suite(also=[code]).findings(scanned) == []
     # The scan can fail: the code in a line is found.
     assert Detector.for_suite(also=[code]).findings(scanned + code)
+    # Nor in the database: the outbox row lost it when it was settled as delivered.
+    query = select(outbox.c.topic, outbox.c.status, outbox.c.payload).where(
+        outbox.c.aggregate_id == uuid.UUID(user.id)
+    )
+
+    def settled() -> list[Any]:
+        with db.connect() as conn:
+            rows = conn.execute(query).all()
+        return rows if rows and all(r.status != "pending" for r in rows) else []
+
+    rows = wait_until(settled)
+    assert "user.email_verification" in {r.topic for r in rows}
+    assert code not in str([r.payload for r in rows])
 
 
 def test_password_recovery_by_mailed_code_ends_old_sessions_and_leaves_no_secret_behind(

@@ -17,7 +17,7 @@ from typing import Any, Self
 
 from usersvc.domain.audit import AuditEvent, tombstone
 from usersvc.domain.errors import DuplicateRequest, EmailTaken
-from usersvc.domain.events import OutboxMessage
+from usersvc.domain.events import SECRET_PAYLOAD_KEYS, OutboxMessage
 from usersvc.domain.models import (
     SERVICE_ACCOUNT_PASSWORD_HASH,
     PageCursor,
@@ -389,6 +389,7 @@ class FakeOutboxRepository(_Writes):
             attempts=row.attempts + 1,
             claimed_until=None,
             last_error=None,
+            message=_without_secrets(row.message),
         )
         return True
 
@@ -437,6 +438,7 @@ class FakeOutboxRepository(_Writes):
             status=OutboxStatus.FAILED,
             attempts=attempts,
             last_error=error[:ERROR_MAX_CHARS],
+            message=_without_secrets(self.db.outbox_rows[message_id].message),
         )
 
     async def mark_skipped(
@@ -447,10 +449,17 @@ class FakeOutboxRepository(_Writes):
             claimed_until,
             status=OutboxStatus.SKIPPED,
             last_error=reason[:ERROR_MAX_CHARS],
+            message=_without_secrets(self.db.outbox_rows[message_id].message),
         )
 
     async def release(self, message_id: uuid.UUID, *, claimed_until: datetime) -> bool:
         return self._settle_claimed(message_id, claimed_until)
+
+
+def _without_secrets(message: OutboxMessage) -> OutboxMessage:
+    """The row's message once settled (the `outbox` list keeps what was added, for tests)."""
+    payload = {k: v for k, v in message.payload.items() if k not in SECRET_PAYLOAD_KEYS}
+    return dataclasses.replace(message, payload=payload)
 
 
 class FakeRefreshTokenRepository(_Writes):

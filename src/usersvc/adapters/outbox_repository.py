@@ -13,12 +13,24 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    and_,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.bulk_insert import insert_rows
 from usersvc.adapters.tables import outbox, users
-from usersvc.domain.events import OutboxMessage
+from usersvc.domain.events import SECRET_PAYLOAD_KEYS, OutboxMessage
 from usersvc.domain.models import UserState
 from usersvc.domain.records import ClaimedOutboxMessage, OutboxStatus
 from usersvc.trace_context import current_traceparent
@@ -158,6 +170,16 @@ class OutboxRepository:
             for row in rows
         ]
 
+    def _without_secrets(self) -> ColumnElement[Any]:
+        """The payload with SECRET_PAYLOAD_KEYS removed, in SQL (no read-modify-write)."""
+        payload: ColumnElement[Any] = outbox.c.payload
+        for key in SECRET_PAYLOAD_KEYS:
+            if self._conn.dialect.name == "postgresql":
+                payload = type_coerce(payload.op("-")(literal(key, String())), JSONB())
+            else:
+                payload = func.json_remove(payload, f"$.{key}")
+        return payload
+
     async def mark_delivered(self, message_id: uuid.UUID, *, now: datetime) -> bool:
         """Settle a delivered row; False if it was no longer pending.
 
@@ -173,6 +195,7 @@ class OutboxRepository:
                 claimed_until=None,
                 last_error=None,
                 update_time=now,
+                payload=self._without_secrets(),
             )
         )
         return bool(result.rowcount)
@@ -215,6 +238,7 @@ class OutboxRepository:
             attempts=attempts,
             last_error=error[:ERROR_MAX_CHARS],
             update_time=now,
+            payload=self._without_secrets(),
         )
 
     async def mark_skipped(
@@ -227,6 +251,7 @@ class OutboxRepository:
             status=SKIPPED,
             last_error=reason[:ERROR_MAX_CHARS],
             update_time=now,
+            payload=self._without_secrets(),
         )
 
     async def release(self, message_id: uuid.UUID, *, claimed_until: datetime) -> bool:

@@ -436,7 +436,7 @@ def test_usersvc_dispatch_delivers_on_its_own_until_sigterm() -> None:
             _, stderr = process.communicate(timeout=30)
         assert [m.rcpt_tos for m in received] == [(email,)]
         assert process.returncode == 0, stderr
-        assert "welcome e-mail dispatcher stopped" in stderr
+        assert "e-mail dispatcher stopped" in stderr
 
 
 def test_usersvc_dispatch_without_smtp_host_says_why_and_exits() -> None:

@@ -1,1 +1,1 @@
-"""Notifications delivered from the outbox: the welcome e-mail over SMTP."""
+"""Notifications delivered from the outbox: e-mail over SMTP (welcome mail, code mails)."""

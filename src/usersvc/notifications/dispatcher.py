@@ -127,7 +127,11 @@ class OutboxDispatcher:
                 log.error(
                     "outbox record not settled",
                     exc_info=result,
-                    extra={"request_id": message.request_id, "outbox_id": str(message.id)},
+                    extra={
+                        "request_id": message.request_id,
+                        "outbox_id": str(message.id),
+                        "topic": message.topic,
+                    },
                 )
         return len(claimed)
 
@@ -137,7 +141,7 @@ class OutboxDispatcher:
         Errors (the database being unavailable) are logged and the next poll tries again, so
         an outage never ends the dispatcher.
         """
-        log.info("welcome e-mail dispatcher started")
+        log.info("e-mail dispatcher started")
         while not stop.is_set():
             try:
                 processed = await self.run_once()
@@ -151,7 +155,7 @@ class OutboxDispatcher:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._poll_seconds)
-        log.info("welcome e-mail dispatcher stopped")
+        log.info("e-mail dispatcher stopped")
 
     async def _process(self, message: ClaimedOutboxMessage) -> None:
         # Its own trace (delivery happens long after the call), linked to the creating call's.
@@ -218,8 +222,12 @@ class OutboxDispatcher:
                 # A bug or bad data (an address the e-mail library refuses); retried like any
                 # failure so it ends as `failed` with a reason, never silently pending.
                 log.exception(
-                    "welcome e-mail could not be built or sent",
-                    extra={"request_id": message.request_id, "outbox_id": str(message.id)},
+                    "e-mail could not be built or sent",
+                    extra={
+                        "request_id": message.request_id,
+                        "outbox_id": str(message.id),
+                        "topic": message.topic,
+                    },
                 )
                 await self._failed(message, f"{type(err).__name__}: {err}")
                 return
@@ -231,10 +239,11 @@ class OutboxDispatcher:
             await tx.commit()
         self._metrics.outbox_delivered.labels(topic=message.topic).inc()
         log.info(
-            "welcome e-mail sent",
+            "e-mail sent",
             extra={
                 "request_id": message.request_id,
                 "outbox_id": str(message.id),
+                "topic": message.topic,
                 "recipient": recipient,
                 "attempt": message.attempts + 1,
                 # False: another dispatcher settled it first (our lease had run out).
@@ -249,10 +258,11 @@ class OutboxDispatcher:
             )
             await tx.commit()
         log.info(
-            "welcome e-mail skipped",
+            "e-mail skipped",
             extra={
                 "request_id": message.request_id,
                 "outbox_id": str(message.id),
+                "topic": message.topic,
                 "reason": reason,
             },
         )
@@ -265,6 +275,7 @@ class OutboxDispatcher:
         fields = {
             "request_id": message.request_id,
             "outbox_id": str(message.id),
+            "topic": message.topic,
             "recipient": message.user_email,
             "attempt": attempts,
             "max_attempts": self._max_attempts,
@@ -282,7 +293,7 @@ class OutboxDispatcher:
                 )
                 await tx.commit()
             self._metrics.outbox_failed.labels(topic=message.topic).inc()
-            log.warning("welcome e-mail failed; giving up", extra=fields)
+            log.warning("e-mail failed; giving up", extra=fields)
             return
         delay = backoff_delay(
             attempts, base=self._backoff_base, maximum=self._backoff_max, rng=self._rng
@@ -298,6 +309,4 @@ class OutboxDispatcher:
             )
             await tx.commit()
         self._metrics.outbox_retried.labels(topic=message.topic).inc()
-        log.warning(
-            "welcome e-mail not sent; will retry", extra={**fields, "retry_in_seconds": delay}
-        )
+        log.warning("e-mail not sent; will retry", extra={**fields, "retry_in_seconds": delay})

@@ -197,6 +197,9 @@ def _run(database_url: str, args: argparse.Namespace) -> dict[str, float | list[
             "USERSVC_SECRET_KEY": TEST_SECRET,
             "USERSVC_JWT_SIGNING_KEY_FILE": str(TEST_SIGNING_KEY),
             "USERSVC_LOG_LEVEL": "INFO",
+            # The limiter stays on, but the bench's one caller would be throttled as one greedy
+            # caller at the default read limit once GetUser passes it (as in tests.bench.run).
+            "USERSVC_RATE_LIMIT_READS": "1000000/second",
         }
         log_path = Path(data_dir) / "usersvc.log"
         svc, address = _start([sys.executable, "-m", "usersvc", "serve"], env, log_path)

@@ -97,6 +97,23 @@ async def test_point_reads_answer_as_the_store_does_and_see_each_commit(
     assert renamed is not None and renamed.name == "Renamed" and renamed.version == 2
 
 
+async def test_point_reads_get_many_as_the_store_does(
+    stores: UnitOfWorkFactory, point_reads: UserPointReads
+) -> None:
+    """BatchGetUsers' read, one statement for any number of ids, without a unit of work."""
+    plain = new_user(roles=("service",), labels={"team": "billing"})
+    deleted = new_user(state=UserState.DELETED, delete_time=NOW, purge_time=NOW)
+    await add(stores, plain, deleted)
+    ids = {plain.id, deleted.id, uuid.uuid4()}
+    async with stores(write=False) as tx:
+        expected = await tx.users.get_many(ids)
+    found = await point_reads.get_many(ids)
+    assert sorted(found, key=lambda u: u.id) == sorted(expected, key=lambda u: u.id)
+    assert sorted(found, key=lambda u: u.id) == sorted([plain, deleted], key=lambda u: u.id)
+    assert await point_reads.get_many(set()) == []
+    assert await point_reads.get_many({uuid.uuid4() for _ in range(1000)}) == []
+
+
 async def test_a_point_read_page_is_the_stores_unfiltered_page(
     stores: UnitOfWorkFactory, point_reads: UserPointReads
 ) -> None:

@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,8 +56,11 @@ LIST_AFTER_PG = (
     f"SELECT {_COLUMNS} FROM users WHERE state != 'deleted'"  # noqa: S608
     " AND (create_time, id) < ($2, $3) ORDER BY create_time DESC, id DESC LIMIT $1"
 )
+_GET_MANY_PG = f"SELECT {_COLUMNS} FROM users WHERE id = ANY($1::uuid[])"  # noqa: S608
 _AUTH_STATE_PG = "SELECT token_version, state FROM users WHERE id = $1"
 _GET_SQLITE = _GET_PG.replace("$1", "?")
+# The ids as one JSON array of the hex form SQLite stores: one statement for any count.
+_GET_MANY_SQLITE = f"SELECT {_COLUMNS} FROM users WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608
 _AUTH_STATE_SQLITE = _AUTH_STATE_PG.replace("$1", "?")
 
 
@@ -121,6 +124,11 @@ def _user(row: Sequence[Any] | asyncpg.Record, *, roles: Any, times: tuple[Any, 
 
 def _pg_user(row: asyncpg.Record) -> User:
     times = tuple(_utc(row[i]) for i in (6, 7, 11, 12, 13, 14, 15))
+    return _user(row, roles=json.loads(row[4]), times=times)
+
+
+def _sqlite_user(row: tuple[Any, ...]) -> User:
+    times = tuple(_sqlite_time(row[i]) for i in (6, 7, 11, 12, 13, 14, 15))
     return _user(row, roles=json.loads(row[4]), times=times)
 
 
@@ -303,6 +311,12 @@ class PostgresPointReads:
         row = await self._fetch(_GET_PG, user_id)
         return None if row is None else _pg_user(row)
 
+    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]:
+        if not user_ids:
+            return []
+        rows = await self._guarded(self._connections.fetch(_GET_MANY_PG, list(user_ids)))
+        return [_pg_user(row) for row in rows]
+
     async def list_page(self, *, limit: int, after: PageCursor | None) -> Sequence[User]:
         if after is None:
             read = self._connections.fetch(LIST_FIRST_PG, limit)
@@ -354,10 +368,18 @@ class SqlitePointReads:
         except sqlite3.OperationalError:
             user: User | None = await self._fallback.get(user_id)
             return user
-        if row is None:
-            return None
-        times = tuple(_sqlite_time(row[i]) for i in (6, 7, 11, 12, 13, 14, 15))
-        return _user(row, roles=json.loads(row[4]), times=times)
+        return None if row is None else _sqlite_user(row)
+
+    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]:
+        if not user_ids:
+            return []
+        ids = json.dumps([u.hex for u in user_ids])
+        try:
+            rows = self._connection().execute(_GET_MANY_SQLITE, (ids,)).fetchall()
+        except sqlite3.OperationalError:
+            users: Sequence[User] = await self._fallback.get_many(user_ids)
+            return users
+        return [_sqlite_user(row) for row in rows]
 
     async def list_page(self, *, limit: int, after: PageCursor | None) -> Sequence[User]:
         # Pages are not this path's business on SQLite: a page is many rows, and the list

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from usersvc.domain.models import PageCursor, User, UserState
 from usersvc.domain.user_filter import UserFilter
@@ -27,3 +27,7 @@ class UnitOfWorkPointReads:
     async def list_page(self, *, limit: int, after: PageCursor | None) -> Sequence[User]:
         async with self._uow(write=False) as uow:
             return await uow.users.list(limit=limit, after=after, where=UserFilter())
+
+    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]:
+        async with self._uow(write=False) as uow:
+            return await uow.users.get_many(user_ids)

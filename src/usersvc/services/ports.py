@@ -115,6 +115,8 @@ class UserPointReads(Protocol):
         """UserStore.list with no filter (deleted users left out)."""
         ...
 
+    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]: ...
+
 
 class RefreshTokenStore(Protocol):
     """Refresh tokens by hash; a family is every token descended from one login."""

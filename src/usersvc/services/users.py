@@ -412,8 +412,7 @@ class UserService:
         if not actor.roles & READ_ANY_ROLES and not all(actor.is_self(u) for u in parsed):
             # The contract's policy already refuses this; the rule holds here on its own too.
             raise PermissionDenied("a user may batch-get only itself")
-        async with self._uow(write=False) as uow:
-            stored = await uow.users.get_many(set(parsed))
+        stored = await self._point_reads.get_many(set(parsed))
         # Soft-deleted users are missing to all but admins, as in GetUser.
         found = {
             u.id: u.view() for u in stored if u.state is not UserState.DELETED or actor.is_admin

@@ -303,7 +303,7 @@ def test_email_verification_by_mailed_code_leaves_the_code_nowhere_else(
 
     def settled() -> list[Any]:
         with db.connect() as conn:
-            rows = conn.execute(query).all()
+            rows = list(conn.execute(query).all())
         return rows if rows and all(r.status != "pending" for r in rows) else []
 
     rows = wait_until(settled)

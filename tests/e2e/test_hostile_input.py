@@ -270,3 +270,53 @@ def test_a_malformed_recovery_code_request_is_invalid(users: UserServiceStub) ->
     details = details_of(_refused(lambda: users.CreateRecoveryCode(request)))
     assert details.code == INVALID
     assert set(details.violations) == {"user_id"}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _nested_struct(depth: int) -> bytes:
+    """A google.protobuf.Struct `depth` levels deep, {"k": {"k": ...}}, encoded by hand:
+    protobuf's own Python objects refuse to build one this deep."""
+    struct = b""
+    for _ in range(depth):
+        value = b"\x2a" + _varint(len(struct)) + struct  # Value.struct_value = 5
+        entry = b"\x0a\x01k" + b"\x12" + _varint(len(value)) + value  # key = 1, value = 2
+        struct = b"\x0a" + _varint(len(entry)) + entry  # Struct.fields = 1
+    return struct
+
+
+@pytest.mark.parametrize("depth", [9, 150, 5000])
+def test_admin_metadata_nested_too_deep_is_invalid_argument_and_changes_nothing(
+    admin_channel: grpc.Channel, users: UserServiceStub, db: Engine, depth: int
+) -> None:
+    """Nesting past the limit (8) is a field violation; past protobuf's own recursion limit
+    the body does not decode and is refused as malformed: never INTERNAL, nothing written."""
+    created = create_user(users)
+    base = pb.UpdateUserRequest(
+        user=user_pb2.User(id=created.id, etag=created.etag),
+        update_mask=field_mask_pb2.FieldMask(paths=["admin_metadata"]),
+    ).SerializeToString()
+    metadata = _nested_struct(depth)
+    user = b"\x72" + _varint(len(metadata)) + metadata  # User.admin_metadata = 14
+    body = base + b"\x0a" + _varint(len(user)) + user  # a second `user` merges into the first
+    call = admin_channel.unary_unary(
+        "/userservice.v1.UserService/UpdateUser",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    details = details_of(_refused(lambda: call(body)))
+    assert details.code == INVALID
+    if depth < 100:  # protobuf's recursion limit
+        assert details.reason == "INVALID_ARGUMENT"
+        assert set(details.violations) == {"user.admin_metadata"}
+    else:
+        assert details.reason == "MALFORMED_REQUEST"
+    row = stored_user(db, created.id)
+    assert row is not None and row["version"] == 1 and not row["admin_metadata"]

@@ -82,3 +82,23 @@ class AuditEvent:
     request_id: str
     create_time: datetime
     id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+def change_event(
+    *,
+    user_id: uuid.UUID,
+    action: str,
+    changes: dict[str, tuple[Any, Any]],
+    actor: str,
+    request_id: str,
+    now: datetime,
+) -> AuditEvent:
+    """The audit event of one change: {field: (old, new)} with the secrets redacted."""
+    return AuditEvent(
+        user_id=user_id,
+        action=action,
+        changes=redact(changes),
+        actor=actor,
+        request_id=request_id,
+        create_time=now,
+    )

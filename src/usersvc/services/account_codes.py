@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from usersvc.domain import audit
-from usersvc.domain.audit import AuditEvent, redact
+from usersvc.domain.audit import AuditEvent, change_event
 from usersvc.domain.auth import RequestContext
 from usersvc.domain.errors import (
     FailedPrecondition,
@@ -363,11 +363,11 @@ def _event(
     changes: dict[str, tuple[Any, Any]],
     now: datetime,
 ) -> AuditEvent:
-    return AuditEvent(
+    return change_event(
         user_id=user_id,
         action=action,
-        changes=redact(changes),
+        changes=changes,
         actor=actor,
         request_id=request_id,
-        create_time=now,
+        now=now,
     )

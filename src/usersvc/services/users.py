@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from usersvc.domain import audit, user_events
-from usersvc.domain.audit import AuditEvent, redact
+from usersvc.domain.audit import AuditEvent, change_event
 from usersvc.domain.auth import ADMIN, SERVICE, SYSTEM, RequestContext
 from usersvc.domain.errors import (
     DuplicateRequest,
@@ -990,13 +990,13 @@ class UserService:
         changes: dict[str, tuple[Any, Any]],
         now: datetime,
     ) -> AuditEvent:
-        return AuditEvent(
+        return change_event(
             user_id=user_id,
             action=action,
-            changes=redact(changes),
+            changes=changes,
             actor=ctx.actor.audit_name,
             request_id=ctx.request_id,
-            create_time=now,
+            now=now,
         )
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 import uuid
@@ -16,6 +17,7 @@ from grpc_status import rpc_status
 from tests.e2e.auth_helpers import PASSWORD, create_user, login_pair, unique_email
 from tests.e2e.conftest import ADMIN_EMAIL, CapturedLogs
 from tests.e2e.watch_helpers import Watch
+from tests.password_hash_samples import bcrypt_hash
 from tests.support import (
     ADMIN_PASSWORD,
     TEST_SECRET,
@@ -233,3 +235,78 @@ def test_a_stream_gets_a_request_id_and_one_access_log_line_when_it_ends(
         next(iter(refused))
     assert details_of(caught.value).request_id == rid
     assert details_of(caught.value).trailers["x-request-id"] == rid
+
+
+async def _task_count() -> int:
+    return len(asyncio.all_tasks())
+
+
+@pytest.mark.one_backend
+def test_a_reader_that_stops_reading_is_cut_off_and_resumes_without_loss(
+    database_url: str, logs: CapturedLogs
+) -> None:
+    with tempfile.TemporaryDirectory() as data_dir:
+        settings = make_settings(database_url, data_dir, watch_slow_consumer_seconds=1)
+        ensure_admin(settings, ADMIN_EMAIL)
+        server = ServerThread(settings).start()
+        # A small receive window (and no BDP growth) so that a few hundred events fill it.
+        stalled_options = [("grpc.http2.lookahead_bytes", 16384), ("grpc.http2.bdp_probe", 0)]
+        try:
+            with (
+                grpc.insecure_channel(server.address) as ch,
+                grpc.insecure_channel(server.address, options=stalled_options) as slow_ch,
+            ):
+                token = _admin_token(ch)
+                idle_tasks = server.call(_task_count())
+                stream = UserServiceStub(slow_ch).WatchUserEvents(
+                    pb.WatchUserEventsRequest(),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                )
+                responses = iter(stream)
+                assert not next(responses).HasField("event")
+                # The reader stops here, while 300 users are created.
+                hashed = bcrypt_hash(PASSWORD)
+                emails = [unique_email() for _ in range(300)]
+                UserServiceStub(ch).BatchCreateUsers(
+                    pb.BatchCreateUsersRequest(
+                        users=[
+                            pb.BatchCreateUserEntry(email=e, name="Reader", password_hash=hashed)
+                            for e in emails
+                        ]
+                    ),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                )
+                # The server stops the feed on its own while the reader still reads nothing.
+                # (Its final status waits behind the unread messages: HTTP/2 sends trailers
+                # after the data, and grpc.aio cannot reset a stream from the server.)
+                ended = logs.wait_for(
+                    lambda x: x["message"].startswith("watch stream ended: the consumer took"),
+                    timeout=5,
+                )
+                assert ended, "the stalled stream was not ended"
+                seen: list[str] = []
+                with pytest.raises(grpc.RpcError) as caught:
+                    seen.extend(r.event.user.email for r in responses)
+                err = caught.value
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                info = error_info(err)
+                assert info.reason == "CONSUMER_TOO_SLOW"
+                resume = info.metadata["resume_token"]
+                assert details_of(err).trailers["x-resume-token"] == resume
+                assert 0 < len(seen) < len(emails), "the stream was not cut mid-way"
+                assert seen == emails[: len(seen)]
+
+                rest = Watch(UserServiceStub(ch), token, after=resume)
+                missing = set(emails[len(seen) :])
+                rest.wait_until(lambda w: {e.user.email for e in w.events} >= missing)
+                resumed = [e.user.email for e in rest.events]
+                rest.cancel()
+                # At least once: from the token on, only the message that was in flight repeats.
+                assert resumed[0] in (seen[-1], emails[len(seen)])
+                assert seen + resumed[1:] == emails or seen + resumed == emails
+                deadline = time.monotonic() + 5
+                while server.call(_task_count()) > idle_tasks and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert server.call(_task_count()) <= idle_tasks, "a task outlived its stream"
+        finally:
+            server.stop()

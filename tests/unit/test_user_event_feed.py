@@ -22,7 +22,7 @@ from usersvc.domain.errors import (
 )
 from usersvc.domain.models import UserState, UserView
 from usersvc.domain.user_events import UserChange, UserEventRecord
-from usersvc.services.user_events import UserEventFeed
+from usersvc.services.user_events import FeedItem, UserEventFeed
 from usersvc.services.users import UserService
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -149,16 +149,43 @@ async def test_a_token_past_the_retention_is_expired() -> None:
     assert (await anext(feed_of(MemoryFeed(), ManualSignal()).watch(recent))).event is None
 
 
-async def test_a_consumer_that_takes_a_message_too_late_is_cut_off_with_its_token() -> None:
-    memory, signal, ticks = MemoryFeed(), ManualSignal(), Ticks()
-    memory.events.extend(change(n) for n in "ab")
-    stream = feed_of(memory, signal, ticks).watch(TOKENS.encode(0, NOW))
-    await anext(stream)  # checkpoint
-    first = await anext(stream)
-    ticks.now += 11  # grpc took the message only 11 s after it was handed over
+async def test_a_send_not_taken_in_time_ends_the_stream_with_the_last_token_sent() -> None:
+    memory, signal = MemoryFeed(), ManualSignal()
+    memory.events.extend(change(n) for n in "abc")
+    feed = UserEventFeed(
+        source=memory, signal=signal, tokens=TOKENS, clock=lambda: NOW, slow_consumer_seconds=0.05
+    )
+    sent: list[FeedItem] = []
+    stalled = asyncio.Event()
+
+    async def send(item: FeedItem) -> None:
+        if len(sent) == 2:  # the consumer stops reading: the transport takes nothing more
+            stalled.set()
+            await asyncio.Event().wait()
+        sent.append(item)
+
     with pytest.raises(ConsumerTooSlow) as caught:
-        await anext(stream)
-    assert caught.value.resume_token == first.resume_token
+        await feed.deliver(TOKENS.encode(0, NOW), send)
+    assert stalled.is_set()
+    assert [i.event is None for i in sent] == [True, False]
+    # The event in flight ("b") is after the token: resuming repeats it, loses nothing.
+    assert caught.value.resume_token == sent[-1].resume_token
+    assert TOKENS.decode(caught.value.resume_token)[0] == 1
+
+
+async def test_a_first_checkpoint_not_taken_names_the_starting_position() -> None:
+    memory, signal = MemoryFeed(), ManualSignal()
+    feed = UserEventFeed(
+        source=memory, signal=signal, tokens=TOKENS, clock=lambda: NOW, slow_consumer_seconds=0.05
+    )
+
+    async def never(item: FeedItem) -> None:
+        await asyncio.Event().wait()
+
+    start = TOKENS.encode(0, NOW)
+    with pytest.raises(ConsumerTooSlow) as caught:
+        await feed.deliver(start, never)
+    assert TOKENS.decode(caught.value.resume_token)[0] == 0
 
 
 async def test_shutting_down_ends_the_stream_with_the_last_token() -> None:

@@ -282,7 +282,11 @@ class UserServiceServicer:
         Errors: INVALID_ARGUMENT (after is malformed or tampered with), FAILED_PRECONDITION with
         ErrorInfo reason RESUME_TOKEN_EXPIRED (events after that position were purged by the
         retention period: resynchronise, e.g. with ListUsers, then watch from now),
-        RESOURCE_EXHAUSTED (the caller reads too slowly; resume from the last token),
+        RESOURCE_EXHAUSTED with ErrorInfo reason CONSUMER_TOO_SLOW (the caller stopped reading
+        or read too slowly: a message was not taken within the server's slow-consumer limit,
+        30 s by default; resume from the token in the ErrorInfo metadata "resume_token" or the
+        x-resume-token trailer, that of the last message taken, which may repeat the one event
+        that was in flight, or from the last token received, which repeats none),
         UNAVAILABLE (the server is shutting down: resume from the token in the ErrorInfo metadata
         "resume_token" or the x-resume-token trailer, or the last one received, on any replica),
         UNAUTHENTICATED (also mid-stream, within seconds of the caller's token being revoked or

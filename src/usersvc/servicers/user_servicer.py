@@ -19,7 +19,7 @@ from usersvc.servicers.mapping import (
 )
 from usersvc.services.account_codes import AccountCodeService
 from usersvc.services.audit import AuditService
-from usersvc.services.user_events import UserEventFeed
+from usersvc.services.user_events import FeedItem, UserEventFeed
 from usersvc.services.user_import import NewUserEntry
 from usersvc.services.users import UserService
 
@@ -205,11 +205,26 @@ class UserServicer(pb_grpc.UserServiceServicer):
     async def WatchUserEvents(
         self, request: pb.WatchUserEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchUserEventsResponse]:
-        async for item in self._feed.watch(request.after):
+        # The messages go out through context.write, each bounded in time by the feed (a
+        # message yielded to grpc would wait on a stalled consumer for ever); this stays an
+        # async generator so the interceptors wrap it as the stream it is.
+        headers_sent = False
+
+        async def send(item: FeedItem) -> None:
+            nonlocal headers_sent
+            if not headers_sent:
+                # Headers are not flow-controlled: sent apart, an abandoned first message
+                # cannot leave them half-sent under the final status.
+                await context.send_initial_metadata(())
+                headers_sent = True
             response = pb.WatchUserEventsResponse(resume_token=item.resume_token)
             if item.event is not None:
                 response.event.CopyFrom(user_event_to_proto(item.event.change))
-            yield response
+            await context.write(response)
+
+        await self._feed.deliver(request.after, send)
+        return
+        yield  # pragma: no cover - makes this an async generator
 
     async def SendVerificationEmail(
         self, request: pb.SendVerificationEmailRequest, context: Context

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -97,8 +97,8 @@ class UserEventFeed:
         """Every event after `after` (empty: from now), then new ones, until cancelled.
 
         Starts with a checkpoint. ValidationFailed for a bad token, ResumeTokenExpired for a
-        purged position; ends with StreamShutDown when the server stops and ConsumerTooSlow
-        when one message waited longer than the slow-consumer limit to be taken.
+        purged position; ends with StreamShutDown when the server stops. How fast the items
+        are taken is `deliver`'s concern.
         """
         start = self._start(after)
         if start is None:
@@ -116,12 +116,8 @@ class UserEventFeed:
             batch = await cursor.next_batch(self._batch)
             for record in batch:
                 token = self._tokens.encode(record.position, record.change.create_time)
-                handed = self._monotonic()
                 yield FeedItem(record, token)
                 last_sent = self._monotonic()
-                if last_sent - handed > self._slow:
-                    # grpc took the message only after the consumer made room for it.
-                    raise ConsumerTooSlow(resume_token=token)
             if len(batch) == self._batch:
                 continue
             if self._monotonic() - last_sent >= self._checkpoint:
@@ -131,6 +127,34 @@ class UserEventFeed:
             if self.stopping.is_set():
                 raise StreamShutDown(resume_token=token)
             await self._wait(ticket)
+
+    async def deliver(self, after: str, send: Callable[[FeedItem], Awaitable[None]]) -> None:
+        """Send every item of `watch(after)` through `send`, until cancelled or it ends.
+
+        A send that has not completed within the slow-consumer limit (the consumer stopped
+        reading, so the transport stopped taking messages) is abandoned and the stream ends
+        with ConsumerTooSlow carrying the token of the last item whose send completed. Every
+        completed send is ahead of the error on the stream, so a consumer resuming from that
+        token misses nothing and sees again at most the one event that was in flight.
+        """
+        items = self.watch(after)
+        delivered = ""
+        try:
+            async for item in items:
+                if item.event is None:
+                    # No event lies between the previous position and a checkpoint's.
+                    delivered = item.resume_token
+                try:
+                    async with asyncio.timeout(self._slow):
+                        await send(item)
+                except TimeoutError:
+                    log.warning(
+                        "watch stream ended: the consumer took no message for %s s", self._slow
+                    )
+                    raise ConsumerTooSlow(resume_token=delivered) from None
+                delivered = item.resume_token
+        finally:
+            await items.aclose()
 
     async def _wait(self, ticket: int) -> None:
         """Until a commit may have happened, the server stops, or the poll interval ends."""

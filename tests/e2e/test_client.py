@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -23,7 +24,7 @@ from userservice.client import (
     Unauthenticated,
 )
 from userservice.client.jwks import AsyncJwksVerifier, InvalidToken, JwksVerifier
-from userservice.v1 import user_pb2
+from userservice.v1 import user_pb2, user_service_pb2
 
 # The client's behaviour does not depend on the database; storage is tested on both elsewhere.
 pytestmark = pytest.mark.one_backend
@@ -145,10 +146,51 @@ async def test_async_client(server: ServerThread, admin_token: str) -> None:
         assert (await c.get_user(created.id)).email == created.email
         ids = [u.id async for u in c.iter_users(page_size=3)]
         assert created.id in ids
+        stream = await c.watch_user_events(timeout=10)
+        renamed = await c.update_user(
+            user_pb2.User(id=created.id, name="Async Watched", etag=created.etag), ["name"]
+        )
+        async for event in stream:
+            if event.user_id == created.id:
+                break
+        assert event.user.name == renamed.name
+        stream.cancel()
         with pytest.raises(InvalidArgument) as exc:
             await c.get_user("not-a-uuid")
         assert "id" in exc.value.violations
         uuid.UUID(exc.value.request_id)
+
+
+def test_watch_user_events_yields_events_and_resumes_from_its_token(client: Client) -> None:
+    stream = client.watch_user_events(timeout=10)
+    start = stream.resume_token
+    created = client.create_user(
+        email=_email("watch"), name="Watched", password="unusual-pass-4217"
+    )
+    event = next(e for e in stream if e.user_id == created.id)
+    assert event.type == user_service_pb2.USER_EVENT_TYPE_CREATED
+    assert event.user.email == created.email
+    assert stream.resume_token != start
+    stream.cancel()
+    again = client.watch_user_events(after=start, timeout=10)
+    assert next(e for e in again if e.user_id == created.id) == event
+    again.cancel()
+    with pytest.raises(InvalidArgument) as bad:
+        client.watch_user_events(after="garbage")
+    assert "after" in bad.value.violations
+
+
+def test_watch_user_events_outlives_the_clients_call_deadline(
+    server: ServerThread, admin_token: str, client: Client
+) -> None:
+    with Client(server.address, token=lambda: admin_token, timeout=0.3) as short:
+        stream = short.watch_user_events()
+        time.sleep(0.6)
+        created = client.create_user(
+            email=_email("late"), name="Late", password="unusual-pass-4217"
+        )
+        assert any(e.user_id == created.id for e in stream)
+        stream.cancel()
 
 
 def test_jwks_verifier_checks_tokens_offline(server: ServerThread, admin_token: str) -> None:

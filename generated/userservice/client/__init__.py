@@ -26,6 +26,7 @@ from userservice.client.errors import (
     Unavailable,
 )
 from userservice.client.sync import Client
+from userservice.client.watch import AsyncUserEventStream, UserEventStream
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
@@ -34,6 +35,7 @@ __all__ = [
     "AlreadyExists",
     "ApiError",
     "AsyncClient",
+    "AsyncUserEventStream",
     "Client",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -45,6 +47,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "UserEventStream",
     "channel_options",
     "service_config",
 ]

@@ -37,7 +37,8 @@ RETRY_POLICY: dict[str, Any] = {
 
 
 def service_config(timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str, Any]:
-    """The gRPC service config: retries for idempotent calls, a deadline for every call."""
+    """The gRPC service config: retries for idempotent calls, a deadline for every call but
+    the change feed's."""
     timeout = f"{timeout_seconds:.3f}s"
     return {
         "methodConfig": [
@@ -47,6 +48,8 @@ def service_config(timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str
                 "retryPolicy": RETRY_POLICY,
             },
             {"name": [{"service": _USERS}, {"service": _AUTH}], "timeout": timeout},
+            # The change feed stays open: no deadline of its own (a per-call one still applies).
+            {"name": [{"service": _USERS, "method": "WatchUserEvents"}]},
         ],
         # Retries pause while most recent calls fail (each failure costs 1 of 10 tokens, each
         # success returns 0.1; below 5 tokens nothing is retried), so an outage is not multiplied.

@@ -18,6 +18,7 @@ from userservice.client._requests import (
     update_user_request,
 )
 from userservice.client.errors import ApiError, Unavailable
+from userservice.client.watch import AsyncUserEventStream
 from userservice.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
@@ -256,3 +257,21 @@ class AsyncClient:
             token = page.next_page_token
             if not token:
                 return
+
+    async def watch_user_events(
+        self, after: str = "", *, timeout: float | None = None
+    ) -> AsyncUserEventStream:
+        """See ``Client.watch_user_events``; ``async for event in stream``."""
+        call = self._users.WatchUserEvents(
+            user_service_pb2.WatchUserEventsRequest(after=after),
+            timeout=timeout,
+            metadata=call_metadata(self.token),
+        )
+        try:
+            first = await call.read()
+        except grpc.RpcError as err:
+            raise ApiError.from_rpc_error(err) from err
+        if not isinstance(first, user_service_pb2.WatchUserEventsResponse):  # pragma: no cover
+            # EOF: the server always sends a checkpoint first.
+            raise ApiError(grpc.StatusCode.UNKNOWN, "the stream ended without a message")
+        return AsyncUserEventStream(call, first)

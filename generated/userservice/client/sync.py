@@ -18,6 +18,7 @@ from userservice.client._requests import (
     update_user_request,
 )
 from userservice.client.errors import ApiError, Unavailable
+from userservice.client.watch import UserEventStream
 from userservice.v1 import (
     auth_service_pb2,
     auth_service_pb2_grpc,
@@ -257,3 +258,24 @@ class Client:
             token = page.next_page_token
             if not token:
                 return
+
+    def watch_user_events(
+        self, after: str = "", *, timeout: float | None = None
+    ) -> UserEventStream:
+        """The change feed of users after the resume token ``after`` (empty: from now).
+
+        Returns once the stream's first message (a checkpoint) arrived, so every change
+        committed from then on comes. No deadline unless ``timeout`` is given; the stream
+        stays open until cancelled. ``InvalidArgument`` for a bad token, ``FailedPrecondition``
+        (RESUME_TOKEN_EXPIRED) for a purged position.
+        """
+        call = self._users.WatchUserEvents(
+            user_service_pb2.WatchUserEventsRequest(after=after),
+            timeout=timeout,
+            metadata=call_metadata(self.token),
+        )
+        try:
+            first = next(call)
+        except grpc.RpcError as err:
+            raise ApiError.from_rpc_error(err) from err
+        return UserEventStream(call, first)

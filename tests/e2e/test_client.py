@@ -1,5 +1,6 @@
 """The typed client of the API package against a real server: both flavours, errors, paging,
-token refresh, retries, and offline token verification with the JWKS helper."""
+token refresh, retries, batches with per-entry errors, the one-time-code calls, and offline
+token verification with the JWKS helper."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import jwt
@@ -17,6 +19,7 @@ from tests.e2e.conftest import ADMIN_EMAIL
 from tests.support import ADMIN_PASSWORD, ServerThread, mint_token
 from userservice.client import (
     Aborted,
+    AlreadyExists,
     AsyncClient,
     Client,
     InvalidArgument,
@@ -112,6 +115,83 @@ def test_labels_and_admin_metadata_go_in_and_the_filter_finds_them(client: Clien
     assert [u.id for u in found] == [made.id]
 
 
+def test_password_change_required_goes_in_on_create_and_out_on_update(client: Client) -> None:
+    made = client.create_user(
+        email=_email(),
+        name="Must Change",
+        password="unusual-pass-4217",
+        password_change_required=True,
+    )
+    assert made.password_change_required
+    cleared = client.update_user(
+        user_pb2.User(id=made.id, password_change_required=False, etag=made.etag),
+        ["password_change_required"],
+    )
+    assert not cleared.password_change_required
+
+
+def test_batch_create_answers_each_entry_and_batch_get_reads_them_back(client: Client) -> None:
+    first, second = _email("batch-"), _email("batch-")
+    results = client.batch_create_users(
+        [
+            user_service_pb2.BatchCreateUserEntry(
+                email=first, name="First", password="unusual-pass-4217"
+            ),
+            user_service_pb2.BatchCreateUserEntry(
+                email="nope", name="Bad", password="unusual-pass-4217"
+            ),
+            user_service_pb2.BatchCreateUserEntry(
+                email=second, name="Second", password="unusual-pass-4217", labels={"k": "v"}
+            ),
+            user_service_pb2.BatchCreateUserEntry(
+                email=first, name="Again", password="unusual-pass-4217"
+            ),
+        ]
+    )
+    assert [r.ok for r in results] == [True, False, True, False]
+    created = [r.user for r in results if r.user is not None]
+    assert [u.email for u in created] == [first, second]
+    assert dict(created[1].labels) == {"k": "v"}
+    bad, taken = results[1].error, results[3].error
+    assert isinstance(bad, InvalidArgument) and results[1].user is None
+    assert bad.reason == "INVALID_ARGUMENT" and set(bad.violations) == {"users[1].email"}
+    uuid.UUID(bad.request_id)
+    assert isinstance(taken, AlreadyExists) and taken.reason == "EMAIL_TAKEN"
+
+    ids = [created[1].id, created[0].id, created[1].id]
+    assert [u.id for u in client.batch_get_users(ids).users] == ids
+    unknown = str(uuid.uuid4())
+    partial = client.batch_get_users([created[0].id, unknown], allow_missing=True)
+    assert [u.email for u in partial.users] == [first]
+    assert list(partial.missing_ids) == [unknown]
+    with pytest.raises(NotFound):
+        client.batch_get_users([created[0].id, unknown])
+
+
+def test_one_time_code_calls_reach_the_server_and_map_its_errors(
+    server: ServerThread, client: Client
+) -> None:
+    user = client.create_user(email=_email(), name="Coded", password="unusual-pass-4217")
+    now = datetime.now(UTC)
+    assert now < client.send_verification_email(user.id) <= now + timedelta(days=2)
+    assert now < client.create_recovery_code(user.id) <= now + timedelta(days=1)
+    with pytest.raises(NotFound):
+        client.create_recovery_code(str(uuid.uuid4()))
+    # Both redeeming calls need no token; a wrong code says only that it is wrong.
+    with Client(server.address) as anonymous:
+        with pytest.raises(InvalidArgument) as wrong:
+            anonymous.verify_email(user.id, "x" * 43)
+        assert wrong.value.reason == "INVALID_CODE"
+        assert set(wrong.value.violations) == {"code"}
+        with pytest.raises(InvalidArgument) as wrong:
+            anonymous.recover_password(user.id, "x" * 43, new_password="recovered-pass-8812")
+        assert wrong.value.reason == "INVALID_CODE"
+        with pytest.raises(InvalidArgument) as malformed:
+            anonymous.verify_email("not-a-uuid", "x" * 43)
+        assert "user_id" in malformed.value.violations
+    assert not client.get_user(user.id).email_verified
+
+
 def test_iter_users_walks_every_page(client: Client) -> None:
     tag = uuid.uuid4().hex[:6]
     # One exact-email filter per user would be one page; instead walk everything and find ours.
@@ -159,6 +239,38 @@ async def test_async_client(server: ServerThread, admin_token: str) -> None:
             await c.get_user("not-a-uuid")
         assert "id" in exc.value.violations
         uuid.UUID(exc.value.request_id)
+
+        # All or nothing: the bad entry fails, the good one is aborted, nobody is written.
+        email = _email("async-batch-")
+        key = str(uuid.uuid4())
+        entries = [
+            user_service_pb2.BatchCreateUserEntry(
+                email=email, name="Async Batch", password="unusual-pass-4217"
+            ),
+            user_service_pb2.BatchCreateUserEntry(
+                email="nope", name="Bad", password="unusual-pass-4217"
+            ),
+        ]
+        results = await c.batch_create_users(entries, all_or_nothing=True, request_id=key)
+        assert [type(r.error) for r in results] == [Aborted, InvalidArgument]
+        assert results[0].error is not None and results[0].error.reason == "BATCH_ABORTED"
+        assert not (await c.list_users(email=email)).users
+        (made,) = await c.batch_create_users(entries[:1], request_id=str(uuid.uuid4()))
+        assert made.user is not None and made.user.email == email
+        got = await c.batch_get_users([made.user.id, created.id])
+        assert [u.email for u in got.users] == [email, created.email]
+
+        assert await c.create_recovery_code(created.id) > datetime.now(UTC)
+        assert await c.send_verification_email(created.id) > datetime.now(UTC)
+    async with AsyncClient(server.address) as anonymous:
+        with pytest.raises(InvalidArgument) as wrong:
+            await anonymous.verify_email(created.id, "x" * 43)
+        assert wrong.value.reason == "INVALID_CODE"
+        with pytest.raises(InvalidArgument) as wrong:
+            await anonymous.recover_password(
+                created.id, "x" * 43, new_password="recovered-pass-8812"
+            )
+        assert wrong.value.reason == "INVALID_CODE"
 
 
 def test_watch_user_events_yields_events_and_resumes_from_its_token(client: Client) -> None:

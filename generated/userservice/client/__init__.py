@@ -25,6 +25,7 @@ from userservice.client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from userservice.client.results import BatchCreateResult
 from userservice.client.sync import Client
 from userservice.client.watch import AsyncUserEventStream, UserEventStream
 
@@ -36,6 +37,7 @@ __all__ = [
     "ApiError",
     "AsyncClient",
     "AsyncUserEventStream",
+    "BatchCreateResult",
     "Client",
     "DeadlineExceeded",
     "FailedPrecondition",

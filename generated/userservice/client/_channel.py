@@ -16,11 +16,13 @@ BACKOFF_MULTIPLIER = 2.0
 _USERS = "userservice.v1.UserService"
 _AUTH = "userservice.v1.AuthService"
 
-# Calls that change nothing, so repeating one after UNAVAILABLE is safe. CreateUser is safe only
-# with a request_id, which a service config cannot see: the clients retry it themselves.
-# Login, RefreshToken and Logout are never retried (a replayed refresh token revokes the login).
+# Calls that change nothing, so repeating one after UNAVAILABLE is safe. CreateUser and
+# BatchCreateUsers are safe only with a request_id, which a service config cannot see: the
+# clients retry them themselves. Login, RefreshToken and Logout are never retried (a replayed
+# refresh token revokes the login); nor are the calls that mail or redeem a one-time code.
 IDEMPOTENT_METHODS = (
     (_USERS, "GetUser"),
+    (_USERS, "BatchGetUsers"),
     (_USERS, "ListUsers"),
     (_USERS, "ListAuditEvents"),
     (_AUTH, "GetJwks"),

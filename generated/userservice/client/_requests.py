@@ -32,6 +32,7 @@ def create_user_request(
     request_id: str | None,
     labels: Mapping[str, str] | None = None,
     admin_metadata: Mapping[str, Any] | None = None,
+    password_change_required: bool = False,
 ) -> user_service_pb2.CreateUserRequest:
     # Always with an idempotency key, so that retrying after UNAVAILABLE cannot create twice.
     request = user_service_pb2.CreateUserRequest(
@@ -40,10 +41,24 @@ def create_user_request(
         password=password,
         request_id=request_id or str(uuid.uuid4()),
         labels=dict(labels or {}),
+        password_change_required=password_change_required,
     )
     if admin_metadata:
         request.admin_metadata.update(admin_metadata)
     return request
+
+
+def batch_create_users_request(
+    users: Sequence[user_service_pb2.BatchCreateUserEntry],
+    all_or_nothing: bool,
+    request_id: str | None,
+) -> user_service_pb2.BatchCreateUsersRequest:
+    # As for CreateUser: an idempotency key always, so that a retry cannot create twice.
+    return user_service_pb2.BatchCreateUsersRequest(
+        users=list(users),
+        all_or_nothing=all_or_nothing,
+        request_id=request_id or str(uuid.uuid4()),
+    )
 
 
 def update_user_request(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,11 +14,13 @@ from google.protobuf.message import Message
 from userservice.client import _channel
 from userservice.client._requests import (
     TokenSource,
+    batch_create_users_request,
     call_metadata,
     create_user_request,
     update_user_request,
 )
 from userservice.client.errors import ApiError, Unavailable
+from userservice.client.results import BatchCreateResult, batch_create_results
 from userservice.client.watch import AsyncUserEventStream
 from userservice.v1 import (
     auth_service_pb2,
@@ -87,6 +90,25 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise ApiError.from_rpc_error(err) from err
 
+    async def _call_keyed(
+        self,
+        method: Callable[..., Awaitable[Response]],
+        request: Message,
+        *,
+        timeout: float | None,
+    ) -> Response:
+        """A call whose request_id makes a repeat harmless, retried on UNAVAILABLE as the
+        channel retries reads (a service config cannot see the request_id)."""
+        attempt = 1
+        while True:
+            try:
+                return await self._call(method, request, timeout=timeout)
+            except Unavailable as err:
+                if attempt >= _channel.MAX_ATTEMPTS:
+                    raise
+                await asyncio.sleep(_channel.backoff_seconds(attempt, err.retry_delay))
+                attempt += 1
+
     # AuthService
 
     async def login(
@@ -120,27 +142,58 @@ class AsyncClient:
         request_id: str | None = None,
         labels: Mapping[str, str] | None = None,
         admin_metadata: Mapping[str, Any] | None = None,
+        password_change_required: bool = False,
         timeout: float | None = None,
     ) -> user_pb2.User:
         """Creates a user. Without ``request_id`` one is made, so a retry creates nothing twice.
         ``labels`` (see User.labels) and ``admin_metadata`` (a JSON object, admins only) are
-        optional."""
+        optional; ``password_change_required`` (admins only) makes the user change its
+        password before anything else."""
         request = create_user_request(
-            email, name, password, request_id, labels=labels, admin_metadata=admin_metadata
+            email,
+            name,
+            password,
+            request_id,
+            labels=labels,
+            admin_metadata=admin_metadata,
+            password_change_required=password_change_required,
         )
-        attempt = 1
-        while True:
-            try:
-                return (await self._call(self._users.CreateUser, request, timeout=timeout)).user
-            except Unavailable as err:
-                if attempt >= _channel.MAX_ATTEMPTS:
-                    raise
-                await asyncio.sleep(_channel.backoff_seconds(attempt, err.retry_delay))
-                attempt += 1
+        return (await self._call_keyed(self._users.CreateUser, request, timeout=timeout)).user
+
+    async def batch_create_users(
+        self,
+        users: Sequence[user_service_pb2.BatchCreateUserEntry],
+        *,
+        all_or_nothing: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> list[BatchCreateResult]:
+        """Creates up to 1,000 users (admins only); each entry has a ``password`` or an
+        imported ``password_hash``. Returns one result per entry, in order: its ``user``, or
+        its ``error`` (an ``ApiError``, not raised: the other entries still count). With
+        ``all_or_nothing`` nothing is written if any entry fails. Without ``request_id`` one
+        is made, so a retry creates nothing twice. Raises only for the call as a whole (no
+        entries or too many, not admin, ...)."""
+        request = batch_create_users_request(users, all_or_nothing, request_id)
+        response = await self._call_keyed(self._users.BatchCreateUsers, request, timeout=timeout)
+        return batch_create_results(response)
 
     async def get_user(self, id: str, *, timeout: float | None = None) -> user_pb2.User:
         request = user_service_pb2.GetUserRequest(id=id)
         return (await self._call(self._users.GetUser, request, timeout=timeout)).user
+
+    async def batch_get_users(
+        self,
+        ids: Sequence[str],
+        *,
+        allow_missing: bool = False,
+        timeout: float | None = None,
+    ) -> user_service_pb2.BatchGetUsersResponse:
+        """Up to 1,000 users in one call: ``.users`` in the order of ``ids``, duplicates
+        included. An unknown id raises ``NotFound``, unless ``allow_missing``: then it is left
+        out of ``.users`` and listed in ``.missing_ids``."""
+        request = user_service_pb2.BatchGetUsersRequest(ids=list(ids), allow_missing=allow_missing)
+        return await self._call(self._users.BatchGetUsers, request, timeout=timeout)
 
     async def list_users(
         self,
@@ -181,8 +234,9 @@ class AsyncClient:
     async def update_user(
         self, user: user_pb2.User, paths: Sequence[str], *, timeout: float | None = None
     ) -> user_pb2.User:
-        """Writes the fields of ``user`` named in ``paths``; conditional when ``user.etag`` is set
-        (pass the etag exactly as a read returned it)."""
+        """Writes the fields of ``user`` named in ``paths`` (such as ``"name"``, ``"labels"``,
+        ``"password_change_required"``; see UpdateUserRequest.update_mask); conditional when
+        ``user.etag`` is set (pass the etag exactly as a read returned it)."""
         request = update_user_request(user, paths)
         return (await self._call(self._users.UpdateUser, request, timeout=timeout)).user
 
@@ -210,6 +264,39 @@ class AsyncClient:
             id=id, new_password=new_password, current_password=current_password, etag=etag
         )
         return (await self._call(self._users.ChangePassword, request, timeout=timeout)).user
+
+    async def send_verification_email(
+        self, user_id: str, *, timeout: float | None = None
+    ) -> datetime:
+        """Mails the user a new e-mail verification code; returns when the code expires (UTC).
+        An e-mail that is verified already raises ``FailedPrecondition``
+        (reason ``EMAIL_ALREADY_VERIFIED``)."""
+        request = user_service_pb2.SendVerificationEmailRequest(user_id=user_id)
+        response = await self._call(self._users.SendVerificationEmail, request, timeout=timeout)
+        return response.expire_time.ToDatetime(tzinfo=UTC)
+
+    async def verify_email(self, user_id: str, code: str, *, timeout: float | None = None) -> None:
+        """Redeems the code of a verification mail (needs no token); read the user to see
+        ``email_verified``. Any bad code raises ``InvalidArgument`` (reason ``INVALID_CODE``)."""
+        request = user_service_pb2.VerifyEmailRequest(user_id=user_id, code=code)
+        await self._call(self._users.VerifyEmail, request, timeout=timeout)
+
+    async def create_recovery_code(self, user_id: str, *, timeout: float | None = None) -> datetime:
+        """Mails the user a password recovery code (admins only); returns when it expires
+        (UTC). The code itself goes by mail only."""
+        request = user_service_pb2.CreateRecoveryCodeRequest(user_id=user_id)
+        response = await self._call(self._users.CreateRecoveryCode, request, timeout=timeout)
+        return response.expire_time.ToDatetime(tzinfo=UTC)
+
+    async def recover_password(
+        self, user_id: str, code: str, *, new_password: str, timeout: float | None = None
+    ) -> None:
+        """Sets a new password with the code of a recovery mail (needs no token); the user's
+        tokens are revoked. Any bad code raises ``InvalidArgument`` (reason ``INVALID_CODE``)."""
+        request = user_service_pb2.RecoverPasswordRequest(
+            user_id=user_id, code=code, new_password=new_password
+        )
+        await self._call(self._users.RecoverPassword, request, timeout=timeout)
 
     async def disable_user(
         self, id: str, *, etag: str = "", timeout: float | None = None

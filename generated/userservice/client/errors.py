@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -61,17 +61,24 @@ class ApiError(Exception):
         code: grpc.StatusCode = call.code()
         message: str = call.details() or ""
         trailers = tuple(call.trailing_metadata() or ())
-        fields: dict[str, Any] = {"request_id": _header(trailers, REQUEST_ID_HEADER)}
+        request_id = _header(trailers, REQUEST_ID_HEADER)
         try:
             status = rpc_status.from_call(call)
         except ValueError:  # details that contradict the status line: trust the status line
             status = None
         if status is not None:
-            message = status.message
-            for detail in status.details:
-                _unpack(detail, fields)
-        error_type = _BY_CODE.get(code, ApiError)
-        return error_type(code, message, **fields)
+            return ApiError.from_status(status, request_id=request_id)
+        return _BY_CODE.get(code, ApiError)(code, message, request_id=request_id)
+
+    @classmethod
+    def from_status(cls, status: status_pb2.Status, *, request_id: str = "") -> ApiError:
+        """The exception a google.rpc.Status stands for, such as the status of one
+        BatchCreateUsers entry; ``request_id`` is used unless the details carry RequestInfo."""
+        code = _CODE_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
+        fields: dict[str, Any] = {"request_id": request_id}
+        for detail in status.details:
+            _unpack(detail, fields)
+        return _BY_CODE.get(code, ApiError)(code, status.message, **fields)
 
 
 def _header(metadata: tuple[Any, ...], name: str) -> str:
@@ -142,6 +149,9 @@ class DeadlineExceeded(ApiError):
 class Internal(ApiError):
     """A server fault; quote ``request_id`` in the bug report."""
 
+
+# grpc.StatusCode's values are (number, name) pairs; google.rpc.Status carries the number.
+_CODE_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
 _BY_CODE: dict[grpc.StatusCode, type[ApiError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,

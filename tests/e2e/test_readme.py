@@ -120,6 +120,10 @@ def test_python_example(readme_server: ServerThread) -> None:
     assert "INVALID_ARGUMENT request id" in out
     assert "  password: " in out
     assert "roles ['admin']" in out
+    assert "created margaret@example.com" in out
+    assert "entry failed: INVALID_ARGUMENT {'users[1].email': " in out
+    assert "['margaret@example.com', 'grace@example.com']" in out
+    assert "recovery code valid until 20" in out
 
 
 def test_node_example(readme_server: ServerThread) -> None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -59,8 +58,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from usersvc.adapters.db_errors import raise_translated
 from usersvc.adapters.tables import user_events
-from usersvc.domain.models import UserState, UserView
 from usersvc.domain.user_events import UserChange, UserEventRecord
+from usersvc.domain.user_json import user_from_json, user_to_json
 
 # Channel of the wake-up NOTIFY; delivered to listeners when the writing transaction commits.
 NOTIFY_CHANNEL = "usersvc_user_events"
@@ -87,57 +86,8 @@ _COLUMNS = (
 )
 
 
-def snapshot_of(user: UserView) -> dict[str, Any]:
-    """The fields of a user every feed reader may see, as stored in an event: never a hash,
-    nor the admins-only login counters or admin_metadata (service watchers read the feed
-    too), nor the last login time (which changes without an event)."""
-    return {
-        "id": str(user.id),
-        "email": user.email,
-        "name": user.name,
-        "roles": list(user.roles),
-        "state": user.state.value,
-        "create_time": user.create_time.isoformat(),
-        "update_time": user.update_time.isoformat(),
-        "version": user.version,
-        "password_change_time": user.password_change_time.isoformat()
-        if user.password_change_time is not None
-        else None,
-        # Soft delete: set on the "deleted" event's user (absent from older events).
-        "delete_time": user.delete_time.isoformat() if user.delete_time is not None else None,
-        "purge_time": user.purge_time.isoformat() if user.purge_time is not None else None,
-        "labels": dict(user.labels),
-        "email_verified": user.email_verified,
-        "password_change_required": user.password_change_required,
-    }
-
-
-def _user_of(snapshot: dict[str, Any]) -> UserView:
-    # The times were stored from timezone-aware UTC datetimes.
-    return UserView(
-        id=uuid.UUID(snapshot["id"]),
-        email=snapshot["email"],
-        name=snapshot["name"],
-        roles=tuple(snapshot["roles"]),
-        state=UserState(snapshot["state"]),
-        create_time=datetime.fromisoformat(snapshot["create_time"]),
-        update_time=datetime.fromisoformat(snapshot["update_time"]),
-        version=int(snapshot["version"]),
-        password_change_time=datetime.fromisoformat(snapshot["password_change_time"])
-        if snapshot.get("password_change_time")
-        else None,
-        delete_time=_time_or_none(snapshot.get("delete_time")),
-        purge_time=_time_or_none(snapshot.get("purge_time")),
-        # Absent from events written before labels existed.
-        labels=snapshot.get("labels") or {},
-        # Absent from events older than the field: unverified, as every user was then.
-        email_verified=bool(snapshot.get("email_verified", False)),
-        password_change_required=bool(snapshot.get("password_change_required", False)),
-    )
-
-
-def _time_or_none(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
+# Service watchers read the feed too: admin_metadata is for admins only.
+FEED_OMITS = ("admin_metadata",)
 
 
 def _record(row: Any) -> UserEventRecord:
@@ -145,7 +95,7 @@ def _record(row: Any) -> UserEventRecord:
         position=int(row.seq),
         change=UserChange(
             type=row.type,
-            user=_user_of(row.user),
+            user=user_from_json(row.user),
             changed_fields=tuple(row.changed_fields),
             request_id=row.request_id,
             create_time=row.create_time.astimezone(UTC)
@@ -181,7 +131,7 @@ class UserEventRepository:
         values = {
             "user_id": change.user_id,
             "type": change.type,
-            "user": snapshot_of(change.user),
+            "user": user_to_json(change.user, omit=FEED_OMITS),
             "changed_fields": list(change.changed_fields),
             "request_id": change.request_id[:128],
             "create_time": change.create_time,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from usersvc.domain import errors
 from usersvc.domain.errors import DomainError, FieldViolation, ValidationFailed
-from usersvc.domain.models import EntryOutcome, UserState, UserView
+from usersvc.domain.models import EntryOutcome, UserView
+from usersvc.domain.user_json import user_from_json, user_to_json
 from usersvc.services.ports import Clock, UnitOfWork, UnitOfWorkFactory
 from usersvc.services.transactions import in_transaction
 
@@ -65,7 +65,7 @@ class IdempotentCreates:
         """The user an earlier call with this key created, or None (unknown or expired);
         ValidationFailed (REQUEST_ID_REUSED) when the key came with another payload."""
         result = await self._result(caller, request_id, fingerprint)
-        return _from_snapshot(result) if result is not None else None
+        return user_from_json(result) if result is not None else None
 
     async def remembered_batch(
         self, caller: str, request_id: str, fingerprint: str
@@ -75,7 +75,7 @@ class IdempotentCreates:
         if result is None:
             return None
         return [
-            EntryOutcome(user=_from_snapshot(o["user"]))
+            EntryOutcome(user=user_from_json(o["user"]))
             if "user" in o
             else EntryOutcome(error=_error_from(o["error"]))
             for o in result["batch"]
@@ -94,7 +94,7 @@ class IdempotentCreates:
         """Claim the key for a batch inside its writing transaction, as `remember` does."""
         result = {
             "batch": [
-                {"user": _snapshot(o.user)}
+                {"user": user_to_json(o.user)}
                 if o.user is not None
                 else {"error": _error_snapshot(o.error)}
                 for o in outcomes
@@ -146,7 +146,7 @@ class IdempotentCreates:
             caller=caller,
             request_id=request_id,
             fingerprint=fingerprint,
-            result=_snapshot(user),
+            result=user_to_json(user),
             now=now,
         )
 
@@ -159,48 +159,6 @@ class IdempotentCreates:
             return count
 
         return await in_transaction(self._uow, purge)
-
-
-def _snapshot(user: UserView) -> dict[str, Any]:
-    """The public fields of a created user, as remembered for idempotent retries."""
-    return {
-        "id": str(user.id),
-        "email": user.email,
-        "name": user.name,
-        "roles": list(user.roles),
-        "state": user.state.value,
-        "create_time": user.create_time.isoformat(),
-        "update_time": user.update_time.isoformat(),
-        "version": user.version,
-        "password_change_time": (
-            user.password_change_time.isoformat() if user.password_change_time else None
-        ),
-        "labels": dict(user.labels),
-        "admin_metadata": dict(user.admin_metadata),
-        "password_change_required": user.password_change_required,
-    }
-
-
-def _from_snapshot(data: dict[str, Any]) -> UserView:
-    return UserView(
-        id=uuid.UUID(data["id"]),
-        email=data["email"],
-        name=data["name"],
-        roles=tuple(data["roles"]),
-        state=UserState(data["state"]),
-        create_time=datetime.fromisoformat(data["create_time"]),
-        update_time=datetime.fromisoformat(data["update_time"]),
-        version=int(data["version"]),
-        # Absent from results remembered before the field existed.
-        password_change_time=(
-            datetime.fromisoformat(data["password_change_time"])
-            if data.get("password_change_time")
-            else None
-        ),
-        labels=data.get("labels") or {},
-        admin_metadata=data.get("admin_metadata") or {},
-        password_change_required=bool(data.get("password_change_required", False)),
-    )
 
 
 # The errors a batch entry can end with, by name, to answer a retry as the first call did.

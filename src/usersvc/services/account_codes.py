@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from usersvc.domain import audit
-from usersvc.domain.audit import AuditEvent, change_event
+from usersvc.domain.audit import change_event
 from usersvc.domain.auth import RequestContext
 from usersvc.domain.errors import (
     FailedPrecondition,
@@ -191,13 +191,16 @@ class AccountCodeService:
                 )
             )
             await uow.audit.add(
-                _event(
-                    ctx.actor.audit_name,
-                    ctx.request_id,
-                    uid,
-                    action,
-                    {"email": (None, user.email), "expire_time": (None, expires.isoformat())},
-                    now,
+                change_event(
+                    user_id=uid,
+                    action=action,
+                    changes={
+                        "email": (None, user.email),
+                        "expire_time": (None, expires.isoformat()),
+                    },
+                    actor=ctx.actor.audit_name,
+                    request_id=ctx.request_id,
+                    now=now,
                 )
             )
             await uow.commit()
@@ -231,13 +234,13 @@ class AccountCodeService:
                 )
             )
             await uow.audit.add(
-                _event(
-                    audit.ANONYMOUS_ACTOR,
-                    request_id,
-                    user.id,
-                    audit.USER_EMAIL_VERIFIED,
-                    {"email_verified": (False, True), "email": (None, user.email)},
-                    now,
+                change_event(
+                    user_id=user.id,
+                    action=audit.USER_EMAIL_VERIFIED,
+                    changes={"email_verified": (False, True), "email": (None, user.email)},
+                    actor=audit.ANONYMOUS_ACTOR,
+                    request_id=request_id,
+                    now=now,
                 )
             )
             return False
@@ -295,13 +298,13 @@ class AccountCodeService:
                 )
             )
             await uow.audit.add(
-                _event(
-                    audit.ANONYMOUS_ACTOR,
-                    request_id,
-                    user.id,
-                    audit.USER_PASSWORD_RECOVERED,
-                    changes,
-                    now,
+                change_event(
+                    user_id=user.id,
+                    action=audit.USER_PASSWORD_RECOVERED,
+                    changes=changes,
+                    actor=audit.ANONYMOUS_ACTOR,
+                    request_id=request_id,
+                    now=now,
                 )
             )
             return True
@@ -353,21 +356,3 @@ class AccountCodeService:
         if not done:
             log.info("one-time code refused", extra={"user_id": str(uid), "purpose": purpose})
             raise InvalidCode()
-
-
-def _event(
-    actor: str,
-    request_id: str,
-    user_id: uuid.UUID,
-    action: str,
-    changes: dict[str, tuple[Any, Any]],
-    now: datetime,
-) -> AuditEvent:
-    return change_event(
-        user_id=user_id,
-        action=action,
-        changes=changes,
-        actor=actor,
-        request_id=request_id,
-        now=now,
-    )

@@ -19,7 +19,13 @@ from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
 from usersvc.domain.audit import AuditEvent
 from usersvc.domain.errors import AlreadyExists, DuplicateRequest, EmailTaken
 from usersvc.domain.events import OutboxMessage
-from usersvc.domain.models import SERVICE_ACCOUNT_PASSWORD_HASH, PageCursor, User, UserState
+from usersvc.domain.models import (
+    SERVICE_ACCOUNT_PASSWORD_HASH,
+    PageCursor,
+    User,
+    UserState,
+    UserView,
+)
 from usersvc.domain.records import RefreshTokenStatus
 from usersvc.domain.user_filter import UserFilter, parse_filter
 from usersvc.services.ports import UnitOfWorkFactory, UserPointReads
@@ -108,8 +114,14 @@ async def test_point_reads_get_many_as_the_store_does(
     async with stores(write=False) as tx:
         expected = await tx.users.get_many(ids)
     found = await point_reads.get_many(ids)
-    assert sorted(found, key=lambda u: u.id) == sorted(expected, key=lambda u: u.id)
-    assert sorted(found, key=lambda u: u.id) == sorted([plain, deleted], key=lambda u: u.id)
+    # As views: a batch read never carries the password hashes.
+    assert sorted(found, key=lambda u: u.id) == sorted(
+        (u.view() for u in expected), key=lambda u: u.id
+    )
+    assert sorted(found, key=lambda u: u.id) == sorted(
+        [plain.view(), deleted.view()], key=lambda u: u.id
+    )
+    assert all(type(u) is UserView for u in found)
     assert await point_reads.get_many(set()) == []
     assert await point_reads.get_many({uuid.uuid4() for _ in range(1000)}) == []
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import struct_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from userservice.v1 import user_pb2, user_service_pb2
@@ -40,7 +42,21 @@ def _put(target: Timestamp, value: datetime) -> None:
 
 
 def user_to_proto(user: UserView) -> user_pb2.User:
-    message = user_pb2.User(
+    return _user_message(user_pb2.User, user)
+
+
+def add_users(
+    target: RepeatedCompositeFieldContainer[user_pb2.User], users: Iterable[UserView]
+) -> None:
+    """Each user as a new element of a response's repeated field: built in place, not built
+    and then copied in (per user of every page and batch)."""
+    add = target.add
+    for user in users:
+        _user_message(add, user)
+
+
+def _user_message(make: Callable[..., user_pb2.User], user: UserView) -> user_pb2.User:
+    message = make(
         id=str(user.id),
         email=user.email,
         name=user.name,

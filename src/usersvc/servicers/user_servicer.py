@@ -11,6 +11,7 @@ from usersvc.domain.auth import RequestContext
 from usersvc.interceptors.base import Context
 from usersvc.interceptors.errors import entry_status
 from usersvc.servicers.mapping import (
+    add_users,
     audit_event_to_proto,
     struct_to_dict,
     timestamp,
@@ -102,10 +103,9 @@ class UserServicer(pb_grpc.UserServiceServicer):
             user_ids=list(request.ids),
             allow_missing=request.allow_missing,
         )
-        return pb.BatchGetUsersResponse(
-            users=[user_to_proto(u) for u in result.users],
-            missing_ids=[str(u) for u in result.missing_ids],
-        )
+        response = pb.BatchGetUsersResponse(missing_ids=[str(u) for u in result.missing_ids])
+        add_users(response.users, result.users)
+        return response
 
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: Context
@@ -118,11 +118,11 @@ class UserServicer(pb_grpc.UserServiceServicer):
             show_deleted=request.show_deleted,
             ctx=_request_context(),
         )
-        return pb.ListUsersResponse(
-            users=[user_to_proto(u) for u in result.users],
-            next_page_token=result.next_page_token,
-            total_size=result.total_size,
+        response = pb.ListUsersResponse(
+            next_page_token=result.next_page_token, total_size=result.total_size
         )
+        add_users(response.users, result.users)
+        return response
 
     async def UpdateUser(
         self, request: pb.UpdateUserRequest, context: Context

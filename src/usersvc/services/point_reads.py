@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Sequence
 
-from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.models import PageCursor, User, UserState, UserView
 from usersvc.domain.user_filter import UserFilter
 from usersvc.services.ports import UnitOfWorkFactory
 
@@ -28,6 +28,6 @@ class UnitOfWorkPointReads:
         async with self._uow(write=False) as uow:
             return await uow.users.list(limit=limit, after=after, where=UserFilter())
 
-    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]:
+    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[UserView]:
         async with self._uow(write=False) as uow:
-            return await uow.users.get_many(user_ids)
+            return [user.view() for user in await uow.users.get_many(user_ids)]

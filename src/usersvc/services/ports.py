@@ -14,7 +14,7 @@ from typing import Any, Protocol, Self
 
 from usersvc.domain.audit import AuditEvent
 from usersvc.domain.events import OutboxMessage
-from usersvc.domain.models import PageCursor, User, UserState
+from usersvc.domain.models import PageCursor, User, UserState, UserView
 from usersvc.domain.one_time_codes import CodePurpose, OneTimeCode
 from usersvc.domain.records import ClaimedOutboxMessage, IdempotencyRecord, RefreshTokenRecord
 from usersvc.domain.user_events import UserChange, UserEventRecord
@@ -115,7 +115,9 @@ class UserPointReads(Protocol):
         """UserStore.list with no filter (deleted users left out)."""
         ...
 
-    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[User]: ...
+    async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[UserView]:
+        """UserStore.get_many, as views: a batch read never needs the password hashes."""
+        ...
 
 
 class RefreshTokenStore(Protocol):

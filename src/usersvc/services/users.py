@@ -414,9 +414,7 @@ class UserService:
             raise PermissionDenied("a user may batch-get only itself")
         stored = await self._point_reads.get_many(set(parsed))
         # Soft-deleted users are missing to all but admins, as in GetUser.
-        found = {
-            u.id: u.view() for u in stored if u.state is not UserState.DELETED or actor.is_admin
-        }
+        found = {u.id: u for u in stored if u.state is not UserState.DELETED or actor.is_admin}
         missing = list(dict.fromkeys(u for u in parsed if u not in found))
         if missing and not allow_missing:
             raise UsersNotFound([str(u) for u in missing], limit=REPORTED_IDS_MAX)

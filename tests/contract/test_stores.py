@@ -6,6 +6,7 @@ The service layer's unit tests run on the fakes; these tests are what entitles t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,6 +34,21 @@ from usersvc.services.ports import UnitOfWorkFactory, UserPointReads
 # In the past, so that nothing here is ever the newest row another test on the same
 # database lists, and no pending outbox row waits for anyone's dispatcher.
 NOW = datetime(1991, 5, 4, 12, 0, tzinfo=UTC)
+
+# Days handed out by _day_of_its_own, one sequence for the whole session.
+_DAYS_GIVEN = itertools.count()
+
+
+def _day_of_its_own() -> datetime:
+    """A day no other test of the session writes to, so a filter bounded to it sees only this
+    test's users (the session's databases are shared).
+
+    Handed out in sequence, not drawn: some thirty tests drawing from 30,000 days at random
+    met on one day in about one full run in twenty, and the later one listed the earlier
+    one's users too. Every other day, and long before NOW: a test may write just outside
+    its day (a microsecond before it), and nothing else writes that long ago.
+    """
+    return datetime(1801, 1, 1, tzinfo=UTC) + timedelta(days=2 * next(_DAYS_GIVEN))
 
 
 def new_user(**overrides: Any) -> User:
@@ -132,7 +148,7 @@ async def test_a_point_read_page_is_the_stores_unfiltered_page(
     """ListUsers' fast path (an unfiltered page without a unit of work) returns what the
     store's list does: list order, keyset after the cursor, deleted users left out."""
     # A window of time of this test's own, found behind a cursor at its end.
-    top = NOW - timedelta(days=uuid.uuid4().int % 100_000 + 1)
+    top = _day_of_its_own() + timedelta(hours=1)
     newest, same_time, deleted, oldest = (
         new_user(create_time=top - timedelta(seconds=1)),
         new_user(create_time=top - timedelta(seconds=2), roles=("admin",)),
@@ -305,8 +321,8 @@ async def test_delete_checks_the_version(stores: UnitOfWorkFactory) -> None:
 
 
 async def test_list_is_newest_first_with_the_id_as_tiebreaker(stores: UnitOfWorkFactory) -> None:
-    # Long ago, on a day of its own, so that no other test's users fall between these.
-    base = datetime(1901, 1, 1, tzinfo=UTC) + timedelta(days=uuid.uuid4().int % 20_000)
+    # On a day of its own, so that no other test's users fall between these.
+    base = _day_of_its_own()
     made = [new_user(create_time=base + timedelta(seconds=n // 2)) for n in range(5)]
     await add(stores, *made)
     expected = sorted(made, key=lambda u: (u.create_time, u.id), reverse=True)
@@ -639,9 +655,12 @@ async def test_get_many_returns_the_existing_users_of_a_set_of_ids(
         assert many == [a]
 
 
-def _day_of_its_own() -> datetime:
-    """A day no other test writes to, so a filter bounded to it sees only this test's users."""
-    return datetime(1801, 1, 1, tzinfo=UTC) + timedelta(days=uuid.uuid4().int % 30_000)
+def test_days_of_their_own_never_meet() -> None:
+    """Two tests on one day, or a day apart, would list each other's users."""
+    days = sorted(_day_of_its_own() for _ in range(1000))
+    assert all(b - a >= timedelta(days=2) for a, b in itertools.pairwise(days))
+    # Before the days of tests/e2e/test_fleet_reads.py, which writes to the same databases.
+    assert days[-1] < datetime(1850, 1, 1, tzinfo=UTC)
 
 
 ALL = ["ada-admin", "ada-disabled", "bob-service", "both", "a_%lit", "x-ada-admin"]

@@ -175,6 +175,35 @@ async def test_changing_the_email_unverifies_it_and_kills_the_codes_for_the_old_
         await codes.verify_email(request_id="-", user_id=str(user.id), code=stale)
 
 
+async def test_a_password_change_ends_the_recovery_codes_mailed_before_it(
+    service: UserService, codes: AccountCodeService, uow: FakeUnitOfWorkFactory
+) -> None:
+    user = await _user(service)
+    await codes.create_recovery_code(ctx=ADMIN, user_id=str(user.id))
+    pending = _mailed_code(uow, user, TOPIC_PASSWORD_RECOVERY)
+    owner = RequestContext(Principal(user_id=user.id, roles=frozenset({"user"})), "req-2")
+    await service.change_password(
+        ctx=owner,
+        user_id=str(user.id),
+        current_password=PASSWORD,
+        new_password=NEW_PASSWORD,
+        etag="",
+    )
+    # Otherwise the older code would set the password again, over the one just chosen.
+    with pytest.raises(InvalidCode):
+        await codes.recover_password(
+            request_id="-", user_id=str(user.id), code=pending, new_password="another passphrase"
+        )
+    # A code asked for after the change works as usual.
+    await codes.create_recovery_code(ctx=ADMIN, user_id=str(user.id))
+    await codes.recover_password(
+        request_id="-",
+        user_id=str(user.id),
+        code=_mailed_code(uow, user, TOPIC_PASSWORD_RECOVERY),
+        new_password="another passphrase",
+    )
+
+
 async def test_bad_input_and_unknown_users(codes: AccountCodeService) -> None:
     with pytest.raises(ValidationFailed) as bad:
         await codes.verify_email(request_id="-", user_id="nope", code="")

@@ -99,8 +99,10 @@ class UserServiceStub:
     current_password; admin, which need not. The user's own change clears
     password_change_required (and is the one call a token with the "pcr" claim may make);
     an admin's change leaves it as it is, so an admin can set a temporary password that the
-    user must replace. Errors: INVALID_ARGUMENT (bad or too common new
-    password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
+    user must replace. Any change of the password also ends the user's unused recovery codes
+    (CreateRecoveryCode): an older code would set the password again. Errors:
+    INVALID_ARGUMENT (bad or too common new password, wrong current password), NOT_FOUND,
+    ABORTED (stale etag). current_password is
     checked like a Login password: a wrong one counts toward the same per-account lock as a
     failed Login (while locked, no current_password is accepted), and the same per-account
     rate limit applies (RESOURCE_EXHAUSTED with RetryInfo).
@@ -280,8 +282,10 @@ class UserServiceAsyncStub(UserServiceStub):
     current_password; admin, which need not. The user's own change clears
     password_change_required (and is the one call a token with the "pcr" claim may make);
     an admin's change leaves it as it is, so an admin can set a temporary password that the
-    user must replace. Errors: INVALID_ARGUMENT (bad or too common new
-    password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
+    user must replace. Any change of the password also ends the user's unused recovery codes
+    (CreateRecoveryCode): an older code would set the password again. Errors:
+    INVALID_ARGUMENT (bad or too common new password, wrong current password), NOT_FOUND,
+    ABORTED (stale etag). current_password is
     checked like a Login password: a wrong one counts toward the same per-account lock as a
     failed Login (while locked, no current_password is accepted), and the same per-account
     rate limit applies (RESOURCE_EXHAUSTED with RetryInfo).
@@ -506,8 +510,10 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         current_password; admin, which need not. The user's own change clears
         password_change_required (and is the one call a token with the "pcr" claim may make);
         an admin's change leaves it as it is, so an admin can set a temporary password that the
-        user must replace. Errors: INVALID_ARGUMENT (bad or too common new
-        password, wrong current password), NOT_FOUND, ABORTED (stale etag). current_password is
+        user must replace. Any change of the password also ends the user's unused recovery codes
+        (CreateRecoveryCode): an older code would set the password again. Errors:
+        INVALID_ARGUMENT (bad or too common new password, wrong current password), NOT_FOUND,
+        ABORTED (stale etag). current_password is
         checked like a Login password: a wrong one counts toward the same per-account lock as a
         failed Login (while locked, no current_password is accepted), and the same per-account
         rate limit applies (RESOURCE_EXHAUSTED with RetryInfo).

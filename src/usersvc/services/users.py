@@ -947,6 +947,8 @@ class UserService:
             written = {**wanted, "update_time": now}
             if "password_hash" in wanted:
                 written["password_change_time"] = now
+                # A recovery code mailed earlier would set the password again, over this one.
+                await uow.one_time_codes.supersede(uid, CodePurpose.RECOVER_PASSWORD, now=now)
             if "email" in changes:
                 # A new address is unproven; codes mailed to the old one stop working.
                 await uow.one_time_codes.supersede(uid, CodePurpose.VERIFY_EMAIL, now=now)

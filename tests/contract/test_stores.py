@@ -18,7 +18,7 @@ from tests.unit.fakes import FakeUnitOfWorkFactory
 from usersvc.adapters.tables import outbox
 from usersvc.adapters.unit_of_work import SqlUnitOfWorkFactory
 from usersvc.domain.audit import AuditEvent
-from usersvc.domain.errors import AlreadyExists, DuplicateRequest, EmailTaken
+from usersvc.domain.errors import AlreadyExists, DuplicateRequest, EmailLookalike, EmailTaken
 from usersvc.domain.events import OutboxMessage
 from usersvc.domain.models import (
     SERVICE_ACCOUNT_PASSWORD_HASH,
@@ -180,6 +180,26 @@ async def test_an_email_is_unique_and_the_failed_insert_leaves_nothing(
     with pytest.raises(EmailTaken):
         await add(stores, second)
     assert await stored(stores, second.id) is None
+
+
+async def test_a_look_alike_email_is_refused_as_such_and_leaves_nothing(
+    stores: UnitOfWorkFactory,
+) -> None:
+    local = uuid.uuid4().hex[:8]
+    first = new_user(email=f"bob-{local}@example.com")
+    await add(stores, first)
+    look_alike = new_user(email=f"b\u043eb-{local}@example.com")  # Cyrillic o
+    with pytest.raises(EmailLookalike):
+        await add(stores, look_alike)
+    assert await stored(stores, look_alike.id) is None
+    # The transaction stays usable after the refused insert: the next user goes in.
+    other = new_user()
+    async with stores() as tx:
+        with pytest.raises(EmailTaken):
+            await tx.users.add(new_user(email=first.email))
+        await tx.users.add(other)
+        await tx.commit()
+    assert await stored(stores, other.id) == other
 
 
 async def test_many_users_go_in_at_once_with_their_audit_and_outbox_rows(

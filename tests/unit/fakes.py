@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from usersvc.domain.audit import AuditEvent, tombstone
-from usersvc.domain.errors import DuplicateRequest, EmailTaken
+from usersvc.domain.errors import DuplicateRequest, EmailLookalike, EmailTaken
 from usersvc.domain.events import SECRET_PAYLOAD_KEYS, OutboxMessage
 from usersvc.domain.models import (
     SERVICE_ACCOUNT_PASSWORD_HASH,
@@ -136,9 +136,14 @@ class FakeUserRepository(_Writes):
     """Users in a dict, with the database's unique email, list order and version checks."""
 
     def _require_email_free(self, email: str, owner: uuid.UUID) -> None:
-        # The unique index compares stored values exactly; normalising is the service's job.
-        if any(u.email == email and u.id != owner for u in self.db.users.values()):
+        # The unique indexes compare stored values exactly (the e-mail, and its skeleton);
+        # normalising is the service's job.
+        others = [u.email for u in self.db.users.values() if u.id != owner]
+        if email in others:
             raise EmailTaken()
+        skeleton = email_skeleton(email)
+        if any(email_skeleton(other) == skeleton for other in others):
+            raise EmailLookalike()
 
     async def add(self, user: User) -> None:
         self._require_writable()

@@ -30,12 +30,13 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from usersvc.adapters.bulk_insert import insert_rows
 from usersvc.adapters.tables import user_labels, users
-from usersvc.domain.errors import EmailLookalike, EmailTaken
+from usersvc.domain.errors import EmailLookalike, EmailTaken, RetryableConflict
 from usersvc.domain.models import SERVICE_ACCOUNT_PASSWORD_HASH, PageCursor, User, UserState
 from usersvc.domain.user_filter import OptionalTimeBound, UserFilter
 from usersvc.domain.validation import email_skeleton
@@ -74,6 +75,14 @@ _CONFLICTS = select(users.c.email, users.c.email_skeleton).where(
 )
 _AUTH_STATE = select(users.c.token_version, users.c.state).where(users.c.id == bindparam("id"))
 _INSERT = insert(users)
+# A new user unless its e-mail or the e-mail's skeleton is taken (both unique): one statement
+# for a create; only when it inserted nothing (no id returned: the async drivers report no
+# rowcount) does a read say which error that is.
+_INSERT_NEW = {
+    "postgresql": postgresql.insert(users).on_conflict_do_nothing().returning(users.c.id),
+    "sqlite": sqlite.insert(users).on_conflict_do_nothing().returning(users.c.id),
+}
+_GET_BY_EMAIL_ONLY = select(users.c.id, users.c.email).where(users.c.email == bindparam("email"))
 _ORDER = (users.c.create_time.desc(), users.c.id.desc())
 # The planner's own row estimate: tuples per page from the last ANALYZE times the pages the
 # table has now, so it follows growth between analyses. NULL before the first ANALYZE.
@@ -290,10 +299,24 @@ class UserRepository:
 
     async def add(self, user: User) -> None:
         skeleton = email_skeleton(user.email)
-        await self._refuse_lookalike(user.email, skeleton, user.id)
-        await self._conn.execute(_INSERT, _row_of(user, skeleton))
+        insert_new = _INSERT_NEW.get(self._dialect)
+        if insert_new is None:
+            await self._refuse_lookalike(user.email, skeleton, user.id)
+            await self._conn.execute(_INSERT, _row_of(user, skeleton))
+        elif (await self._conn.execute(insert_new, _row_of(user, skeleton))).first() is None:
+            await self._refuse_taken(user.email, skeleton, user.id)
         if user.labels:
             await self._conn.execute(_INSERT_LABELS, _label_rows(user.id, user.labels))
+
+    async def _refuse_taken(self, email: str, skeleton: str, user_id: uuid.UUID) -> None:
+        """Why an insert of this user did nothing: EmailTaken or EmailLookalike, as
+        _refuse_lookalike would have said before it (a row without a skeleton, from before
+        skeletons, still holds its e-mail). If the row in the way is gone already, the
+        transaction runs again."""
+        await self._refuse_lookalike(email, skeleton, user_id)
+        if (await self._conn.execute(_GET_BY_EMAIL_ONLY, {"email": email})).first() is not None:
+            raise EmailTaken()
+        raise RetryableConflict("the user holding this e-mail went away; run again")
 
     async def add_many(self, users: Sequence[User]) -> None:
         """One COPY on PostgreSQL, one executemany elsewhere."""

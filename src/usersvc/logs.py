@@ -147,6 +147,34 @@ def cap_library_loggers() -> None:
             logger.setLevel(logging.INFO)
 
 
+# grpc decodes each metadata value as UTF-8; a value that is not, it logs whole at ERROR with a
+# traceback before reading it as Latin-1. The caller chooses that value: "Bearer <token>" and
+# one stray byte would put a working token in the log, three lines per call.
+GRPC_METADATA_LOGGER = "grpc._cython.cygrpc"
+GRPC_UNDECODABLE_VALUE = "Invalid encoding on %s"
+
+
+class UndecodableMetadataFilter(logging.Filter):
+    """Rewrites grpc's line about a non-UTF-8 metadata value: its size instead of the value,
+    at WARNING (the caller's mistake, not the server's), without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == GRPC_UNDECODABLE_VALUE:
+            value = record.args[0] if isinstance(record.args, tuple) and record.args else b""
+            record.msg = "a metadata value is not UTF-8 (%d bytes); read as Latin-1"
+            record.args = (len(value) if isinstance(value, bytes | str) else 0,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def redact_undecodable_metadata() -> None:
+    """Install UndecodableMetadataFilter on grpc's logger (once per process)."""
+    logger = logging.getLogger(GRPC_METADATA_LOGGER)
+    if not any(isinstance(f, UndecodableMetadataFilter) for f in logger.filters):
+        logger.addFilter(UndecodableMetadataFilter())
+
+
 def configure_logging(level: str) -> None:
     """Send every log line to stderr as JSON."""
     global _json_handler
@@ -159,6 +187,7 @@ def configure_logging(level: str) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     cap_library_loggers()
+    redact_undecodable_metadata()
     # No line shows the caller's source line, thread, process or task names: skip collecting
     # them for every record (the logging HOWTO's "Optimization" settings).
     logging._srcfile = None

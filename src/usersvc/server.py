@@ -40,6 +40,7 @@ from usersvc.jobs import (
     purge_idempotency_keys_forever,
     purge_user_events_forever,
 )
+from usersvc.logs import redact_undecodable_metadata
 from usersvc.metrics import Metrics, MetricsEndpoint
 from usersvc.migrate import script_revisions
 from usersvc.reflection import enable_reflection
@@ -123,6 +124,9 @@ async def build_server(
 
     `tracer_provider`: trace calls and database statements into it; None, no tracing at all.
     """
+    # Whoever set up logging (the CLI, a test, an embedding program), no caller's metadata
+    # value reaches it verbatim.
+    redact_undecodable_metadata()
     metrics = Metrics()
     c = build_components(settings, clock=clock, metrics=metrics)
     if tracer_provider is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import socket
+import struct
 import uuid
 from collections.abc import Callable
 
@@ -13,7 +16,7 @@ from sqlalchemy.engine import Engine
 from tests.e2e.auth_helpers import PASSWORD, create_user, unique_email
 from tests.e2e.conftest import CapturedLogs
 from tests.e2e.integrity_helpers import audit_rows, stored_user
-from tests.support import details_of, login
+from tests.support import ServerThread, details_of, login
 from userservice.v1 import auth_service_pb2 as auth_pb
 from userservice.v1 import user_pb2
 from userservice.v1 import user_service_pb2 as pb
@@ -154,6 +157,80 @@ def test_a_body_that_is_not_protobuf_is_invalid_argument_with_a_request_id(
     assert [x["level"] for x in lines] == ["WARNING"]
     assert "exception" not in lines[0]
     assert not [x for x in logs.lines() if x["level"] == "ERROR"]
+
+
+def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+    )
+
+
+def _hpack_literal(name: bytes, value: bytes) -> bytes:
+    """A header field "without indexing" with a new name, neither string Huffman-coded."""
+
+    def string(data: bytes) -> bytes:
+        if len(data) < 127:
+            return bytes([len(data)]) + data
+        rest, out = len(data) - 127, bytearray([127])
+        while rest >= 128:
+            out.append(rest % 128 | 128)
+            rest //= 128
+        return bytes(out) + bytes([rest]) + data
+
+    return b"\x00" + string(name) + string(value)
+
+
+def _raw_unary_call(address: str, path: str, metadata: list[tuple[bytes, bytes]]) -> bytes:
+    """One call over a bare HTTP/2 connection, with header bytes no grpc client would send
+    (grpc refuses metadata values that are not printable ASCII); everything the server sent."""
+    host, port = address.rsplit(":", 1)
+    headers = b"".join(
+        _hpack_literal(k, v)
+        for k, v in [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", path.encode()),
+            (b":authority", address.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            *metadata,
+        ]
+    )
+    body = b"\x00" + struct.pack(">I", 0)  # an empty message
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + _h2_frame(0x4, 0, 0, b"")  # SETTINGS
+            + _h2_frame(0x1, 0x4, 1, headers)  # HEADERS, END_HEADERS
+            + _h2_frame(0x0, 0x1, 1, body)  # DATA, END_STREAM
+        )
+        received = b""
+        while b"grpc-status" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+@pytest.mark.one_backend
+def test_a_token_in_a_header_that_is_not_utf8_never_reaches_the_log(
+    server: ServerThread, channel: grpc.Channel, users: UserServiceStub, logs: CapturedLogs
+) -> None:
+    user = create_user(users)
+    token = login(channel, user.email, PASSWORD).access_token
+    answer = _raw_unary_call(
+        server.address,
+        "/userservice.v1.UserService/GetUser",
+        [(b"authorization", b"Bearer " + token.encode() + b"\xff")],
+    )
+    assert re.search(rb"grpc-status.16", answer), answer[-200:]  # UNAUTHENTICATED
+    # grpc itself reports the value it could not decode.
+    lines = logs.wait_for(lambda x: x["logger"] == "grpc._cython.cygrpc")
+    assert lines
+    assert token[20:60] not in logs.text
+    assert all("not UTF-8" in x["message"] and x["level"] == "WARNING" for x in lines)
+    assert not [x for x in logs.lines() if x["level"] == "ERROR" or "exception" in x]
 
 
 def test_an_unknown_method_is_unimplemented_with_a_request_id(channel: grpc.Channel) -> None:

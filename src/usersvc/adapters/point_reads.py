@@ -158,31 +158,22 @@ def _view(
     """Straight to the view, as _user(row).view() would make it (the contract tests compare):
     no User, no password hash. What a batch of reads answers with, so per user it is built
     positionally, in UserView's field order."""
-    (
-        create_time,
-        update_time,
-        locked_until,
-        last_login_time,
-        password_change_time,
-        delete_time,
-        purge_time,
-    ) = times
     return UserView(
         _uuid(row[0], ids),
         row[1],
         row[2],
         _roles(row[4]),
         _STATES[row[5]],
-        create_time,
-        update_time,
+        times[0],  # create_time
+        times[1],  # update_time
         row[8],
         row[9],
         row[10],
-        locked_until,
-        last_login_time,
-        password_change_time,
-        delete_time,
-        purge_time,
+        times[2],  # locked_until
+        times[3],  # last_login_time
+        times[4],  # password_change_time
+        times[5],  # delete_time
+        times[6],  # purge_time
         _json_object(row[17]),
         _json_object(row[18]),
         bool(row[19]),

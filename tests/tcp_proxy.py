@@ -11,7 +11,8 @@ import threading
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to (host, target_port); `down()` drops every connection and
-    refuses new ones until `up()`."""
+    refuses new ones until `up()`; `pause()` forwards nothing, keeping every connection open
+    and leaving new ones unanswered (a hung database), until `resume()`."""
 
     def __init__(self, host: str, target_port: int) -> None:
         self._target = (host, target_port)
@@ -22,6 +23,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._sockets: set[socket.socket] = set()
         self._stop = threading.Event()
+        self._paused: dict[socket.socket, socket.socket | str] = {}
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -57,7 +59,23 @@ class TcpProxy:
             self._sockets.clear()
         self._wake_w.send(b"x")
 
+    def pause(self) -> None:
+        with self._lock:
+            for key in list(self._selector.get_map().values()):
+                if key.data is not None:  # not the wake-up pipe
+                    self._paused[key.fileobj] = key.data  # type: ignore[index]
+                    self._selector.unregister(key.fileobj)
+        self._wake_w.send(b"x")
+
+    def resume(self) -> None:
+        with self._lock:
+            for sock, data in self._paused.items():
+                self._selector.register(sock, selectors.EVENT_READ, data)
+            self._paused.clear()
+        self._wake_w.send(b"x")
+
     def close(self) -> None:
+        self.resume()
         self.down()
         self._stop.set()
         self._wake_w.send(b"x")

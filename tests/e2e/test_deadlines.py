@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import psycopg
 import pytest
 from google.protobuf import field_mask_pb2
+from sqlalchemy.engine import make_url
 
 from tests.e2e.auth_helpers import create_user
 from tests.support import (
@@ -20,6 +22,7 @@ from tests.support import (
     mint_token,
     with_bearer,
 )
+from tests.tcp_proxy import TcpProxy
 from userservice.v1 import user_pb2
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
@@ -48,8 +51,6 @@ def _backends_of(conn: psycopg.Connection, database: str) -> list[tuple[str, str
 def test_a_call_blocked_on_a_lock_ends_at_its_deadline_and_is_rolled_back(
     small_pool_server: ServerThread, postgres_url: str
 ) -> None:
-    from sqlalchemy.engine import make_url
-
     database = str(make_url(postgres_url).database)
     with grpc.insecure_channel(small_pool_server.address) as channel:
         stub = UserServiceStub(with_bearer(channel, small_pool_server.admin_token))  # type: ignore[attr-defined]
@@ -91,3 +92,54 @@ def test_a_call_blocked_on_a_lock_ends_at_its_deadline_and_is_rolled_back(
             timeout=5,
         ).user
         assert renamed.name == "In Time"
+
+
+def _code(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_calls_that_reach_their_deadlines_while_the_database_hangs_leave_no_trace(
+    postgres_url: str,
+) -> None:
+    """Many calls reaching their deadlines at once while the database hangs (connections
+    open, nothing answered) end at their deadlines, and once it answers again every read
+    path works: none of the cancelled calls keeps a connection, or a place in a pool, that
+    the next calls would wait for."""
+    target = make_url(postgres_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            settings = make_settings(url, data_dir)
+            token = mint_token(ensure_admin(make_settings(postgres_url, data_dir)))
+            thread = ServerThread(settings).start()
+            try:
+                with grpc.insecure_channel(thread.address) as channel:
+                    stub = UserServiceStub(with_bearer(channel, token))
+                    user = create_user(stub)
+
+                    def get(timeout: float) -> grpc.StatusCode:
+                        return _code(
+                            lambda: stub.GetUser(pb.GetUserRequest(id=user.id), timeout=timeout)
+                        )
+
+                    assert get(5) == grpc.StatusCode.OK
+                    proxy.pause()
+                    with ThreadPoolExecutor(24) as pool:
+                        for _ in range(3):
+                            codes = set(pool.map(get, [0.5] * 24))
+                            assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+                    proxy.resume()
+                    # The token check and GetUser (point reads), a batch, and a list page.
+                    assert get(5) == grpc.StatusCode.OK
+                    batch = stub.BatchGetUsers(pb.BatchGetUsersRequest(ids=[user.id]), timeout=5)
+                    assert [u.id for u in batch.users] == [user.id]
+                    assert stub.ListUsers(pb.ListUsersRequest(page_size=1), timeout=5).users
+            finally:
+                thread.stop()
+    finally:
+        proxy.close()

@@ -133,6 +133,35 @@ async def test_a_waiter_cancelled_while_queued_does_not_leak_the_connection(
         await lender.close()
 
 
+async def test_a_waiter_cancelled_after_being_told_to_open_does_not_leak_its_place(
+    postgres_url: str,
+) -> None:
+    """When a lent connection is closed (its read cancelled), the first waiter is told to
+    open the replacement; if that waiter is cancelled before it runs (many calls reaching
+    their deadlines at once, as while a database hangs), its place must go back to the
+    count. Before, it stayed counted: after `size` such races no connection could ever be
+    opened again and every read waited until its deadline."""
+    lender = ConnectionLender(_dsn(postgres_url), size=1)
+    try:
+        await lender.fetchrow("SELECT 1")  # the one connection, idle
+        holder = asyncio.create_task(lender.fetchrow("SELECT pg_sleep(30)"))
+        waiter = asyncio.create_task(lender.fetchrow("SELECT 2"))
+        # One turn of the loop: each task runs its first step, in creation order. The holder
+        # is lent the connection and sends its statement; the waiter queues.
+        await asyncio.sleep(0)
+        assert len(lender._waiters) == 1
+        holder.cancel()
+        # Runs right after the holder's cancellation, which hands the waiter its turn.
+        asyncio.get_running_loop().call_soon(waiter.cancel)
+        for task in (holder, waiter):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        row = await asyncio.wait_for(lender.fetchrow("SELECT 3"), 5)
+        assert row is not None and row[0] == 3
+    finally:
+        await lender.close()
+
+
 async def test_a_connection_the_server_closed_is_replaced_without_an_error(
     postgres_url: str,
 ) -> None:

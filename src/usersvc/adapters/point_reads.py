@@ -285,6 +285,8 @@ class ConnectionLender:
                     if handed is not None:
                         self._give_back(handed)
                     else:
+                        # Its place was counted for it: free it, or it stays taken for good.
+                        self._opened -= 1
                         self._pass_on_opening()
                 raise
             if lent is not None:

@@ -43,8 +43,10 @@ class Readiness:
         check: Callable[[], Awaitable[SchemaState]],
         *,
         interval: float,
+        close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._servicer = servicer
+        self._close = close
         self._services = tuple(services)
         self._check = check
         self.interval = interval
@@ -83,3 +85,8 @@ class Readiness:
                 await asyncio.wait_for(stopping.wait(), timeout=self.interval)
             except TimeoutError:
                 await self.check_once()
+
+    async def close(self) -> None:
+        """End what the check may still be doing (a read left to finish on its own)."""
+        if self._close is not None:
+            await self._close()

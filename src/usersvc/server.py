@@ -18,7 +18,7 @@ from userservice.v1 import (
     user_service_pb2,
     user_service_pb2_grpc,
 )
-from usersvc.adapters.schema_check import SchemaState, check_schema, describe_url
+from usersvc.adapters.schema_check import SchemaCheck, describe_url
 from usersvc.bootstrap import Components, build_components, build_dispatcher
 from usersvc.config import Settings
 from usersvc.context import request_id_var
@@ -108,6 +108,7 @@ class RunningServer:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
+        await self.readiness.close()
         await self.components.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
@@ -193,13 +194,16 @@ async def build_server(
         await health_servicer.set(name, NOT_SERVING)
     heads, known = script_revisions()
 
-    async def check() -> SchemaState:
-        return await check_schema(
-            c.engine, heads=heads, known=known, within=settings.readiness_interval_seconds
-        )
-
+    # Answers within the interval even while the database hangs (see SchemaCheck).
+    check = SchemaCheck(
+        c.engine, heads=heads, known=known, within=settings.readiness_interval_seconds
+    )
     readiness = Readiness(
-        health_servicer, READINESS_SERVICES, check, interval=settings.readiness_interval_seconds
+        health_servicer,
+        READINESS_SERVICES,
+        check,
+        interval=settings.readiness_interval_seconds,
+        close=check.close,
     )
 
     if settings.reflection:

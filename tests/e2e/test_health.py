@@ -119,6 +119,38 @@ def test_readiness_follows_an_unreachable_database_and_recovers(postgres_url: st
         proxy.close()
 
 
+def test_readiness_follows_a_hung_database_within_the_interval(
+    postgres_url: str, logs: CapturedLogs
+) -> None:
+    """A database that stops answering with its connections open (a hang, a partition) is
+    not ready within the interval: cancelling a read on such a connection takes the driver
+    seconds (it asks the server to cancel first), which the check must not wait for."""
+    target = make_url(postgres_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            settings = make_settings(url, data_dir, readiness_interval_seconds=0.2)
+            thread = ServerThread(settings).start()
+            try:
+                assert _status(thread.address, USER_SERVICE) == SERVING
+                proxy.pause()
+                # The driver's own cancellation takes 5 s and more; the interval is 0.2 s.
+                _wait_status(thread.address, USER_SERVICE, NOT_SERVING, timeout=2)
+                assert _status(thread.address, AUTH_SERVICE) == NOT_SERVING
+                assert _status(thread.address, "") == SERVING
+                problems = [x for x in logs.lines() if x["message"].startswith("not ready")]
+                assert problems, "no line says why"
+                assert "did not answer within 0.2 s" in problems[-1]["message"]
+                proxy.resume()
+                _wait_status(thread.address, USER_SERVICE, SERVING, timeout=5)
+                assert _status(thread.address, AUTH_SERVICE) == SERVING
+            finally:
+                thread.stop()
+    finally:
+        proxy.close()
+
+
 def test_start_on_an_unreachable_database_stays_up_and_says_why(logs: CapturedLogs) -> None:
     url = "postgresql+psycopg://postgres:pw@127.0.0.1:1/nothing"
     with tempfile.TemporaryDirectory() as data_dir:

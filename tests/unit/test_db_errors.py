@@ -91,6 +91,14 @@ def test_network_errors_mean_unavailable(err: Exception) -> None:
     assert isinstance(translate_db_error(err), StorageUnavailable)
 
 
+def test_no_pooled_connection_free_within_the_pool_timeout_means_unavailable() -> None:
+    """While the database hangs, calls without a deadline hold every pooled connection; the
+    next ones give up waiting for one after the pool timeout. That is the database being
+    unavailable (UNAVAILABLE, retry later), not an internal error."""
+    err = exc.TimeoutError("QueuePool limit of size 2 overflow 0 reached, connection timed out")
+    assert isinstance(translate_db_error(err), StorageUnavailable)
+
+
 def test_other_database_errors_lose_the_row_but_keep_sqlstate_and_constraint() -> None:
     diag = Diagnostics('new row violates check constraint "ck_users_state"', "ck_users_state")
     orig = DriverError(f"{diag.message_primary}\nDETAIL:  {SECRET_ROW}", "23514", diag)

@@ -56,6 +56,11 @@ def translate_db_error(err: BaseException) -> BaseException:
         if not sqlstate or sqlstate.startswith(("08", "57P", "53")):
             log.warning("database unavailable: %s", type(err.orig).__name__)
             return StorageUnavailable()
+    if isinstance(err, exc.TimeoutError):
+        # No pooled connection came free within the pool's timeout: every one is busy with a
+        # statement the database does not answer (a hang) or is slow to.
+        log.warning("database unavailable: no pooled connection free in time")
+        return StorageUnavailable()
     if isinstance(err, TimeoutError | OSError | ConnectionError):
         return StorageUnavailable()
     if isinstance(err, exc.DBAPIError):

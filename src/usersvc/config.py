@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     keepalive_timeout_seconds: float = Field(default=20.0, gt=0)
     keepalive_min_client_ping_interval_seconds: float = Field(default=10.0, ge=0)
     keepalive_max_ping_strikes: int = Field(default=2, ge=0)
+    # The longest a unary call may run when its caller set no deadline (0: no bound). It
+    # bounds the database work as a caller's deadline does: a call without one must not wait
+    # for as long as a hung database does.
+    default_call_timeout_seconds: float = Field(default=60.0, ge=0)
     # How often readiness (health of the service names) re-checks the database and schema.
     readiness_interval_seconds: float = Field(default=2.0, gt=0, le=60)
     # Password hashing (Argon2id); lower bounds follow OWASP.

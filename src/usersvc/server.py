@@ -144,7 +144,7 @@ async def build_server(
     concerns: list[UnaryWrappingInterceptor] = [
         RequestIdInterceptor(),
         AccessLogInterceptor(metrics),
-        ErrorInterceptor(),
+        ErrorInterceptor(settings.default_call_timeout_seconds),
         gate,
         # Before auth, which reads the request: a body that does not decode stops here.
         MalformedRequestInterceptor(),

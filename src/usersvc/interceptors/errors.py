@@ -185,12 +185,24 @@ def entry_status(error: e.DomainError | None) -> status_pb2.Status:
 
 
 class ErrorInterceptor(UnaryWrappingInterceptor):
-    """Domain errors -> their status; timeouts -> DEADLINE_EXCEEDED; the rest -> INTERNAL."""
+    """Domain errors -> their status; timeouts -> DEADLINE_EXCEEDED; the rest -> INTERNAL.
+
+    A unary call runs until its caller's deadline, or for `default_timeout` seconds if the
+    caller set none (0 or None: unbounded); either bounds its database statements too.
+    """
+
+    def __init__(self, default_timeout: float | None = None) -> None:
+        super().__init__()
+        self._default_timeout = default_timeout or None
 
     def wrap(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        default_timeout = self._default_timeout
+
         async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 remaining = context.time_remaining()
+                if remaining is None:
+                    remaining = default_timeout
                 if remaining is None:
                     return await behavior(request, context)
                 # The database work below is bounded by the same deadline (statement timeout).

@@ -258,8 +258,22 @@ class Metrics:
         in_use = self.db_pool_in_use.labels(name)
         size = getattr(sync_engine.pool, "size", None)  # QueuePool; a static pool holds one
         self.db_pool_size.labels(name).set(size() if callable(size) else 1)
-        event.listen(sync_engine, "checkout", lambda *_: in_use.inc())
-        event.listen(sync_engine, "checkin", lambda *_: in_use.dec())
+        # Counted by the connection record, not by event: SQLAlchemy also "checks in" a
+        # connection whose checkout failed (a database that hangs or went away), which an
+        # event count would take below zero.
+        key = f"usersvc_in_use_{name}"
+
+        def checked_out(_dbapi: Any, record: Any, _proxy: Any) -> None:
+            if not record.record_info.get(key):
+                record.record_info[key] = True
+                in_use.inc()
+
+        def checked_in(_dbapi: Any, record: Any) -> None:
+            if record is not None and record.record_info.pop(key, False):
+                in_use.dec()
+
+        event.listen(sync_engine, "checkout", checked_out)
+        event.listen(sync_engine, "checkin", checked_in)
 
     def hash_queue_hooks(self) -> tuple[Callable[[], None], Callable[[], None]]:
         """(enqueued, dequeued) callables for the password hasher's waiting line."""

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from tests.tcp_proxy import TcpProxy
 from usersvc.metrics import Metrics
 
 
@@ -25,3 +32,34 @@ async def test_pool_gauges_follow_checkouts(database_url: str) -> None:
         assert in_use() == 0
     finally:
         await engine.dispose()
+
+
+async def test_checkouts_cut_short_leave_the_gauge_at_zero(postgres_url: str) -> None:
+    """Checkouts and statements ended by a deadline while the database hangs: SQLAlchemy
+    reports such connections returned even when it never reported them taken, and the
+    gauge must not count below zero."""
+    from usersvc.adapters.db import create_engine
+
+    target = make_url(postgres_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    metrics = Metrics()
+    engine = create_engine(url, pool_size=2)
+    metrics.watch_pool("primary", engine)
+    gauge = "usersvc_db_pool_connections_in_use"
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        proxy.pause()
+        for _ in range(2):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3), engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+        proxy.resume()
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            assert metrics.registry.get_sample_value(gauge, {"pool": "primary"}) == 1
+        assert metrics.registry.get_sample_value(gauge, {"pool": "primary"}) == 0
+    finally:
+        await engine.dispose()
+        proxy.close()

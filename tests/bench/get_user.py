@@ -74,10 +74,9 @@ async def _serve_bare(address: str = "127.0.0.1:0", *, reuse_port: bool = False)
     server.add_generic_rpc_handlers((_bare_handler(),))
     port = server.add_insecure_port(address)
     await server.start()
-    print(
-        json.dumps({"message": "serving", "address": f"127.0.0.1:{port}", "pid": os.getpid()}),
-        flush=True,
-    )
+    # One write per line: the processes of a multi-process bare server share the file.
+    line = json.dumps({"message": "serving", "address": f"127.0.0.1:{port}", "pid": os.getpid()})
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()

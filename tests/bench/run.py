@@ -142,11 +142,7 @@ def start_server(cmd: list[str], env: dict[str, str], log_path: Path) -> Server:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
-        for line in log_path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
+        for entry in _log_entries(log_path.read_text()):
             if entry.get("message") == "serving":
                 server = Server(proc, str(entry["address"]), log_path, cmd)
                 expected = int(env.get("USERSVC_WORKERS", "1")) if "usersvc" in cmd else 1
@@ -156,6 +152,21 @@ def start_server(cmd: list[str], env: dict[str, str], log_path: Path) -> Server:
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"server did not start: {cmd}\n{log_path.read_text()[-3000:]}")
+
+
+def _log_entries(text: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a log, also where two processes' lines ran into one another."""
+    decoder = json.JSONDecoder()
+    for line in text.splitlines():
+        at = line.find("{")
+        while at != -1:
+            try:
+                entry, end = decoder.raw_decode(line, at)
+            except ValueError:
+                break
+            if isinstance(entry, dict):
+                yield entry
+            at = line.find("{", end)
 
 
 def _all_serving(log_path: Path, workers: int) -> bool:

@@ -188,7 +188,10 @@ class ErrorInterceptor(UnaryWrappingInterceptor):
     """Domain errors -> their status; timeouts -> DEADLINE_EXCEEDED; the rest -> INTERNAL.
 
     A unary call runs until its caller's deadline, or for `default_timeout` seconds if the
-    caller set none (0 or None: unbounded); either bounds its database statements too.
+    caller set none (0 or None: unbounded). A caller's deadline also becomes the statement
+    timeout of the call's transactions (one SET LOCAL each); the default bound does not, as it
+    would cost that round trip on every write without a deadline: the database work is
+    cancelled with the call instead.
     """
 
     def __init__(self, default_timeout: float | None = None) -> None:
@@ -202,11 +205,13 @@ class ErrorInterceptor(UnaryWrappingInterceptor):
             try:
                 remaining = context.time_remaining()
                 if remaining is None:
+                    if default_timeout is None:
+                        return await behavior(request, context)
                     remaining = default_timeout
-                if remaining is None:
-                    return await behavior(request, context)
-                # The database work below is bounded by the same deadline (statement timeout).
-                deadline_var.set(time.monotonic() + remaining)
+                else:
+                    # The database work below is bounded by the same deadline (statement
+                    # timeout).
+                    deadline_var.set(time.monotonic() + remaining)
                 async with asyncio.timeout(remaining):
                     return await behavior(request, context)
             except e.DomainError as err:

@@ -11,9 +11,20 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
+from tests.e2e.auth_helpers import create_user
 from tests.e2e.conftest import CapturedLogs
-from tests.support import ServerThread, make_settings, throwaway_database, throwaway_sqlite
+from tests.support import (
+    ServerThread,
+    ensure_admin,
+    make_settings,
+    mint_token,
+    throwaway_database,
+    throwaway_sqlite,
+    with_bearer,
+)
 from tests.tcp_proxy import TcpProxy
+from userservice.v1 import user_service_pb2 as pb
+from userservice.v1.user_service_pb2_grpc import UserServiceStub
 from usersvc.migrate import upgrade
 
 USER_SERVICE = "userservice.v1.UserService"
@@ -167,3 +178,39 @@ def test_start_on_an_unreachable_database_stays_up_and_says_why(logs: CapturedLo
             assert "pw" not in message.replace("postgres", "")  # no password
         finally:
             thread.stop()
+
+
+def test_the_first_calls_after_a_database_restart_succeed(postgres_url: str) -> None:
+    """Every pooled connection dies with a restart (here: the proxy drops them all and takes
+    new ones again). The next calls, on every path, get fresh connections rather than
+    UNAVAILABLE once per pool: readiness is set to look too rarely to have noticed."""
+    target = make_url(postgres_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with tempfile.TemporaryDirectory() as data_dir:
+            settings = make_settings(url, data_dir, readiness_interval_seconds=60)
+            token = mint_token(ensure_admin(make_settings(postgres_url, data_dir)))
+            thread = ServerThread(settings).start()
+            try:
+                with grpc.insecure_channel(thread.address) as channel:
+                    users = UserServiceStub(with_bearer(channel, token))
+
+                    def every_path() -> None:
+                        user = create_user(users)  # a transaction on the write pool
+                        # A filtered page: a read on the read pool; GetUser: a point read.
+                        page = users.ListUsers(
+                            pb.ListUsersRequest(filter=f'email = "{user.email}"'), timeout=10
+                        )
+                        assert [u.id for u in page.users] == [user.id]
+                        got = users.GetUser(pb.GetUserRequest(id=user.id), timeout=10)
+                        assert got.user.email == user.email
+
+                    every_path()  # every pool holds a connection now
+                    proxy.down()
+                    proxy.up()
+                    every_path()
+            finally:
+                thread.stop()
+    finally:
+        proxy.close()

@@ -251,6 +251,7 @@ def build_components(
         lock_seconds=settings.login_lock_seconds,
         clock=clock,
         on_login_failure=metrics.count_login_failure if metrics is not None else None,
+        point_reads=point_reads,
     )
     return Components(
         settings=settings,

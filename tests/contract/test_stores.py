@@ -119,6 +119,24 @@ async def test_point_reads_answer_as_the_store_does_and_see_each_commit(
     assert renamed is not None and renamed.name == "Renamed" and renamed.version == 2
 
 
+async def test_point_reads_get_by_email_as_the_store_does(
+    stores: UnitOfWorkFactory, point_reads: UserPointReads
+) -> None:
+    """Login's read, without a unit of work: the same user (hash included) as the store's,
+    deleted and service accounts too, and None for an address nobody has."""
+    plain = new_user(labels={"team": "billing"})
+    deleted = new_user(state=UserState.DELETED, delete_time=NOW, purge_time=NOW)
+    service = new_user(roles=("service",), password_hash=SERVICE_ACCOUNT_PASSWORD_HASH)
+    await add(stores, plain, deleted, service)
+    for user in (plain, deleted, service):
+        async with stores(write=False) as tx:
+            expected = await tx.users.get_by_email(user.email)
+        assert await point_reads.get_by_email(user.email) == expected == user
+    assert await point_reads.get_by_email(f"nobody-{uuid.uuid4().hex}@example.com") is None
+    # Exact: normalising the address is the service's job.
+    assert await point_reads.get_by_email(plain.email.upper()) is None
+
+
 async def test_point_reads_get_many_as_the_store_does(
     stores: UnitOfWorkFactory, point_reads: UserPointReads
 ) -> None:

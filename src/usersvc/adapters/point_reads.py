@@ -58,7 +58,10 @@ LIST_AFTER_PG = (
 )
 _GET_MANY_PG = f"SELECT {_COLUMNS} FROM users WHERE id = ANY($1::uuid[])"  # noqa: S608
 _AUTH_STATE_PG = "SELECT token_version, state FROM users WHERE id = $1"
+# Login's read: by the unique e-mail (a stored address is already normalised).
+_GET_BY_EMAIL_PG = f"SELECT {_COLUMNS} FROM users WHERE email = $1"  # noqa: S608
 _GET_SQLITE = _GET_PG.replace("$1", "?")
+_GET_BY_EMAIL_SQLITE = _GET_BY_EMAIL_PG.replace("$1", "?")
 # The ids as one JSON array of the hex form SQLite stores: one statement for any count.
 _GET_MANY_SQLITE = f"SELECT {_COLUMNS} FROM users WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608
 _AUTH_STATE_SQLITE = _AUTH_STATE_PG.replace("$1", "?")
@@ -379,6 +382,10 @@ class PostgresPointReads:
         row = await self._fetch(_GET_PG, user_id)
         return None if row is None else _pg_user(row)
 
+    async def get_by_email(self, email: str) -> User | None:
+        row = await self._guarded(self._connections.fetchrow(_GET_BY_EMAIL_PG, email))
+        return None if row is None else _pg_user(row)
+
     async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[UserView]:
         if not user_ids:
             return []
@@ -435,6 +442,14 @@ class SqlitePointReads:
             row = self._fetch(_GET_SQLITE, user_id)
         except sqlite3.OperationalError:
             user: User | None = await self._fallback.get(user_id)
+            return user
+        return None if row is None else _sqlite_user(row)
+
+    async def get_by_email(self, email: str) -> User | None:
+        try:
+            row = self._connection().execute(_GET_BY_EMAIL_SQLITE, (email,)).fetchone()
+        except sqlite3.OperationalError:
+            user: User | None = await self._fallback.get_by_email(email)
             return user
         return None if row is None else _sqlite_user(row)
 

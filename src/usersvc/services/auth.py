@@ -131,8 +131,11 @@ class AuthService:
         lock_seconds: int,
         clock: Clock = utc_now,
         on_login_failure: Callable[[str, bool], None] | None = None,
+        point_reads: UserPointReads | None = None,
     ) -> None:
         self._uow = uow
+        # Login's read of the account, outside any unit of work.
+        self._reads = point_reads or UnitOfWorkPointReads(uow)
         self._hasher = hasher
         self._dummy_hash = dummy_hash
         self._tokens = tokens
@@ -151,8 +154,7 @@ class AuthService:
         a lock of the account.
         """
         normalized = normalize_email(email)
-        async with self._uow(write=False) as uow:
-            user = await uow.users.get_by_email(normalized) if normalized else None
+        user = await self._reads.get_by_email(normalized) if normalized else None
         if user is None or not self._hasher.allows_password_login(user.password_hash):
             # Same hashing work as for a real account, so timing does not reveal which exist.
             await self._hasher.verify(self._dummy_hash, password)

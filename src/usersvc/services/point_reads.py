@@ -20,6 +20,10 @@ class UnitOfWorkPointReads:
         async with self._uow(write=False) as uow:
             return await uow.users.get(user_id)
 
+    async def get_by_email(self, email: str) -> User | None:
+        async with self._uow(write=False) as uow:
+            return await uow.users.get_by_email(email)
+
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None:
         async with self._uow(write=False) as uow:
             return await uow.users.auth_state(user_id)

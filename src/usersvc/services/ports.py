@@ -109,6 +109,10 @@ class UserPointReads(Protocol):
 
     async def get(self, user_id: uuid.UUID) -> User | None: ...
 
+    async def get_by_email(self, email: str) -> User | None:
+        """UserStore.get_by_email: Login's read, by a normalised address."""
+        ...
+
     async def auth_state(self, user_id: uuid.UUID) -> tuple[int, UserState] | None: ...
 
     async def list_page(self, *, limit: int, after: PageCursor | None) -> Sequence[User]:

@@ -7,6 +7,7 @@ import contextlib
 import selectors
 import socket
 import threading
+from collections.abc import Iterator
 
 
 class TcpProxy:
@@ -130,3 +131,17 @@ class TcpProxy:
                 with contextlib.suppress(KeyError, ValueError):
                     self._selector.unregister(sock)
                 sock.close()
+
+
+@contextlib.contextmanager
+def proxied_database(database_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A proxy in front of the PostgreSQL of `database_url`, and the URL that goes through it."""
+    from sqlalchemy.engine import make_url
+
+    target = make_url(database_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        yield proxy, url
+    finally:
+        proxy.close()

@@ -22,7 +22,7 @@ from tests.support import (
     mint_token,
     with_bearer,
 )
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import proxied_database
 from userservice.v1 import user_pb2
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
@@ -109,40 +109,37 @@ def test_calls_that_reach_their_deadlines_while_the_database_hangs_leave_no_trac
     open, nothing answered) end at their deadlines, and once it answers again every read
     path works: none of the cancelled calls keeps a connection, or a place in a pool, that
     the next calls would wait for."""
-    target = make_url(postgres_url)
-    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    try:
-        with tempfile.TemporaryDirectory() as data_dir:
-            settings = make_settings(url, data_dir)
-            token = mint_token(ensure_admin(make_settings(postgres_url, data_dir)))
-            thread = ServerThread(settings).start()
-            try:
-                with grpc.insecure_channel(thread.address) as channel:
-                    stub = UserServiceStub(with_bearer(channel, token))
-                    user = create_user(stub)
+    with (
+        proxied_database(postgres_url) as (proxy, url),
+        tempfile.TemporaryDirectory() as data_dir,
+    ):
+        settings = make_settings(url, data_dir)
+        token = mint_token(ensure_admin(make_settings(postgres_url, data_dir)))
+        thread = ServerThread(settings).start()
+        try:
+            with grpc.insecure_channel(thread.address) as channel:
+                stub = UserServiceStub(with_bearer(channel, token))
+                user = create_user(stub)
 
-                    def get(timeout: float) -> grpc.StatusCode:
-                        return _code(
-                            lambda: stub.GetUser(pb.GetUserRequest(id=user.id), timeout=timeout)
-                        )
+                def get(timeout: float) -> grpc.StatusCode:
+                    return _code(
+                        lambda: stub.GetUser(pb.GetUserRequest(id=user.id), timeout=timeout)
+                    )
 
-                    assert get(5) == grpc.StatusCode.OK
-                    proxy.pause()
-                    with ThreadPoolExecutor(24) as pool:
-                        for _ in range(3):
-                            codes = set(pool.map(get, [0.5] * 24))
-                            assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
-                    proxy.resume()
-                    # The token check and GetUser (point reads), a batch, and a list page.
-                    assert get(5) == grpc.StatusCode.OK
-                    batch = stub.BatchGetUsers(pb.BatchGetUsersRequest(ids=[user.id]), timeout=5)
-                    assert [u.id for u in batch.users] == [user.id]
-                    assert stub.ListUsers(pb.ListUsersRequest(page_size=1), timeout=5).users
-            finally:
-                thread.stop()
-    finally:
-        proxy.close()
+                assert get(5) == grpc.StatusCode.OK
+                proxy.pause()
+                with ThreadPoolExecutor(24) as pool:
+                    for _ in range(3):
+                        codes = set(pool.map(get, [0.5] * 24))
+                        assert codes == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+                proxy.resume()
+                # The token check and GetUser (point reads), a batch, and a list page.
+                assert get(5) == grpc.StatusCode.OK
+                batch = stub.BatchGetUsers(pb.BatchGetUsersRequest(ids=[user.id]), timeout=5)
+                assert [u.id for u in batch.users] == [user.id]
+                assert stub.ListUsers(pb.ListUsersRequest(page_size=1), timeout=5).users
+        finally:
+            thread.stop()
 
 
 def test_calls_without_a_deadline_end_at_the_servers_own_bound_while_the_database_hangs(
@@ -150,41 +147,38 @@ def test_calls_without_a_deadline_end_at_the_servers_own_bound_while_the_databas
 ) -> None:
     """A caller that sets no deadline gets the server's (USERSVC_DEFAULT_CALL_TIMEOUT_SECONDS)
     instead of waiting for as long as the database hangs, on reads and on writes."""
-    target = make_url(postgres_url)
-    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    try:
-        with tempfile.TemporaryDirectory() as data_dir:
-            settings = make_settings(url, data_dir, default_call_timeout_seconds=1.0)
-            token = mint_token(ensure_admin(make_settings(postgres_url, data_dir)))
-            thread = ServerThread(settings).start()
-            try:
-                with grpc.insecure_channel(thread.address) as channel:
-                    stub = UserServiceStub(with_bearer(channel, token))
-                    user = create_user(stub)
-                    proxy.pause()
-                    calls: list[Callable[[], object]] = [
-                        lambda: stub.GetUser(pb.GetUserRequest(id=user.id)),
-                        lambda: stub.ListUsers(pb.ListUsersRequest(filter='labels.team = "x"')),
-                        lambda: create_user(stub),
-                    ]
-                    with ThreadPoolExecutor(len(calls)) as pool:
-                        started = time.monotonic()
-                        futures = [pool.submit(_code, call) for call in calls]
-                        # Without the server's bound they would wait until the database
-                        # answers again: the test resumes it after 40 s so as not to hang.
-                        done, _ = wait(futures, timeout=40)
-                        took = time.monotonic() - started
-                        proxy.resume()
-                    assert len(done) == len(calls), f"{len(calls) - len(done)} calls still waiting"
-                    assert [f.result() for f in futures] == [
-                        grpc.StatusCode.DEADLINE_EXCEEDED
-                    ] * len(calls)
-                    # The bound, plus the driver's cancelling of a statement on a connection
-                    # that has stopped answering (psycopg: up to 5 s asking, 5 s waiting).
-                    assert took < 1 + 10 + 5, took
-                    assert stub.GetUser(pb.GetUserRequest(id=user.id), timeout=5).user.id == user.id
-            finally:
-                thread.stop()
-    finally:
-        proxy.close()
+    with (
+        proxied_database(postgres_url) as (proxy, url),
+        tempfile.TemporaryDirectory() as data_dir,
+    ):
+        settings = make_settings(url, data_dir, default_call_timeout_seconds=1.0)
+        token = mint_token(ensure_admin(make_settings(postgres_url, data_dir)))
+        thread = ServerThread(settings).start()
+        try:
+            with grpc.insecure_channel(thread.address) as channel:
+                stub = UserServiceStub(with_bearer(channel, token))
+                user = create_user(stub)
+                proxy.pause()
+                calls: list[Callable[[], object]] = [
+                    lambda: stub.GetUser(pb.GetUserRequest(id=user.id)),
+                    lambda: stub.ListUsers(pb.ListUsersRequest(filter='labels.team = "x"')),
+                    lambda: create_user(stub),
+                ]
+                with ThreadPoolExecutor(len(calls)) as pool:
+                    started = time.monotonic()
+                    futures = [pool.submit(_code, call) for call in calls]
+                    # Without the server's bound they would wait until the database
+                    # answers again: the test resumes it after 40 s so as not to hang.
+                    done, _ = wait(futures, timeout=40)
+                    took = time.monotonic() - started
+                    proxy.resume()
+                assert len(done) == len(calls), f"{len(calls) - len(done)} calls still waiting"
+                assert [f.result() for f in futures] == [grpc.StatusCode.DEADLINE_EXCEEDED] * len(
+                    calls
+                )
+                # The bound, plus the driver's cancelling of a statement on a connection
+                # that has stopped answering (psycopg: up to 5 s asking, 5 s waiting).
+                assert took < 1 + 10 + 5, took
+                assert stub.GetUser(pb.GetUserRequest(id=user.id), timeout=5).user.id == user.id
+        finally:
+            thread.stop()

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy.engine import make_url
 
 from tests.e2e.auth_helpers import create_user
 from tests.e2e.conftest import CapturedLogs
@@ -22,7 +21,7 @@ from tests.support import (
     throwaway_sqlite,
     with_bearer,
 )
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import proxied_database
 from userservice.v1 import user_service_pb2 as pb
 from userservice.v1.user_service_pb2_grpc import UserServiceStub
 from usersvc.migrate import upgrade
@@ -107,27 +106,24 @@ def test_unmigrated_database_is_not_ready_until_migrated(
 
 
 def test_readiness_follows_an_unreachable_database_and_recovers(postgres_url: str) -> None:
-    target = make_url(postgres_url)
-    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    try:
-        with tempfile.TemporaryDirectory() as data_dir:
-            settings = make_settings(url, data_dir, readiness_interval_seconds=0.2)
-            thread = ServerThread(settings).start()
-            try:
-                assert _status(thread.address, USER_SERVICE) == SERVING
-                proxy.down()
-                assert _wait_status(thread.address, USER_SERVICE, NOT_SERVING) < 3
-                assert _status(thread.address, AUTH_SERVICE) == NOT_SERVING
-                # Liveness: the process still answers, so it must not be restarted.
-                assert _status(thread.address, "") == SERVING
-                proxy.up()
-                assert _wait_status(thread.address, USER_SERVICE, SERVING) < 3
-                assert _status(thread.address, AUTH_SERVICE) == SERVING
-            finally:
-                thread.stop()
-    finally:
-        proxy.close()
+    with (
+        proxied_database(postgres_url) as (proxy, url),
+        tempfile.TemporaryDirectory() as data_dir,
+    ):
+        settings = make_settings(url, data_dir, readiness_interval_seconds=0.2)
+        thread = ServerThread(settings).start()
+        try:
+            assert _status(thread.address, USER_SERVICE) == SERVING
+            proxy.down()
+            assert _wait_status(thread.address, USER_SERVICE, NOT_SERVING) < 3
+            assert _status(thread.address, AUTH_SERVICE) == NOT_SERVING
+            # Liveness: the process still answers, so it must not be restarted.
+            assert _status(thread.address, "") == SERVING
+            proxy.up()
+            assert _wait_status(thread.address, USER_SERVICE, SERVING) < 3
+            assert _status(thread.address, AUTH_SERVICE) == SERVING
+        finally:
+            thread.stop()
 
 
 def test_readiness_follows_a_hung_database_within_the_interval(
@@ -136,30 +132,27 @@ def test_readiness_follows_a_hung_database_within_the_interval(
     """A database that stops answering with its connections open (a hang, a partition) is
     not ready within the interval: cancelling a read on such a connection takes the driver
     seconds (it asks the server to cancel first), which the check must not wait for."""
-    target = make_url(postgres_url)
-    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    try:
-        with tempfile.TemporaryDirectory() as data_dir:
-            settings = make_settings(url, data_dir, readiness_interval_seconds=0.2)
-            thread = ServerThread(settings).start()
-            try:
-                assert _status(thread.address, USER_SERVICE) == SERVING
-                proxy.pause()
-                # The driver's own cancellation takes 5 s and more; the interval is 0.2 s.
-                _wait_status(thread.address, USER_SERVICE, NOT_SERVING, timeout=2)
-                assert _status(thread.address, AUTH_SERVICE) == NOT_SERVING
-                assert _status(thread.address, "") == SERVING
-                problems = [x for x in logs.lines() if x["message"].startswith("not ready")]
-                assert problems, "no line says why"
-                assert "did not answer within 0.2 s" in problems[-1]["message"]
-                proxy.resume()
-                _wait_status(thread.address, USER_SERVICE, SERVING, timeout=5)
-                assert _status(thread.address, AUTH_SERVICE) == SERVING
-            finally:
-                thread.stop()
-    finally:
-        proxy.close()
+    with (
+        proxied_database(postgres_url) as (proxy, url),
+        tempfile.TemporaryDirectory() as data_dir,
+    ):
+        settings = make_settings(url, data_dir, readiness_interval_seconds=0.2)
+        thread = ServerThread(settings).start()
+        try:
+            assert _status(thread.address, USER_SERVICE) == SERVING
+            proxy.pause()
+            # The driver's own cancellation takes 5 s and more; the interval is 0.2 s.
+            _wait_status(thread.address, USER_SERVICE, NOT_SERVING, timeout=2)
+            assert _status(thread.address, AUTH_SERVICE) == NOT_SERVING
+            assert _status(thread.address, "") == SERVING
+            problems = [x for x in logs.lines() if x["message"].startswith("not ready")]
+            assert problems, "no line says why"
+            assert "did not answer within 0.2 s" in problems[-1]["message"]
+            proxy.resume()
+            _wait_status(thread.address, USER_SERVICE, SERVING, timeout=5)
+            assert _status(thread.address, AUTH_SERVICE) == SERVING
+        finally:
+            thread.stop()
 
 
 def test_start_on_an_unreachable_database_stays_up_and_says_why(logs: CapturedLogs) -> None:
@@ -184,33 +177,30 @@ def test_the_first_calls_after_a_database_restart_succeed(postgres_url: str) -> 
     """Every pooled connection dies with a restart (here: the proxy drops them all and takes
     new ones again). The next calls, on every path, get fresh connections rather than
     UNAVAILABLE once per pool: readiness is set to look too rarely to have noticed."""
-    target = make_url(postgres_url)
-    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    try:
-        with tempfile.TemporaryDirectory() as data_dir:
-            settings = make_settings(url, data_dir, readiness_interval_seconds=60)
-            token = mint_token(ensure_admin(make_settings(postgres_url, data_dir)))
-            thread = ServerThread(settings).start()
-            try:
-                with grpc.insecure_channel(thread.address) as channel:
-                    users = UserServiceStub(with_bearer(channel, token))
+    with (
+        proxied_database(postgres_url) as (proxy, url),
+        tempfile.TemporaryDirectory() as data_dir,
+    ):
+        settings = make_settings(url, data_dir, readiness_interval_seconds=60)
+        token = mint_token(ensure_admin(make_settings(postgres_url, data_dir)))
+        thread = ServerThread(settings).start()
+        try:
+            with grpc.insecure_channel(thread.address) as channel:
+                users = UserServiceStub(with_bearer(channel, token))
 
-                    def every_path() -> None:
-                        user = create_user(users)  # a transaction on the write pool
-                        # A filtered page: a read on the read pool; GetUser: a point read.
-                        page = users.ListUsers(
-                            pb.ListUsersRequest(filter=f'email = "{user.email}"'), timeout=10
-                        )
-                        assert [u.id for u in page.users] == [user.id]
-                        got = users.GetUser(pb.GetUserRequest(id=user.id), timeout=10)
-                        assert got.user.email == user.email
+                def every_path() -> None:
+                    user = create_user(users)  # a transaction on the write pool
+                    # A filtered page: a read on the read pool; GetUser: a point read.
+                    page = users.ListUsers(
+                        pb.ListUsersRequest(filter=f'email = "{user.email}"'), timeout=10
+                    )
+                    assert [u.id for u in page.users] == [user.id]
+                    got = users.GetUser(pb.GetUserRequest(id=user.id), timeout=10)
+                    assert got.user.email == user.email
 
-                    every_path()  # every pool holds a connection now
-                    proxy.down()
-                    proxy.up()
-                    every_path()
-            finally:
-                thread.stop()
-    finally:
-        proxy.close()
+                every_path()  # every pool holds a connection now
+                proxy.down()
+                proxy.up()
+                every_path()
+        finally:
+            thread.stop()

@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import proxied_database
 from usersvc.metrics import Metrics
 
 
@@ -40,26 +39,23 @@ async def test_checkouts_cut_short_leave_the_gauge_at_zero(postgres_url: str) ->
     gauge must not count below zero."""
     from usersvc.adapters.db import create_engine
 
-    target = make_url(postgres_url)
-    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-    url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    metrics = Metrics()
-    engine = create_engine(url, pool_size=2)
-    metrics.watch_pool("primary", engine)
     gauge = "usersvc_db_pool_connections_in_use"
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-        proxy.pause()
-        for _ in range(2):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.3), engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
-        proxy.resume()
-        async with engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-            assert metrics.registry.get_sample_value(gauge, {"pool": "primary"}) == 1
-        assert metrics.registry.get_sample_value(gauge, {"pool": "primary"}) == 0
-    finally:
-        await engine.dispose()
-        proxy.close()
+    with proxied_database(postgres_url) as (proxy, url):
+        metrics = Metrics()
+        engine = create_engine(url, pool_size=2)
+        metrics.watch_pool("primary", engine)
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            proxy.pause()
+            for _ in range(2):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.3), engine.connect() as conn:
+                        await conn.execute(text("SELECT 1"))
+            proxy.resume()
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+                assert metrics.registry.get_sample_value(gauge, {"pool": "primary"}) == 1
+            assert metrics.registry.get_sample_value(gauge, {"pool": "primary"}) == 0
+        finally:
+            await engine.dispose()

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from usersvc.adapters.secret_files import create_once
+from usersvc.domain.auth import PASSWORD_CHANGE_REQUIRED_CLAIM
 from usersvc.domain.errors import InvalidAccessToken
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,6 @@ class KeySet:
             verification_keys=keys,
             jwks=jwks,
         )
-
-
-# Set (true) while the user must change its password (User.password_change_required).
-PASSWORD_CHANGE_REQUIRED_CLAIM = "pcr"
 
 
 class AccessTokenCodec:

@@ -362,8 +362,8 @@ class PostgresPointReads:
         dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         self._connections = ConnectionLender(dsn, size=size, application_name=application_name)
 
-    async def _fetch(self, query: str, user_id: uuid.UUID) -> asyncpg.Record | None:
-        return await self._guarded(self._connections.fetchrow(query, user_id))
+    async def _fetch(self, query: str, key: uuid.UUID | str) -> asyncpg.Record | None:
+        return await self._guarded(self._connections.fetchrow(query, key))
 
     async def _guarded(self, read: Awaitable[_T]) -> _T:
         try:
@@ -383,7 +383,7 @@ class PostgresPointReads:
         return None if row is None else _pg_user(row)
 
     async def get_by_email(self, email: str) -> User | None:
-        row = await self._guarded(self._connections.fetchrow(_GET_BY_EMAIL_PG, email))
+        row = await self._fetch(_GET_BY_EMAIL_PG, email)
         return None if row is None else _pg_user(row)
 
     async def get_many(self, user_ids: Collection[uuid.UUID]) -> Sequence[UserView]:

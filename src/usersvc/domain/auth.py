@@ -8,6 +8,9 @@ from dataclasses import dataclass
 ADMIN = "admin"
 SERVICE = "service"
 KNOWN_ROLES = frozenset({ADMIN, SERVICE})
+# The access-token claim set (true) while the user must change its password
+# (User.password_change_required): such a token may change the password and nothing else.
+PASSWORD_CHANGE_REQUIRED_CLAIM = "pcr"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -316,7 +316,7 @@ class AccountCodeService:
         uid: uuid.UUID,
         purpose: CodePurpose,
         code: str,
-        apply: Callable[[UnitOfWork, User, datetime], Any],
+        apply: Callable[[UnitOfWork, User, datetime], Awaitable[bool]],
     ) -> None:
         """Use up the code and `apply` its effect in one transaction, or raise InvalidCode.
         `apply` says whether the user's tokens were revoked."""
@@ -346,7 +346,7 @@ class AccountCodeService:
                 # Mailed to an address the user no longer has: used up, does nothing.
                 await uow.commit()
                 return False, False
-            revoked = bool(await apply(uow, user, now))
+            revoked = await apply(uow, user, now)
             await uow.commit()
             return True, revoked
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from usersvc.domain import audit
 from usersvc.domain.audit import AuditEvent, redact
-from usersvc.domain.auth import Principal, TokenPair
+from usersvc.domain.auth import PASSWORD_CHANGE_REQUIRED_CLAIM, Principal, TokenPair
 from usersvc.domain.errors import InvalidAccessToken, Unauthenticated
 from usersvc.domain.models import User, UserState
 from usersvc.domain.records import RefreshTokenStatus
@@ -111,7 +111,7 @@ class Authenticator:
         return Principal(
             user_id=user_id,
             roles=frozenset(str(r) for r in claims["roles"]),
-            password_change_required=claims.get("pcr") is True,
+            password_change_required=claims.get(PASSWORD_CHANGE_REQUIRED_CLAIM) is True,
         )
 
 

@@ -104,8 +104,9 @@ class UserStore(Protocol):
 
 
 class UserPointReads(Protocol):
-    """The two reads on every authenticated call, outside any unit of work: each sees the
-    latest committed row. Same answers as the UserStore methods of the same name."""
+    """The hot reads (the token check on every authenticated call, GetUser, Login's account,
+    batches, unfiltered pages), outside any unit of work: each sees the latest committed row.
+    Same answers as the UserStore methods of the same name."""
 
     async def get(self, user_id: uuid.UUID) -> User | None: ...
 

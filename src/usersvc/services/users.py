@@ -172,14 +172,11 @@ class UserService:
             hasher=hasher,
             clock=clock,
             creates=self._creates,
-            check_new_password=self._check_new_password,
+            check_new_password=self.check_new_password,
         )
 
     def check_new_password(self, password: str, field: str) -> FieldViolation | None:
         """The rules of every new password (length, not a common one), for `field`."""
-        return self._check_new_password(password, field)
-
-    def _check_new_password(self, password: str, field: str) -> FieldViolation | None:
         violation = check_password(password, field)
         if violation is None and password.lower() in self._common_passwords:
             violation = FieldViolation(
@@ -214,7 +211,7 @@ class UserService:
         email, email_violation = check_email(email)
         name, name_violation = check_name(name)
         password_violation = (
-            self._check_new_password(password, "password") if password is not None else None
+            self.check_new_password(password, "password") if password is not None else None
         )
         checked_roles, roles_violation = check_roles(roles)
         violations = [
@@ -576,7 +573,7 @@ class UserService:
         actor = ctx.actor
         if not actor.is_admin and not actor.is_self(uid):
             raise PermissionDenied()
-        violation = self._check_new_password(new_password, "new_password")
+        violation = self.check_new_password(new_password, "new_password")
         if violation is not None:
             raise ValidationFailed([violation])
         if not actor.is_admin:
